@@ -1,0 +1,251 @@
+//! The server configuration file (`configs/default.toml`), with the model
+//! specs it points to. Environment and CLI overrides are applied by the
+//! gateway before `validate`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ModelSpec, SpecError, invalid};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default)]
+    pub server: ServerSection,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub workers: WorkerPool,
+    #[serde(default)]
+    pub executor: ExecutorSection,
+    /// API keys and what they may do; no tenants = no authentication.
+    #[serde(default)]
+    pub tenants: Vec<Tenant>,
+    /// Filled by `load`: every `*.toml` under `server.models_dir`.
+    #[serde(skip)]
+    pub models: Vec<ModelSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub listen: String,
+    /// Folder of model specs, relative to the config file.
+    pub models_dir: String,
+    /// Bounded queue of jobs waiting for a preprocess worker; full = 503.
+    pub queue_capacity: usize,
+    /// How long a request may wait for a worker or a slot before a 503.
+    pub queue_timeout_ms: u64,
+    /// Time allowed to finish in-flight requests on SIGTERM.
+    pub shutdown_grace_ms: u64,
+    /// Folder of the child binaries; empty = next to the `mmgate` binary.
+    pub bin_dir: String,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            models_dir: "models".into(),
+            queue_capacity: 256,
+            queue_timeout_ms: 10_000,
+            shutdown_grace_ms: 30_000,
+            bin_dir: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest accepted request body (one image, or a whole multipart body).
+    pub max_body_bytes: usize,
+    /// Most images in one multipart request.
+    pub max_images_per_request: usize,
+    /// Largest decoded image, in pixels (width × height), read from the header.
+    pub max_pixels: u64,
+    /// Largest width or height.
+    pub max_dimension: u32,
+    /// Wall-clock budget for decoding and preprocessing one image; a worker
+    /// that overruns it is killed and restarted.
+    pub decode_deadline_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 32 << 20,
+            max_images_per_request: 16,
+            max_pixels: 40_000_000,
+            max_dimension: 16_384,
+            decode_deadline_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerPool {
+    /// Preprocess worker processes.
+    pub count: u32,
+    /// Jobs one worker process runs at once (one thread each).
+    pub threads: u32,
+    /// Encoded inputs up to this size travel inside the job message; larger
+    /// ones go through the worker's shared-memory input region.
+    pub inline_input_max_bytes: usize,
+}
+
+impl Default for WorkerPool {
+    fn default() -> Self {
+        Self {
+            count: 2,
+            threads: 1,
+            inline_input_max_bytes: 64 << 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorSection {
+    /// Absolute path (or relative to the config file) of the versioned ONNX
+    /// Runtime shared library, e.g. `libonnxruntime.so.1.32.0`.
+    pub ort_library: String,
+}
+
+impl Default for ExecutorSection {
+    fn default() -> Self {
+        Self {
+            ort_library: "../.deps/onnxruntime/libonnxruntime.so.1.32.0".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tenant {
+    pub name: String,
+    /// Bearer keys of this tenant (`Authorization: Bearer <key>` or `x-api-key`).
+    pub keys: Vec<String>,
+    /// Models it may call; `["*"]` = all.
+    #[serde(default = "all_models")]
+    pub models: Vec<String>,
+    /// Requests of this tenant in flight at once; 0 = unlimited.
+    #[serde(default)]
+    pub max_concurrency: u32,
+}
+
+fn all_models() -> Vec<String> {
+    vec!["*".into()]
+}
+
+impl Tenant {
+    pub fn may_call(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == "*" || m == model)
+    }
+}
+
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SpecError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| SpecError::Parse {
+        path: path.display().to_string(),
+        source: Box::new(source),
+    })
+}
+
+/// `p` as is when absolute, else joined to `dir`.
+pub(crate) fn resolve(dir: &Path, p: &str) -> String {
+    let path = Path::new(p);
+    if path.is_absolute() || p.is_empty() {
+        p.to_string()
+    } else {
+        dir.join(path).display().to_string()
+    }
+}
+
+impl ServerConfig {
+    /// Reads the config file and every model spec in its `models_dir`.
+    /// Paths inside are made absolute against the file's folder.
+    pub fn load(path: &Path) -> Result<Self, SpecError> {
+        let mut cfg: ServerConfig = read_toml(path)?;
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        cfg.executor.ort_library = resolve(&dir, &cfg.executor.ort_library);
+        cfg.server.bin_dir = resolve(&dir, &cfg.server.bin_dir);
+        let models_dir = PathBuf::from(resolve(&dir, &cfg.server.models_dir));
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&models_dir)
+            .map_err(|source| SpecError::Io {
+                path: models_dir.display().to_string(),
+                source,
+            })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        files.sort();
+        for f in files {
+            cfg.models.push(ModelSpec::load(&f)?);
+        }
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.models.is_empty() {
+            return Err(invalid("no models configured"));
+        }
+        let mut names: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(invalid(format!("model {:?} is declared twice", w[0])));
+        }
+        for m in &self.models {
+            m.validate()?;
+        }
+        let w = &self.workers;
+        if w.count == 0 || w.count > 256 || w.threads == 0 || w.threads > 64 {
+            return Err(invalid(format!(
+                "workers.count is {} and workers.threads {}; they must be 1..=256 and 1..=64",
+                w.count, w.threads
+            )));
+        }
+        let l = &self.limits;
+        if l.max_body_bytes == 0 || l.max_images_per_request == 0 || l.max_pixels == 0 {
+            return Err(invalid("limits must be > 0"));
+        }
+        if self.server.queue_capacity == 0 {
+            return Err(invalid("server.queue_capacity must be > 0"));
+        }
+        let mut keys: Vec<&str> = self
+            .tenants
+            .iter()
+            .flat_map(|t| t.keys.iter().map(String::as_str))
+            .collect();
+        keys.sort_unstable();
+        if keys.windows(2).any(|w| w[0] == w[1]) || keys.iter().any(|k| k.is_empty()) {
+            return Err(invalid("tenant keys must be unique and non-empty"));
+        }
+        Ok(())
+    }
+
+    /// Tensor slots for `model`: its own `slots`, or enough for every worker
+    /// thread plus two full batches per instance.
+    pub fn slots_for(&self, model: &ModelSpec) -> u32 {
+        if model.slots > 0 {
+            return model.slots;
+        }
+        let workers = self.workers.count * self.workers.threads;
+        let batches = model.instances.count * model.batching.max_batch * 2;
+        (workers + batches).max(8)
+    }
+
+    /// Size of each worker's shared-memory input region slot (one per thread).
+    pub fn input_slot_bytes(&self) -> usize {
+        self.limits.max_body_bytes
+    }
+}
