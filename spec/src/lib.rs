@@ -3,9 +3,11 @@
 //! receive the validated values over IPC and never read files themselves.
 
 mod config;
+mod media;
 mod model;
 
 pub use config::*;
+pub use media::*;
 pub use model::*;
 
 /// Why a configuration could not be used.

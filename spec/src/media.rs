@@ -1,0 +1,56 @@
+//! Recognises an upload by its magic bytes, never by its Content-Type. Shared
+//! by the gateway (to refuse unsupported media before any work) and the
+//! worker (to pick a decoder).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MediaKind {
+    Jpeg,
+    Png,
+    WebP,
+    Gif,
+    Bmp,
+}
+
+impl MediaKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            MediaKind::Jpeg => "jpeg",
+            MediaKind::Png => "png",
+            MediaKind::WebP => "webp",
+            MediaKind::Gif => "gif",
+            MediaKind::Bmp => "bmp",
+        }
+    }
+}
+
+/// The media kind of `data` from its first bytes, if it is one mmgate decodes.
+pub fn sniff(data: &[u8]) -> Option<MediaKind> {
+    match data {
+        [0xFF, 0xD8, 0xFF, ..] => Some(MediaKind::Jpeg),
+        [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, ..] => Some(MediaKind::Png),
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some(MediaKind::WebP),
+        [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some(MediaKind::Gif),
+        [b'B', b'M', _, _, _, _, _, _, _, _, _, _, _, _, ..] => Some(MediaKind::Bmp),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_magic_bytes_only() {
+        assert_eq!(sniff(b"\xFF\xD8\xFF\xE0rest"), Some(MediaKind::Jpeg));
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\nxxxx"), Some(MediaKind::Png));
+        assert_eq!(sniff(b"RIFF\0\0\0\0WEBPVP8 "), Some(MediaKind::WebP));
+        assert_eq!(sniff(b"GIF89a.."), Some(MediaKind::Gif));
+        assert_eq!(sniff(b"BM\0\0\0\0\0\0\0\0\0\0\0\0\0\0"), Some(MediaKind::Bmp));
+        assert_eq!(sniff(b"BM"), None);
+        assert_eq!(sniff(b""), None);
+        assert_eq!(sniff(b"hello, this is not an image"), None);
+        assert_eq!(sniff(b"RIFF\0\0\0\0WAVEfmt "), None);
+    }
+}
