@@ -1,1 +1,116 @@
-//! placeholder
+//! mmgate's gateway: the HTTP front end, the scheduler (queues, slots,
+//! deadlines) and the supervisor of the preprocess workers and the executor.
+
+pub mod api;
+pub mod auth;
+pub mod children;
+pub mod core;
+pub mod error;
+pub mod executor;
+pub mod metrics;
+pub mod score;
+pub mod settings;
+pub mod workers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use api::app;
+
+use crate::auth::Auth;
+use crate::core::Core;
+use crate::executor::Executor;
+use crate::workers::WorkerPool;
+
+/// What every handler sees.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    pub core: Arc<Core>,
+    pub workers: Arc<WorkerPool>,
+    pub executor: Arc<Executor>,
+    pub auth: Arc<Auth>,
+}
+
+impl AppState {
+    /// Creates the shared memory and starts supervising every child. The
+    /// handles end once `core.shutdown()` was called and the children are reaped.
+    pub fn start(
+        cfg: spec::ServerConfig,
+        bin_dir: std::path::PathBuf,
+    ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
+        let auth = Arc::new(Auth::new(&cfg.tenants));
+        let core = Core::new(cfg, bin_dir)?;
+        let workers = WorkerPool::new(&core);
+        let executor = Arc::new(Executor::default());
+        let mut tasks: Vec<_> = (0..core.cfg.workers.count)
+            .map(|i| tokio::spawn(workers.clone().supervise(core.clone(), i)))
+            .collect();
+        tasks.push(tokio::spawn(executor.clone().supervise(core.clone())));
+        let state = Self {
+            core,
+            workers,
+            executor,
+            auth,
+        };
+        Ok((state, tasks))
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then stops accepting, drains in-flight
+/// requests (up to `server.shutdown_grace_ms`) and stops the children.
+pub async fn run(cfg: spec::ServerConfig) -> anyhow::Result<()> {
+    let bin_dir = settings::bin_dir(&cfg)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
+    let (state, supervisors) = AppState::start(cfg, bin_dir)?;
+    let addr = listener.local_addr()?;
+    // Tests and scripts read the bound address from this line (port 0 works).
+    println!("mmgate listening on http://{addr}");
+    tracing::info!(%addr, "listening");
+    let core = state.core.clone();
+    let (signal_tx, signal) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = signal_tx.send(true);
+    });
+    let drain_core = core.clone();
+    let mut drain = signal.clone();
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+        let _ = drain.wait_for(|s| *s).await;
+        tracing::info!("shutting down: no new connections, draining in-flight requests");
+        drain_core.start_draining();
+    });
+    let mut late = signal.clone();
+    tokio::select! {
+        r = server => r?,
+        _ = async move {
+            let _ = late.wait_for(|s| *s).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "shutdown grace period over; abandoning in-flight requests"),
+    }
+    core.shutdown();
+    let all = futures::future::join_all(supervisors);
+    if tokio::time::timeout(Duration::from_secs(10), all)
+        .await
+        .is_err()
+    {
+        tracing::warn!("children did not stop within 10 s");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,1 +1,22 @@
-fn main() {}
+//! `mmgate serve --config FILE [--listen ADDR]`.
+
+use clap::Parser;
+use gateway::settings::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let Command::Serve(args) = cli.command;
+    let cfg = args.config()?;
+    tracing::info!(config = %gateway::settings::redacted(&cfg), "starting");
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(gateway::run(cfg))
+}

@@ -1,0 +1,186 @@
+//! Routes and handlers. `app(state)` is a pure builder so tests can drive it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::{ApiError, Code};
+use crate::score::{self, ScoreResponse};
+
+pub fn app(state: AppState) -> Router {
+    let body_limit = state.core.cfg.limits.max_body_bytes;
+    Router::new()
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{model}", get(get_model))
+        .route(
+            "/v1/models/{model}/score",
+            post(score).layer(DefaultBodyLimit::max(body_limit)),
+        )
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::new(Code::NotFound, "no such route") })
+        .with_state(state)
+}
+
+fn model_json(m: &spec::ModelSpec) -> serde_json::Value {
+    json!({
+        "name": m.name,
+        "backend": m.backend,
+        "input": m.input,
+        "preprocess": m.preprocess,
+        "labels": m.output.labels,
+        "postprocess": m.output.postprocess,
+        "batching": m.batching,
+        "instances": m.instances,
+    })
+}
+
+async fn list_models(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let models: Vec<_> = app.core.cfg.models.iter().map(model_json).collect();
+    Json(json!({ "models": models }))
+}
+
+async fn get_model(
+    State(app): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (_, m) = app
+        .core
+        .model(&model)
+        .ok_or_else(|| unknown_model(&model))?;
+    Ok(Json(model_json(m)))
+}
+
+fn unknown_model(name: &str) -> ApiError {
+    ApiError::new(
+        Code::ModelNotFound,
+        format!("model {name:?} does not exist; GET /v1/models lists the models"),
+    )
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    let workers = app.workers.ready_count();
+    let executor = app.executor.is_ready();
+    let ready = workers == app.workers.size() && executor && !app.core.is_draining();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "ready": ready,
+        "workers_ready": workers,
+        "workers": app.workers.size(),
+        "executor_ready": executor,
+        "draining": app.core.is_draining(),
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    app.core.refresh_gauges();
+    let m = &app.core.metrics;
+    m.queue_depth
+        .with_label_values(&["preprocess"])
+        .set(app.workers.queued() as i64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+        .into_response()
+}
+
+fn request_id(headers: &HeaderMap) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "{:x}-{:x}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            )
+        })
+}
+
+async fn score(State(app): State<AppState>, Path(model): Path<String>, req: Request) -> Response {
+    let started = Instant::now();
+    let rid = request_id(req.headers());
+    let (tenant, outcome) = score_inner(&app, &model, &rid, req).await;
+    let core = &app.core;
+    let known = core.model(&model).is_some();
+    let label = if known { model.as_str() } else { "unknown" };
+    let mut resp = match outcome {
+        Ok(body) => {
+            let mut r = (StatusCode::OK, Json(&body)).into_response();
+            if let Ok(v) = HeaderValue::from_str(&body.timings.header()) {
+                r.headers_mut().insert("server-timing", v);
+            }
+            r
+        }
+        Err(e) => {
+            tracing::debug!(request_id = rid, error = %e, "request failed");
+            e.into_response()
+        }
+    };
+    let code = resp.status().as_u16().to_string();
+    core.metrics
+        .requests
+        .with_label_values(&[label, tenant.as_str(), code.as_str()])
+        .inc();
+    if known {
+        core.metrics
+            .request_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Returns the tenant label for metrics and the outcome.
+async fn score_inner(
+    app: &AppState,
+    model: &str,
+    rid: &str,
+    req: Request,
+) -> (String, Result<ScoreResponse, ApiError>) {
+    let caller = match app.auth.admit(req.headers(), model) {
+        Ok(c) => c,
+        Err(e) => return ("unauthenticated".into(), Err(e)),
+    };
+    let tenant = caller.tenant.clone();
+    let result = async {
+        if app.core.is_draining() {
+            return Err(ApiError::new(
+                Code::ShuttingDown,
+                "the gateway is shutting down",
+            ));
+        }
+        let (idx, _) = app.core.model(model).ok_or_else(|| unknown_model(model))?;
+        let uploads = score::read_uploads(req, &app.core.cfg.limits).await?;
+        let (results, timings) = score::score_all(app, rid, idx, uploads).await?;
+        Ok(ScoreResponse {
+            request_id: rid.to_string(),
+            model: model.to_string(),
+            results,
+            timings,
+        })
+    }
+    .await;
+    drop(caller);
+    (tenant, result)
+}

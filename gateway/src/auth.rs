@@ -1,0 +1,160 @@
+//! API keys → tenants: which models a key may call and how many of its
+//! requests may be in flight. With no tenants configured, auth is off and
+//! every request is the `anonymous` tenant.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{ApiError, Code};
+
+#[derive(Debug)]
+pub struct Auth {
+    by_key: HashMap<String, usize>,
+    tenants: Vec<TenantState>,
+}
+
+#[derive(Debug)]
+struct TenantState {
+    spec: spec::Tenant,
+    slots: Option<Arc<Semaphore>>,
+}
+
+/// An admitted caller; holds its tenant's concurrency permit.
+#[derive(Debug)]
+pub struct Caller {
+    pub tenant: String,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Auth {
+    pub fn new(tenants: &[spec::Tenant]) -> Self {
+        let mut by_key = HashMap::new();
+        for (i, t) in tenants.iter().enumerate() {
+            for k in &t.keys {
+                by_key.insert(k.clone(), i);
+            }
+        }
+        let tenants = tenants
+            .iter()
+            .map(|t| TenantState {
+                spec: t.clone(),
+                slots: (t.max_concurrency > 0)
+                    .then(|| Arc::new(Semaphore::new(t.max_concurrency as usize))),
+            })
+            .collect();
+        Self { by_key, tenants }
+    }
+
+    /// Checks the key and the tenant's right to call `model`, and takes one
+    /// of its concurrency slots.
+    pub fn admit(&self, headers: &HeaderMap, model: &str) -> Result<Caller, ApiError> {
+        if self.tenants.is_empty() {
+            return Ok(Caller {
+                tenant: "anonymous".into(),
+                _permit: None,
+            });
+        }
+        let key = api_key(headers).ok_or_else(|| {
+            ApiError::new(
+                Code::MissingApiKey,
+                "send an API key as `Authorization: Bearer <key>` or `x-api-key: <key>`",
+            )
+        })?;
+        let t = self
+            .by_key
+            .get(key)
+            .map(|&i| &self.tenants[i])
+            .ok_or_else(|| ApiError::new(Code::InvalidApiKey, "the API key is not known"))?;
+        if !t.spec.may_call(model) {
+            return Err(ApiError::new(
+                Code::ModelNotAllowed,
+                format!("tenant {:?} may not call model {model:?}", t.spec.name),
+            ));
+        }
+        let permit = match &t.slots {
+            None => None,
+            Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| {
+                ApiError::new(
+                    Code::TenantConcurrencyLimit,
+                    format!(
+                        "tenant {:?} already has {} requests in flight, its max_concurrency",
+                        t.spec.name, t.spec.max_concurrency
+                    ),
+                )
+            })?),
+        };
+        Ok(Caller {
+            tenant: t.spec.name.clone(),
+            _permit: permit,
+        })
+    }
+}
+
+fn api_key(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim());
+    }
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, key) = auth.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        Auth::new(&[spec::Tenant {
+            name: "acme".into(),
+            keys: vec!["k1".into()],
+            models: vec!["open_nsfw".into()],
+            max_concurrency: 1,
+        }])
+    }
+
+    fn with(h: &str, v: &str) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        m.insert(
+            axum::http::HeaderName::from_bytes(h.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+        m
+    }
+
+    #[test]
+    fn keys_models_and_concurrency_are_enforced() {
+        let a = auth();
+        let code = |r: Result<Caller, ApiError>| r.unwrap_err().code;
+        assert_eq!(
+            code(a.admit(&HeaderMap::new(), "open_nsfw")),
+            Code::MissingApiKey
+        );
+        assert_eq!(
+            code(a.admit(&with("x-api-key", "nope"), "open_nsfw")),
+            Code::InvalidApiKey
+        );
+        assert_eq!(
+            code(a.admit(&with("authorization", "Bearer k1"), "other")),
+            Code::ModelNotAllowed
+        );
+        let first = a
+            .admit(&with("authorization", "bearer k1"), "open_nsfw")
+            .unwrap();
+        assert_eq!(first.tenant, "acme");
+        assert_eq!(
+            code(a.admit(&with("x-api-key", "k1"), "open_nsfw")),
+            Code::TenantConcurrencyLimit
+        );
+        drop(first);
+        assert!(a.admit(&with("x-api-key", "k1"), "open_nsfw").is_ok());
+    }
+
+    #[test]
+    fn no_tenants_means_anonymous() {
+        let a = Auth::new(&[]);
+        assert_eq!(a.admit(&HeaderMap::new(), "x").unwrap().tenant, "anonymous");
+    }
+}

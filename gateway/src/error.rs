@@ -1,0 +1,219 @@
+//! The HTTP edge's one error type: a table of stable codes (`code`, `type`,
+//! HTTP status) and one `IntoResponse`. Every failure a client can see is a
+//! row here, with a message that names the field, the limit and the value.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use shm::{JobError, JobErrorKind};
+
+/// A client-visible failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub code: Code,
+    pub message: String,
+}
+
+/// Stable error codes. Renaming one is a breaking API change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Code {
+    MissingApiKey,
+    InvalidApiKey,
+    ModelNotAllowed,
+    NotFound,
+    ModelNotFound,
+    BadRequest,
+    NoImages,
+    TooManyImages,
+    PayloadTooLarge,
+    ImageTooLarge,
+    UnsupportedMediaType,
+    UndecodableImage,
+    DecodeDeadlineExceeded,
+    TenantConcurrencyLimit,
+    QueueFull,
+    QueueTimeout,
+    NotReady,
+    ShuttingDown,
+    WorkerCrashed,
+    ExecutorCrashed,
+    Internal,
+}
+
+impl Code {
+    /// `(code, type, status, retry-after seconds)`: the whole table.
+    pub fn row(self) -> (&'static str, &'static str, StatusCode, Option<u32>) {
+        use Code::*;
+        use StatusCode as S;
+        match self {
+            MissingApiKey => ("missing_api_key", "authentication", S::UNAUTHORIZED, None),
+            InvalidApiKey => ("invalid_api_key", "authentication", S::UNAUTHORIZED, None),
+            ModelNotAllowed => ("model_not_allowed", "permission", S::FORBIDDEN, None),
+            NotFound => ("not_found", "invalid_request", S::NOT_FOUND, None),
+            ModelNotFound => ("model_not_found", "invalid_request", S::NOT_FOUND, None),
+            BadRequest => ("bad_request", "invalid_request", S::BAD_REQUEST, None),
+            NoImages => ("no_images", "invalid_request", S::BAD_REQUEST, None),
+            TooManyImages => (
+                "too_many_images",
+                "invalid_request",
+                S::PAYLOAD_TOO_LARGE,
+                None,
+            ),
+            PayloadTooLarge => (
+                "payload_too_large",
+                "invalid_request",
+                S::PAYLOAD_TOO_LARGE,
+                None,
+            ),
+            ImageTooLarge => (
+                "image_too_large",
+                "invalid_request",
+                S::PAYLOAD_TOO_LARGE,
+                None,
+            ),
+            UnsupportedMediaType => (
+                "unsupported_media_type",
+                "invalid_request",
+                S::UNSUPPORTED_MEDIA_TYPE,
+                None,
+            ),
+            UndecodableImage => (
+                "undecodable_image",
+                "invalid_request",
+                S::UNPROCESSABLE_ENTITY,
+                None,
+            ),
+            DecodeDeadlineExceeded => (
+                "decode_deadline_exceeded",
+                "invalid_request",
+                S::UNPROCESSABLE_ENTITY,
+                None,
+            ),
+            TenantConcurrencyLimit => (
+                "tenant_concurrency_limit",
+                "quota",
+                S::TOO_MANY_REQUESTS,
+                Some(1),
+            ),
+            QueueFull => ("queue_full", "overloaded", S::SERVICE_UNAVAILABLE, Some(1)),
+            QueueTimeout => (
+                "queue_timeout",
+                "overloaded",
+                S::SERVICE_UNAVAILABLE,
+                Some(1),
+            ),
+            NotReady => ("not_ready", "unavailable", S::SERVICE_UNAVAILABLE, Some(1)),
+            ShuttingDown => (
+                "shutting_down",
+                "unavailable",
+                S::SERVICE_UNAVAILABLE,
+                Some(5),
+            ),
+            WorkerCrashed => ("worker_crashed", "worker_failure", S::BAD_GATEWAY, None),
+            ExecutorCrashed => ("executor_crashed", "worker_failure", S::BAD_GATEWAY, None),
+            Internal => ("internal", "internal", S::INTERNAL_SERVER_ERROR, None),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.row().0
+    }
+
+    pub fn status(self) -> StatusCode {
+        self.row().2
+    }
+}
+
+impl ApiError {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// The same error, its message prefixed with where it happened.
+    pub fn context(mut self, what: &str) -> Self {
+        self.message = format!("{what}: {}", self.message);
+        self
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        let code = match e.kind {
+            JobErrorKind::Unsupported => Code::UnsupportedMediaType,
+            JobErrorKind::TooLarge => Code::ImageTooLarge,
+            JobErrorKind::Undecodable => Code::UndecodableImage,
+            JobErrorKind::Deadline => Code::DecodeDeadlineExceeded,
+            JobErrorKind::Stale | JobErrorKind::Internal => Code::Internal,
+        };
+        ApiError::new(code, e.message)
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code.as_str(), self.message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (code, kind, status, retry) = self.code.row();
+        let body = json!({"error": {"code": code, "type": kind, "message": self.message}});
+        let mut resp = (status, axum::Json(body)).into_response();
+        if let Some(secs) = retry {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_unique_and_overload_says_when_to_retry() {
+        use Code::*;
+        let all = [
+            MissingApiKey,
+            InvalidApiKey,
+            ModelNotAllowed,
+            NotFound,
+            ModelNotFound,
+            BadRequest,
+            NoImages,
+            TooManyImages,
+            PayloadTooLarge,
+            ImageTooLarge,
+            UnsupportedMediaType,
+            UndecodableImage,
+            DecodeDeadlineExceeded,
+            TenantConcurrencyLimit,
+            QueueFull,
+            QueueTimeout,
+            NotReady,
+            ShuttingDown,
+            WorkerCrashed,
+            ExecutorCrashed,
+            Internal,
+        ];
+        let mut names: Vec<_> = all.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), all.len());
+        for c in all {
+            let (_, _, status, retry) = c.row();
+            if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS
+            {
+                assert!(retry.is_some(), "{c:?} needs Retry-After");
+            }
+        }
+        let r = ApiError::new(QueueFull, "full").into_response();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+    }
+}

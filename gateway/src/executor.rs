@@ -1,0 +1,197 @@
+//! The gpu-executor child: supervised like a worker, but one per gateway.
+//! Each inference keeps its slot lease in the pending table until the
+//! executor answered or died, so a slot is never reused while it may still
+//! be read.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use shm::{ExecutorInit, FromExecutor, InferJob, Scores, SlotLease, ToExecutor};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::oneshot;
+
+use crate::children::{self, Backoff, StartError};
+use crate::core::Core;
+use crate::error::{ApiError, Code};
+
+type Waiting = HashMap<u64, (oneshot::Sender<Scores>, SlotLease)>;
+
+#[derive(Debug, Default)]
+pub struct Executor {
+    conn: RwLock<Option<Arc<Conn>>>,
+    ready: AtomicBool,
+    next_job: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Conn {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    waiting: Mutex<Option<Waiting>>,
+}
+
+impl Executor {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Runs the sample in `lease` through its model.
+    pub async fn infer(&self, lease: SlotLease, pending: u32) -> Result<Scores, ApiError> {
+        let conn = self
+            .conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| ApiError::new(Code::NotReady, "the executor is restarting"))?;
+        let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let slot = lease.slot();
+        let (tx, rx) = oneshot::channel();
+        match conn
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            Some(w) => w.insert(job_id, (tx, lease)),
+            None => return Err(crashed()),
+        };
+        let msg = ToExecutor::Infer(InferJob {
+            job_id,
+            slot,
+            pending,
+        });
+        // On a send error the executor is dying; its reaping fails the job.
+        let _ = shm::send(&mut *conn.writer.lock().await, &msg).await;
+        rx.await.map_err(|_| crashed())
+    }
+
+    /// Supervises the executor process until shutdown.
+    pub async fn supervise(self: Arc<Self>, core: Arc<Core>) {
+        let mut backoff = Backoff::default();
+        while !core.is_shutting_down() {
+            let started = Instant::now();
+            let reason = match self.run_once(&core).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "gpu-executor failed to start");
+                    "start_failed"
+                }
+            };
+            if core.is_shutting_down() {
+                break;
+            }
+            core.metrics
+                .worker_restarts
+                .with_label_values(&["executor", reason])
+                .inc();
+            let delay = backoff.after(started.elapsed());
+            tracing::warn!(reason, ?delay, "restarting gpu-executor");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = core.shutting_down() => break,
+            }
+        }
+    }
+
+    async fn run_once(&self, core: &Arc<Core>) -> Result<&'static str, StartError> {
+        let fd = core
+            .ledger
+            .tensors()
+            .fd()
+            .try_clone_to_owned()
+            .map_err(shm::ShmError::from)?;
+        let bin = core.bin_dir.join("gpu-executor");
+        let mut sp = children::spawn(&bin, vec![("--tensor-fd", fd)])?;
+        let init = ToExecutor::Init(ExecutorInit {
+            layout: core.ledger.tensors().layout().clone(),
+            models: core.cfg.models.clone(),
+            ort_library: core.cfg.executor.ort_library.clone(),
+        });
+        let hs =
+            children::handshake::<FromExecutor, _>(&mut sp.stream, &init, Duration::from_secs(300));
+        if let Err(e) = hs.await {
+            children::reap(&mut sp.child).await;
+            return Err(e);
+        }
+        tracing::info!(pid = sp.pid, "gpu-executor ready");
+        let (mut rd, wr) = sp.stream.into_split();
+        let conn = Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(wr),
+            waiting: Mutex::new(Some(HashMap::new())),
+        });
+        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        self.ready.store(true, Ordering::Relaxed);
+        core.metrics
+            .children_ready
+            .with_label_values(&["executor"])
+            .set(1);
+
+        let reader = conn.clone();
+        let metrics = core.clone();
+        let reason = tokio::select! {
+            _ = sp.child.wait() => "exited",
+            _ = async move {
+                while let Ok(Some(msg)) = shm::recv::<FromExecutor>(&mut rd).await {
+                    reader.deliver(msg, &metrics);
+                }
+            } => "socket_closed",
+            _ = core.shutting_down() => "shutdown",
+        };
+        self.ready.store(false, Ordering::Relaxed);
+        core.metrics
+            .children_ready
+            .with_label_values(&["executor"])
+            .set(0);
+        self.conn.write().unwrap_or_else(|e| e.into_inner()).take();
+        if reason == "shutdown" {
+            let _ = conn.writer.lock().await.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
+        }
+        // Reap first: only then may the waiting jobs' slots be reused.
+        children::reap(&mut sp.child).await;
+        conn.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        Ok(reason)
+    }
+}
+
+impl Conn {
+    fn deliver(&self, msg: FromExecutor, core: &Core) {
+        let (id, scores) = match msg {
+            FromExecutor::Scores(s) => (s.job_id, Some(s)),
+            FromExecutor::Failed { job_id, message } => {
+                tracing::error!(job_id, message, "executor failed a job");
+                (job_id, None)
+            }
+            other => {
+                tracing::warn!(?other, "unexpected message from the executor");
+                return;
+            }
+        };
+        let entry = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .and_then(|w| w.remove(&id));
+        if let (Some((tx, lease)), Some(s)) = (entry, scores) {
+            let model = &core.cfg.models[lease.slot().model as usize].name;
+            core.metrics
+                .batch_size
+                .with_label_values(&[model.as_str()])
+                .observe(s.batch as f64);
+            let _ = tx.send(s);
+        }
+    }
+}
+
+fn crashed() -> ApiError {
+    ApiError::new(
+        Code::ExecutorCrashed,
+        "the executor failed while running this request; retry it",
+    )
+}

@@ -1,0 +1,119 @@
+//! Every metric mmgate exports, in one place: prefix `mmgate_`, Prometheus
+//! unit suffixes, bounded label sets (model and tenant names come from config).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub stage_duration: HistogramVec,
+    pub batch_size: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub shm_slots: IntGaugeVec,
+    pub worker_restarts: IntCounterVec,
+    pub children_ready: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("mmgate_requests_total", "Scoring requests by outcome code"),
+            &["model", "tenant", "code"],
+        )
+        .expect("valid metric");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mmgate_request_duration_seconds",
+                "Scoring request latency, arrival to answer",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["model"],
+        )
+        .expect("valid metric");
+        let stage_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mmgate_stage_duration_seconds",
+                "Time per pipeline stage and sample",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let batch_size = HistogramVec::new(
+            HistogramOpts::new("mmgate_batch_size", "Size of the batch each sample ran in")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+            &["model"],
+        )
+        .expect("valid metric");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "mmgate_queue_depth",
+                "Samples waiting or in progress per stage",
+            ),
+            &["stage"],
+        )
+        .expect("valid metric");
+        let shm_slots = IntGaugeVec::new(
+            Opts::new("mmgate_shm_slots", "Tensor slots in shared memory by state"),
+            &["model", "state"],
+        )
+        .expect("valid metric");
+        let worker_restarts = IntCounterVec::new(
+            Opts::new("mmgate_worker_restarts_total", "Child process restarts"),
+            &["pool", "reason"],
+        )
+        .expect("valid metric");
+        let children_ready = IntGaugeVec::new(
+            Opts::new("mmgate_children_ready", "Child processes that said Ready"),
+            &["pool"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(stage_duration.clone()),
+            Box::new(batch_size.clone()),
+            Box::new(queue_depth.clone()),
+            Box::new(shm_slots.clone()),
+            Box::new(worker_restarts.clone()),
+            Box::new(children_ready.clone()),
+        ] {
+            registry.register(c).expect("unique metric");
+        }
+        Self {
+            registry,
+            requests,
+            request_duration,
+            stage_duration,
+            batch_size,
+            queue_depth,
+            shm_slots,
+            worker_restarts,
+            children_ready,
+        }
+    }
+
+    /// Text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,295 @@
+//! `POST /v1/models/{model}/score`: read the upload (one raw image or a
+//! multipart form of several), refuse what cannot be served before any work,
+//! run each image through worker → shared memory → executor, and answer with
+//! scores and a timing breakdown.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequest, Multipart, Request};
+use axum::http::header;
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use shm::{JobDone, Scores};
+use tokio::sync::oneshot;
+
+use crate::AppState;
+use crate::error::{ApiError, Code};
+use crate::workers::WorkJob;
+
+/// One uploaded image.
+#[derive(Debug)]
+pub struct Upload {
+    pub name: Option<String>,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScoreResponse {
+    pub request_id: String,
+    pub model: String,
+    pub results: Vec<ImageResult>,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImageResult {
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub format: String,
+    pub width: u32,
+    pub height: u32,
+    pub scores: Map<String, Value>,
+    pub timings: Timings,
+}
+
+/// Milliseconds per stage. For several images, each stage is the slowest.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Timings {
+    pub queue_ms: f64,
+    pub decode_ms: f64,
+    pub batch_wait_ms: f64,
+    pub inference_ms: f64,
+    pub total_ms: f64,
+}
+
+impl Timings {
+    fn max(self, o: Timings) -> Timings {
+        Timings {
+            queue_ms: self.queue_ms.max(o.queue_ms),
+            decode_ms: self.decode_ms.max(o.decode_ms),
+            batch_wait_ms: self.batch_wait_ms.max(o.batch_wait_ms),
+            inference_ms: self.inference_ms.max(o.inference_ms),
+            total_ms: self.total_ms.max(o.total_ms),
+        }
+    }
+
+    /// The `Server-Timing` header value.
+    pub fn header(&self) -> String {
+        format!(
+            "queue;dur={:.3}, decode;dur={:.3}, batch_wait;dur={:.3}, inference;dur={:.3}, total;dur={:.3}",
+            self.queue_ms, self.decode_ms, self.batch_wait_ms, self.inference_ms, self.total_ms
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Reads the images of a request: a raw body, or every file of a multipart form.
+pub async fn read_uploads(req: Request, limits: &spec::Limits) -> Result<Vec<Upload>, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            Code::PayloadTooLarge,
+            format!(
+                "request body exceeds limits.max_body_bytes = {} bytes",
+                limits.max_body_bytes
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("multipart/form-data"));
+    if !multipart {
+        let data = axum::body::to_bytes(req.into_body(), limits.max_body_bytes)
+            .await
+            .map_err(|_| too_large())?;
+        return Ok(vec![Upload { name: None, data }]);
+    }
+    let mut form = Multipart::from_request(req, &())
+        .await
+        .map_err(|e| ApiError::new(Code::BadRequest, format!("bad multipart body: {e}")))?;
+    let mut uploads = Vec::new();
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return Err(multipart_error(e, &too_large)),
+        };
+        if uploads.len() == limits.max_images_per_request {
+            return Err(ApiError::new(
+                Code::TooManyImages,
+                format!(
+                    "more than limits.max_images_per_request = {} images in one request",
+                    limits.max_images_per_request
+                ),
+            ));
+        }
+        let name = field.file_name().or(field.name()).map(str::to_string);
+        let data = field
+            .bytes()
+            .await
+            .map_err(|e| multipart_error(e, &too_large))?;
+        uploads.push(Upload { name, data });
+    }
+    if uploads.is_empty() {
+        return Err(ApiError::new(
+            Code::NoImages,
+            "the multipart form has no files",
+        ));
+    }
+    Ok(uploads)
+}
+
+fn multipart_error(
+    e: axum::extract::multipart::MultipartError,
+    too_large: &dyn Fn() -> ApiError,
+) -> ApiError {
+    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+        too_large()
+    } else {
+        ApiError::new(Code::BadRequest, format!("bad multipart body: {e}"))
+    }
+}
+
+/// Refuses an upload that is empty or not an image format mmgate decodes,
+/// before it costs a worker anything.
+pub fn check_media(u: &Upload) -> Result<(), ApiError> {
+    if u.data.is_empty() {
+        return Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "the image is empty (0 bytes)",
+        ));
+    }
+    if spec::sniff(&u.data).is_none() {
+        return Err(ApiError::new(
+            Code::UnsupportedMediaType,
+            "the body is not a JPEG, PNG, WebP, GIF or BMP image (checked by its first bytes, not its Content-Type)",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs one image through the pipeline.
+pub async fn score_one(
+    app: &AppState,
+    request_id: &str,
+    model: u16,
+    index: usize,
+    upload: Upload,
+) -> Result<ImageResult, ApiError> {
+    let started = Instant::now();
+    let core = &app.core;
+    let (reply, rx) = oneshot::channel();
+    app.workers.submit(WorkJob {
+        request_id: request_id.to_string(),
+        model,
+        data: upload.data,
+        enqueued: started,
+        pending: core.pending_guard(model),
+        reply,
+    })?;
+    let pre = rx.await.map_err(|_| {
+        ApiError::new(
+            Code::WorkerCrashed,
+            "the preprocess worker died while decoding this image; it has been restarted, retry the request",
+        )
+    })??;
+    let decode = Duration::from_micros(pre.done.decode_us);
+    let scores = app.executor.infer(pre.lease, core.pending(model)).await?;
+    let timings = Timings {
+        queue_ms: ms(pre.queue),
+        decode_ms: ms(decode),
+        batch_wait_ms: scores.queue_us as f64 / 1e3,
+        inference_ms: scores.infer_us as f64 / 1e3,
+        total_ms: ms(started.elapsed()),
+    };
+    let stage = &core.metrics.stage_duration;
+    stage
+        .with_label_values(&["queue"])
+        .observe(pre.queue.as_secs_f64());
+    stage
+        .with_label_values(&["decode"])
+        .observe(decode.as_secs_f64());
+    stage
+        .with_label_values(&["batch_wait"])
+        .observe(scores.queue_us as f64 / 1e6);
+    stage
+        .with_label_values(&["inference"])
+        .observe(scores.infer_us as f64 / 1e6);
+    let labels = &core.cfg.models[model as usize].output.labels;
+    Ok(result(
+        index,
+        upload.name,
+        &pre.done,
+        &scores,
+        labels,
+        timings,
+    ))
+}
+
+fn result(
+    index: usize,
+    name: Option<String>,
+    done: &JobDone,
+    scores: &Scores,
+    labels: &[String],
+    timings: Timings,
+) -> ImageResult {
+    let scores = labels
+        .iter()
+        .zip(&scores.values)
+        .map(|(l, v)| (l.clone(), Value::from(*v as f64)))
+        .collect();
+    ImageResult {
+        index,
+        name,
+        format: done.format.clone(),
+        width: done.width,
+        height: done.height,
+        scores,
+        timings,
+    }
+}
+
+/// Runs every upload concurrently; the first failure fails the request and
+/// names the image.
+pub async fn score_all(
+    app: &AppState,
+    request_id: &str,
+    model: u16,
+    uploads: Vec<Upload>,
+) -> Result<(Vec<ImageResult>, Timings), ApiError> {
+    let n = uploads.len();
+    for (i, u) in uploads.iter().enumerate() {
+        check_media(u).map_err(|e| name_image(e, i, n, u.name.as_deref()))?;
+    }
+    let names: Vec<Option<String>> = uploads.iter().map(|u| u.name.clone()).collect();
+    let futs = uploads
+        .into_iter()
+        .enumerate()
+        .map(|(i, u)| score_one(app, request_id, model, i, u));
+    let mut results = Vec::with_capacity(n);
+    let mut timings = Timings::default();
+    for (i, r) in futures::future::join_all(futs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let r = r.map_err(|e| name_image(e, i, n, names[i].as_deref()))?;
+        timings = timings.max(r.timings);
+        results.push(r);
+    }
+    Ok((results, timings))
+}
+
+fn name_image(e: ApiError, i: usize, n: usize, name: Option<&str>) -> ApiError {
+    if n == 1 {
+        return e;
+    }
+    match name {
+        Some(name) => e.context(&format!("image {} of {n} ({name:?})", i + 1)),
+        None => e.context(&format!("image {} of {n}", i + 1)),
+    }
+}

@@ -1,0 +1,109 @@
+//! Command line and environment: `mmgate serve --config FILE [--listen ADDR]`.
+//! Precedence: config file < `MMGATE_*` environment < flags; merged here,
+//! validated once, logged with secrets redacted.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "mmgate", version, about = "HTTP inference gateway for images")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the gateway, its preprocess workers and its executor.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Server config (TOML); model specs are read from its `models_dir`.
+    #[arg(long, env = "MMGATE_CONFIG", default_value = "configs/default.toml")]
+    pub config: PathBuf,
+    /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
+    #[arg(long, env = "MMGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Preprocess worker processes.
+    #[arg(long, env = "MMGATE_WORKERS")]
+    pub workers: Option<u32>,
+    /// Threads (concurrent jobs) per preprocess worker.
+    #[arg(long, env = "MMGATE_WORKER_THREADS")]
+    pub worker_threads: Option<u32>,
+    /// Engine instances per model (overrides every model spec).
+    #[arg(long, env = "MMGATE_INSTANCES")]
+    pub instances: Option<u32>,
+    /// Intra-op threads per engine instance (overrides every model spec).
+    #[arg(long, env = "MMGATE_INTRA_THREADS")]
+    pub intra_threads: Option<u32>,
+    /// Bounded preprocess queue length.
+    #[arg(long, env = "MMGATE_QUEUE_CAPACITY")]
+    pub queue_capacity: Option<usize>,
+    /// ONNX Runtime shared library (the versioned file).
+    #[arg(long, env = "MMGATE_ORT_LIBRARY")]
+    pub ort_library: Option<String>,
+    /// Folder of the `preprocess-worker` and `gpu-executor` binaries.
+    #[arg(long, env = "MMGATE_BIN_DIR")]
+    pub bin_dir: Option<String>,
+}
+
+impl ServeArgs {
+    /// Loads the file, applies environment and flags, validates.
+    pub fn config(&self) -> anyhow::Result<spec::ServerConfig> {
+        let mut cfg = spec::ServerConfig::load(&self.config)?;
+        let s = &mut cfg.server;
+        set(&mut s.listen, self.listen.clone());
+        set(&mut s.queue_capacity, self.queue_capacity);
+        set(&mut s.bin_dir, self.bin_dir.clone());
+        set(&mut cfg.workers.count, self.workers);
+        set(&mut cfg.workers.threads, self.worker_threads);
+        set(&mut cfg.executor.ort_library, self.ort_library.clone());
+        for m in &mut cfg.models {
+            set(&mut m.instances.count, self.instances);
+            set(&mut m.instances.intra_threads, self.intra_threads);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn set<T>(field: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *field = v;
+    }
+}
+
+/// The config as JSON with API keys replaced, for the start-up log.
+pub fn redacted(cfg: &spec::ServerConfig) -> String {
+    let mut c = cfg.clone();
+    for t in &mut c.tenants {
+        t.keys = t.keys.iter().map(|_| "***".to_string()).collect();
+    }
+    let models: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
+    format!(
+        "server={:?} limits={:?} workers={:?} executor={:?} tenants={:?} models={models:?}",
+        c.server, c.limits, c.workers, c.executor, c.tenants
+    )
+}
+
+/// Where the child binaries are: `server.bin_dir`, else next to this binary.
+pub fn bin_dir(cfg: &spec::ServerConfig) -> anyhow::Result<PathBuf> {
+    let dir = if cfg.server.bin_dir.is_empty() {
+        let exe = std::env::current_exe()?;
+        exe.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        PathBuf::from(&cfg.server.bin_dir)
+    };
+    for bin in ["preprocess-worker", "gpu-executor"] {
+        if !dir.join(bin).is_file() {
+            anyhow::bail!(
+                "{} not found; build the workspace (`cargo build --release --workspace --bins`) or set server.bin_dir",
+                dir.join(bin).display()
+            );
+        }
+    }
+    Ok(dir)
+}

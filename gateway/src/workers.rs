@@ -1,0 +1,392 @@
+//! The preprocess worker pool: a bounded job queue shared by all workers, one
+//! supervised process per worker index, and one dispatcher task per worker
+//! thread. A dispatcher takes a job only when its thread is free, leases the
+//! tensor slot, hands the worker the input and keeps the lease until the
+//! worker answered or is confirmed dead, so a slot is never reused while a
+//! process might still write to it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use shm::{FromWorker, Input, InputRegion, Job, JobDone, SlotLease, ToWorker, WorkerInit};
+use tokio::io::AsyncWriteExt;
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinSet;
+
+use crate::children::{self, Backoff, StartError};
+use crate::core::{Core, PendingGuard};
+use crate::error::{ApiError, Code};
+
+/// One image to preprocess.
+#[derive(Debug)]
+pub struct WorkJob {
+    pub request_id: String,
+    pub model: u16,
+    pub data: Bytes,
+    pub enqueued: Instant,
+    pub pending: PendingGuard,
+    pub reply: oneshot::Sender<Result<Preprocessed, ApiError>>,
+}
+
+/// A sample that is in shared memory, ready for the executor.
+#[derive(Debug)]
+pub struct Preprocessed {
+    pub lease: SlotLease,
+    pub done: JobDone,
+    /// Waiting for a worker thread and a slot.
+    pub queue: Duration,
+}
+
+#[derive(Debug)]
+pub struct WorkerPool {
+    tx: async_channel::Sender<WorkJob>,
+    rx: async_channel::Receiver<WorkJob>,
+    ready: Vec<AtomicBool>,
+    next_job: AtomicU64,
+}
+
+impl WorkerPool {
+    pub fn new(core: &Core) -> Arc<Self> {
+        let (tx, rx) = async_channel::bounded(core.cfg.server.queue_capacity);
+        let ready = (0..core.cfg.workers.count)
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        Arc::new(Self {
+            tx,
+            rx,
+            ready,
+            next_job: AtomicU64::new(1),
+        })
+    }
+
+    /// Queues a job, or refuses at once when the queue is full.
+    pub fn submit(&self, job: WorkJob) -> Result<(), ApiError> {
+        self.tx.try_send(job).map_err(|e| match e {
+            async_channel::TrySendError::Full(_) => ApiError::new(
+                Code::QueueFull,
+                format!(
+                    "the preprocess queue is full ({} jobs waiting); retry later",
+                    self.tx.capacity().unwrap_or(0)
+                ),
+            ),
+            async_channel::TrySendError::Closed(_) => {
+                ApiError::new(Code::ShuttingDown, "the gateway is shutting down")
+            }
+        })
+    }
+
+    pub fn queued(&self) -> usize {
+        self.tx.len()
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.ready
+            .iter()
+            .filter(|r| r.load(Ordering::Relaxed))
+            .count()
+    }
+
+    pub fn size(&self) -> usize {
+        self.ready.len()
+    }
+
+    /// Stops taking new jobs; queued ones are still served.
+    pub fn close(&self) {
+        self.tx.close();
+    }
+
+    /// Supervises worker `index` until shutdown: start, serve, restart.
+    pub async fn supervise(self: Arc<Self>, core: Arc<Core>, index: u32) {
+        let mut backoff = Backoff::default();
+        while !core.is_shutting_down() {
+            let started = Instant::now();
+            let reason = match self.run_once(&core, index).await {
+                Ok(reason) => reason,
+                Err(e) => {
+                    tracing::error!(worker = index, error = %e, "preprocess worker failed to start");
+                    "start_failed"
+                }
+            };
+            if core.is_shutting_down() {
+                break;
+            }
+            core.metrics
+                .worker_restarts
+                .with_label_values(&["preprocess", reason])
+                .inc();
+            let delay = backoff.after(started.elapsed());
+            tracing::warn!(
+                worker = index,
+                reason,
+                ?delay,
+                "restarting preprocess worker"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = core.shutting_down() => break,
+            }
+        }
+    }
+
+    /// One incarnation of a worker process. Returns why it ended.
+    async fn run_once(
+        self: &Arc<Self>,
+        core: &Arc<Core>,
+        index: u32,
+    ) -> Result<&'static str, StartError> {
+        let cfg = &core.cfg;
+        let threads = cfg.workers.threads;
+        let input = Arc::new(InputRegion::create(threads, cfg.input_slot_bytes())?);
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+        let fds = vec![
+            (
+                "--tensor-fd",
+                dup(core.ledger.tensors().fd()).map_err(shm::ShmError::from)?,
+            ),
+            ("--input-fd", dup(input.fd()).map_err(shm::ShmError::from)?),
+        ];
+        let bin = core.bin_dir.join("preprocess-worker");
+        let mut sp = children::spawn(&bin, fds)?;
+        let init = ToWorker::Init(WorkerInit {
+            worker_id: index,
+            threads,
+            layout: core.ledger.tensors().layout().clone(),
+            input_slot_bytes: input.slot_bytes(),
+            models: cfg.models.clone(),
+            limits: cfg.limits.clone(),
+        });
+        let hs =
+            children::handshake::<FromWorker, _>(&mut sp.stream, &init, Duration::from_secs(30));
+        if let Err(e) = hs.await {
+            children::reap(&mut sp.child).await;
+            return Err(e);
+        }
+        tracing::info!(worker = index, pid = sp.pid, "preprocess worker ready");
+        let (mut rd, wr) = sp.stream.into_split();
+        let conn = Arc::new(Conn {
+            writer: tokio::sync::Mutex::new(wr),
+            waiting: Mutex::new(Some(HashMap::new())),
+            kill: Notify::new(),
+        });
+        let mut dispatchers = JoinSet::new();
+        for k in 0..threads {
+            let (pool, core, conn, input) =
+                (self.clone(), core.clone(), conn.clone(), input.clone());
+            dispatchers.spawn(async move { pool.dispatch(core, conn, input, k).await });
+        }
+        self.ready[index as usize].store(true, Ordering::Relaxed);
+        core.metrics
+            .children_ready
+            .with_label_values(&["preprocess"])
+            .inc();
+
+        let reader = conn.clone();
+        let reason = tokio::select! {
+            _ = sp.child.wait() => "exited",
+            _ = async move {
+                while let Ok(Some(msg)) = shm::recv::<FromWorker>(&mut rd).await {
+                    reader.deliver(msg);
+                }
+            } => "socket_closed",
+            _ = conn.kill.notified() => "deadline",
+            _ = core.shutting_down() => "shutdown",
+        };
+        self.ready[index as usize].store(false, Ordering::Relaxed);
+        core.metrics
+            .children_ready
+            .with_label_values(&["preprocess"])
+            .dec();
+        if reason == "shutdown" {
+            // The HTTP server has drained by now: close the socket and give
+            // the worker a moment to exit on its own.
+            let _ = conn.writer.lock().await.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
+        }
+        // The process must be gone before any lease it could write is freed.
+        children::reap(&mut sp.child).await;
+        conn.close();
+        dispatchers.shutdown().await;
+        Ok(reason)
+    }
+
+    /// Serves worker thread `k`: one job at a time, input slot `k`.
+    async fn dispatch(
+        self: Arc<Self>,
+        core: Arc<Core>,
+        conn: Arc<Conn>,
+        input: Arc<InputRegion>,
+        k: u32,
+    ) {
+        while let Ok(job) = self.rx.recv().await {
+            if job.reply.is_closed() {
+                continue; // the caller went away: skip the decode
+            }
+            if let Err(held) = self.run_job(&core, &conn, &input, k, job).await {
+                // The worker is dying. Keep its lease (and the caller's reply)
+                // until this task is aborted, which happens only after the
+                // process has been reaped.
+                let _held = held;
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Runs one job. `Err` = the worker is lost; what it holds must outlive it.
+    async fn run_job(
+        &self,
+        core: &Core,
+        conn: &Conn,
+        input: &InputRegion,
+        k: u32,
+        job: WorkJob,
+    ) -> Result<(), Held> {
+        let lease = match self.lease_for(core, &job).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                let _ = job.reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        let queue = job.enqueued.elapsed();
+        let WorkJob {
+            reply,
+            pending,
+            data,
+            request_id,
+            ..
+        } = job;
+        let input_ref = if data.len() <= core.cfg.workers.inline_input_max_bytes {
+            Input::Inline(data.to_vec())
+        } else if let Err(e) = input.write(k, &data) {
+            let _ = reply.send(Err(ApiError::new(Code::PayloadTooLarge, e.to_string())));
+            return Ok(());
+        } else {
+            Input::Shared {
+                index: k,
+                len: data.len(),
+            }
+        };
+        let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
+        let rx = conn.expect(job_id);
+        let msg = ToWorker::Job(Job {
+            job_id,
+            request_id,
+            slot: lease.slot(),
+            input: input_ref,
+        });
+        if shm::send(&mut *conn.writer.lock().await, &msg)
+            .await
+            .is_err()
+        {
+            return Err(Held {
+                _lease: lease,
+                _reply: Some(reply),
+            });
+        }
+        let limit = Duration::from_millis(core.cfg.limits.decode_deadline_ms + 500);
+        let answer = tokio::time::timeout(limit, rx).await;
+        drop(pending);
+        let result = match answer {
+            Ok(Ok(FromWorker::Done(done))) => Ok(Preprocessed { lease, done, queue }),
+            Ok(Ok(FromWorker::Failed { error, .. })) => Err(ApiError::from(error)),
+            Ok(_) => {
+                return Err(Held {
+                    _lease: lease,
+                    _reply: Some(reply),
+                });
+            }
+            Err(_) => {
+                let msg = format!(
+                    "decoding took longer than limits.decode_deadline_ms = {} ms",
+                    core.cfg.limits.decode_deadline_ms
+                );
+                let _ = reply.send(Err(ApiError::new(Code::DecodeDeadlineExceeded, msg)));
+                conn.kill.notify_one();
+                return Err(Held {
+                    _lease: lease,
+                    _reply: None,
+                });
+            }
+        };
+        let _ = input.recycle(k, data.len());
+        let _ = reply.send(result);
+        Ok(())
+    }
+
+    async fn lease_for(&self, core: &Core, job: &WorkJob) -> Result<SlotLease, ApiError> {
+        let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
+        let left = limit.saturating_sub(job.enqueued.elapsed());
+        match tokio::time::timeout(left, core.ledger.lease(job.model)).await {
+            Ok(Ok(lease)) => Ok(lease),
+            Ok(Err(e)) => Err(ApiError::new(Code::Internal, e.to_string())),
+            Err(_) => Err(ApiError::new(
+                Code::QueueTimeout,
+                format!(
+                    "no tensor slot freed up within server.queue_timeout_ms = {} ms",
+                    limit.as_millis()
+                ),
+            )),
+        }
+    }
+}
+
+/// What a job of a lost worker keeps alive until the worker is reaped.
+struct Held {
+    _lease: SlotLease,
+    _reply: Option<oneshot::Sender<Result<Preprocessed, ApiError>>>,
+}
+
+/// Our side of one worker incarnation's socket.
+struct Conn {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    /// Jobs sent and not yet answered; `None` once the worker is gone.
+    waiting: Mutex<Option<HashMap<u64, oneshot::Sender<FromWorker>>>>,
+    kill: Notify,
+}
+
+impl Conn {
+    fn expect(&self, job_id: u64) -> oneshot::Receiver<FromWorker> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(w) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            w.insert(job_id, tx);
+        }
+        rx
+    }
+
+    fn deliver(&self, msg: FromWorker) {
+        let id = match &msg {
+            FromWorker::Done(d) => d.job_id,
+            FromWorker::Failed { job_id, .. } => *job_id,
+            other => {
+                tracing::warn!(?other, "unexpected message from a preprocess worker");
+                return;
+            }
+        };
+        let tx = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .and_then(|w| w.remove(&id));
+        if let Some(tx) = tx {
+            let _ = tx.send(msg);
+        }
+    }
+
+    /// Fails every job still waiting on this worker.
+    fn close(&self) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+}
