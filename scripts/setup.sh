@@ -83,12 +83,17 @@ if [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # --- Expected scores from the reference implementation ----------------------
-OUT=.deps/expected/open_nsfw.json
+# open_nsfw.json is the reference; open_nsfw.<variant>.json are deliberately
+# broken preprocessings, which the accuracy tests must tell apart from it.
 want=$( { sha256sum scripts/reference_scores.py scripts/requirements-reference.txt "$MODEL"
           find tests/fixtures/images -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | cut -c1-64)
-if [ ! -f "$OUT" ] || [ "$(cat "$OUT.stamp" 2>/dev/null)" != "$want" ]; then
-  say "computing reference scores -> $OUT"
-  mkdir -p "$(dirname "$OUT")"
-  "$VENV/bin/python" scripts/reference_scores.py --out "$OUT"
-  echo "$want" > "$OUT.stamp"
-fi
+for variant in reference rgb nomean nocrop nearest; do
+  OUT=.deps/expected/open_nsfw.json; args=()
+  [ "$variant" = reference ] || { OUT=.deps/expected/open_nsfw.$variant.json; args=(--variant "$variant"); }
+  if [ ! -f "$OUT" ] || [ "$(cat "$OUT.stamp" 2>/dev/null)" != "$want" ]; then
+    say "computing $variant scores -> $OUT"
+    mkdir -p "$(dirname "$OUT")"
+    "$VENV/bin/python" scripts/reference_scores.py "${args[@]}" --out "$OUT"
+    echo "$want" > "$OUT.stamp"
+  fi
+done

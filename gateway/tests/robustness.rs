@@ -1,0 +1,210 @@
+//! Bad input, crashes, overload and shutdown, against the real binaries.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A valid 35-megapixel PNG that takes a worker a few hundred ms to decode.
+fn slow_png() -> Vec<u8> {
+    let (w, h) = (7000u32, 5000u32);
+    let mut raw = Vec::with_capacity((w * h * 3) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let v = (x.wrapping_mul(31) ^ y.wrapping_mul(17)) as u8;
+            raw.extend_from_slice(&[v, v.wrapping_add(85), v.wrapping_add(170)]);
+        }
+    }
+    let mut out = Vec::new();
+    let enc = image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::NoFilter,
+    );
+    image::ImageEncoder::write_image(enc, &raw, w, h, image::ExtendedColorType::Rgb8).unwrap();
+    out
+}
+
+async fn leased(gw: &Gateway) -> f64 {
+    gw.metric("mmgate_shm_slots", "state=\"leased\"").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_json_4xx_within_a_second_and_memory_stays_bounded() {
+    let gw = Gateway::start("").await;
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("bad/empty.bin", "image/jpeg", 415, "unsupported_media_type"),
+        ("bad/truncated.jpg", "image/jpeg", 422, "undecodable_image"),
+        ("bad/random.bin", "application/octet-stream", 415, "unsupported_media_type"),
+        ("bad/text.txt", "image/jpeg", 415, "unsupported_media_type"),
+        ("bad/bomb_30000.png", "image/png", 413, "image_too_large"),
+        ("bad/claims_65000.jpg", "image/jpeg", 413, "image_too_large"),
+    ];
+    for &(file, ct, status, code) in cases {
+        let t = Instant::now();
+        let r = gw.score("open_nsfw", fixture(file), ct).await;
+        let took = t.elapsed();
+        println!("{file}: {} {} in {took:?}: {}", r.status, r.code(), r.json["error"]["message"]);
+        assert_eq!((r.status, r.code()), (status, code), "{file}: {}", r.json);
+        assert!(r.json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(took < Duration::from_secs(1), "{file} took {took:?}");
+    }
+    // The bomb and the lying header never cost a process 1 GiB.
+    for pid in gw.tree() {
+        let peak = status_kb(pid, "VmHWM");
+        println!("pid {pid} ({}) peak RSS {} MiB", proc_comm(pid), peak / 1024);
+        assert!(peak < 1 << 20, "pid {pid} peaked at {peak} kB");
+    }
+    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    assert_eq!(r.status, 200, "a valid image still works: {}", r.json);
+    assert_eq!(leased(&gw).await, 0.0, "no slot leaked");
+    // A body over the byte limit is refused before it is read.
+    let gw2_limit = 32 << 20;
+    let r = gw.score("open_nsfw", vec![0xFF; gw2_limit + 1], "image/jpeg").await;
+    assert_eq!((r.status, r.code()), (413, "payload_too_large"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_worker_mid_request_gives_json_5xx_respawn_and_no_leaked_slot() {
+    let gw = Gateway::start("").await;
+    let png = slow_png();
+    let before = gw.children("preprocess-work");
+    assert_eq!(before.len(), 2);
+    let url = gw.url("/v1/models/open_nsfw/score");
+    let req = gw.client.post(&url).header("content-type", "image/png").body(png).send();
+    let pending = tokio::spawn(req);
+    // Wait until the job holds a slot, i.e. a worker is decoding it.
+    let t = Instant::now();
+    while leased(&gw).await < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "job never reached a worker");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let killed_at = Instant::now();
+    for &p in &before {
+        kill(Pid::from_raw(p as i32), Signal::SIGKILL).unwrap();
+    }
+    let r = pending.await.unwrap().unwrap();
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!((500..600).contains(&status), "status {status}: {body}");
+    assert_eq!(body["error"]["code"], "worker_crashed", "{body}");
+    gw.wait_ready(Duration::from_secs(2)).await;
+    let back = killed_at.elapsed();
+    println!("workers back after {back:?}");
+    let after = gw.children("preprocess-work");
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|p| !before.contains(p)), "new processes");
+    assert_eq!(leased(&gw).await, 0.0, "every slot free again");
+    assert_eq!(gw.metric("mmgate_worker_restarts_total", "pool=\"preprocess\"").await, 2.0);
+    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_over_the_deadline_is_a_422_and_the_worker_is_replaced() {
+    let gw = Gateway::start("[limits]\ndecode_deadline_ms = 20\n").await;
+    let before = gw.children("preprocess-work");
+    let r = gw.score("open_nsfw", slow_png(), "image/png").await;
+    assert_eq!((r.status, r.code()), (422, "decode_deadline_exceeded"), "{}", r.json);
+    gw.wait_ready(Duration::from_secs(5)).await;
+    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(leased(&gw).await, 0.0);
+    let after = gw.children("preprocess-work");
+    assert_eq!(after.len(), 2);
+    let _ = before;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_executor_fails_cleanly_and_it_comes_back() {
+    let gw = Gateway::start("").await;
+    let exec = gw.children("gpu-executor");
+    kill(Pid::from_raw(exec[0] as i32), Signal::SIGKILL).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    assert!(r.status == 200 || r.status >= 500, "{}", r.json);
+    if r.status != 200 {
+        assert!(r.json["error"]["code"].is_string(), "{}", r.json);
+    }
+    gw.wait_ready(Duration::from_secs(30)).await;
+    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(leased(&gw).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_is_refused_with_503_and_retry_after() {
+    let gw = Gateway::start("[server]\nqueue_capacity = 1\n[workers]\ncount = 1\n").await;
+    let png = slow_png();
+    let mut reqs = Vec::new();
+    for _ in 0..6 {
+        let req = gw
+            .client
+            .post(gw.url("/v1/models/open_nsfw/score"))
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send();
+        reqs.push(tokio::spawn(req));
+    }
+    let mut refused = 0;
+    for r in reqs {
+        let r = r.await.unwrap().unwrap();
+        if r.status() == 503 {
+            assert!(r.headers().contains_key("retry-after"));
+            let j: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(j["error"]["code"], "queue_full");
+            refused += 1;
+        } else {
+            assert_eq!(r.status(), 200);
+        }
+    }
+    assert!(refused >= 1, "some requests must be refused");
+    assert_eq!(leased(&gw).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_stops_the_children() {
+    let mut gw = Gateway::start("").await;
+    let kids = gw.tree();
+    let req = gw
+        .client
+        .post(gw.url("/v1/models/open_nsfw/score"))
+        .header("content-type", "image/png")
+        .body(slow_png())
+        .send();
+    let pending = tokio::spawn(req);
+    let t = Instant::now();
+    while leased(&gw).await < 1.0 {
+        assert!(t.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill(Pid::from_raw(gw.pid() as i32), Signal::SIGTERM).unwrap();
+    let r = pending.await.unwrap().unwrap();
+    assert_eq!(r.status(), 200, "the in-flight request completes");
+    let status = tokio::task::block_in_place(|| gw.child.wait()).unwrap();
+    assert!(status.success(), "mmgate exits cleanly: {status:?}");
+    for p in kids {
+        assert!(!std::path::Path::new(&format!("/proc/{p}")).exists() || proc_comm(p).is_empty(),
+            "pid {p} still alive");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_map_to_tenants() {
+    let gw = Gateway::start(
+        "[[tenants]]\nname = \"acme\"\nkeys = [\"secret-1\"]\nmodels = [\"open_nsfw\"]\n",
+    )
+    .await;
+    let url = gw.url("/v1/models/open_nsfw/score");
+    let body = fixture("images/coffee.jpg");
+    let r = gw.client.post(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = gw.client.post(&url).bearer_auth("wrong").body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = gw.client.post(&url).bearer_auth("secret-1").body(body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(gw.metric("mmgate_requests_total", "tenant=\"acme\"").await, 1.0);
+}
