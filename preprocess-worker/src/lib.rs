@@ -1,1 +1,78 @@
-//! placeholder
+//! mmgate's preprocess worker: turns an encoded image into a model-ready
+//! tensor. [`preprocess`] is the whole pipeline, one module per stage:
+//! sniff → header limits → decode (`jpeg`, `raster`) → EXIF orientation
+//! (`orient`) → 8-bit grey/RGB (`pixels`) → resize and crop (`geometry`,
+//! `resize`) → normalise into the output (`normalize`). The binary wraps it
+//! in the IPC loop of `serve`.
+
+mod decode;
+mod error;
+mod geometry;
+mod jpeg;
+mod limits;
+mod normalize;
+mod orient;
+mod pixels;
+mod raster;
+mod resize;
+pub mod serve;
+
+use std::time::Instant;
+
+use spec::{Limits, ModelSpec};
+
+pub use error::PreprocessError;
+
+/// What was decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// Full-resolution size as displayed (after EXIF orientation).
+    pub width: u32,
+    pub height: u32,
+    /// `jpeg`, `png`, `webp`, `gif` or `bmp`.
+    pub format: &'static str,
+}
+
+/// Decodes `data` and writes `model`'s input tensor for it into `out`
+/// (`model.input.elements()` floats, in the model's layout and channel
+/// order). Size limits are checked from the header before decoding; the
+/// deadline is checked between stages.
+pub fn preprocess(
+    data: &[u8],
+    model: &ModelSpec,
+    limits: &Limits,
+    deadline: Instant,
+    out: &mut [f32],
+) -> Result<ImageInfo, PreprocessError> {
+    let expected = model.input.elements();
+    if out.len() != expected {
+        return Err(PreprocessError::OutputSize {
+            expected,
+            got: out.len(),
+        });
+    }
+    limits::check_bytes(data.len(), limits)?;
+    let kind = spec::sniff(data).ok_or_else(|| PreprocessError::unsupported(data))?;
+    let p = &model.preprocess;
+    let decoded = decode::decode(kind, data, p, limits)?;
+    check_deadline(deadline, "decode")?;
+    let (width, height) = orient::oriented_size(decoded.width, decoded.height, decoded.orientation);
+    let pixels = orient::apply(decoded.pixels, decoded.orientation);
+    check_deadline(deadline, "orientation")?;
+    let plan = geometry::plan(p, width, height);
+    let resized = resize::resize(pixels, &plan, p.filter)?;
+    check_deadline(deadline, "resize")?;
+    normalize::write(&resized, &plan, &model.input, p, out);
+    Ok(ImageInfo {
+        width,
+        height,
+        format: kind.name(),
+    })
+}
+
+fn check_deadline(deadline: Instant, stage: &'static str) -> Result<(), PreprocessError> {
+    if Instant::now() > deadline {
+        return Err(PreprocessError::Deadline { stage });
+    }
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! The one error type of the worker's preprocessing, with a mapping to the
+//! wire-level [`JobErrorKind`] so the gateway can answer with the right code.
+
+use shm::JobErrorKind;
+
+/// Why an input could not be turned into a tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("input is empty; expected a JPEG, PNG, WebP, GIF or BMP image")]
+    Empty,
+    #[error(
+        "input is not a supported image (JPEG, PNG, WebP, GIF or BMP); its first bytes are {head}"
+    )]
+    Unsupported { head: String },
+    #[error("input is {len} bytes; the limit is {limit} bytes")]
+    TooManyBytes { len: usize, limit: usize },
+    #[error("image is {width}×{height} pixels; the limit is {limit} pixels per side")]
+    DimensionTooLarge { width: u32, height: u32, limit: u32 },
+    #[error(
+        "image is {width}×{height} pixels ({:.1} megapixels); the limit is {} megapixels",
+        *width as f64 * *height as f64 / 1e6,
+        *limit as f64 / 1e6
+    )]
+    TooManyPixels { width: u32, height: u32, limit: u64 },
+    #[error("image has a zero width or height ({width}×{height})")]
+    EmptyImage { width: u32, height: u32 },
+    #[error("{format} image is corrupt or truncated: {reason}")]
+    Undecodable {
+        format: &'static str,
+        reason: String,
+    },
+    #[error("decoding would need more memory than the limit allows: {0}")]
+    MemoryLimit(String),
+    #[error("the decode deadline passed after the {stage} stage")]
+    Deadline { stage: &'static str },
+    #[error("output tensor has {got} elements; the model input needs {expected}")]
+    OutputSize { expected: usize, got: usize },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl PreprocessError {
+    /// The failure class reported to the gateway.
+    pub fn kind(&self) -> JobErrorKind {
+        match self {
+            Self::Empty | Self::Unsupported { .. } => JobErrorKind::Unsupported,
+            Self::TooManyBytes { .. }
+            | Self::DimensionTooLarge { .. }
+            | Self::TooManyPixels { .. }
+            | Self::MemoryLimit(_) => JobErrorKind::TooLarge,
+            Self::EmptyImage { .. } | Self::Undecodable { .. } => JobErrorKind::Undecodable,
+            Self::Deadline { .. } => JobErrorKind::Deadline,
+            Self::OutputSize { .. } | Self::Internal(_) => JobErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn undecodable(format: &'static str, reason: impl ToString) -> Self {
+        Self::Undecodable {
+            format,
+            reason: reason.to_string(),
+        }
+    }
+
+    /// `Unsupported` naming the first bytes of `data` (up to 8, in hex).
+    pub(crate) fn unsupported(data: &[u8]) -> Self {
+        if data.is_empty() {
+            return Self::Empty;
+        }
+        let head: Vec<String> = data.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        Self::Unsupported {
+            head: head.join(" "),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_value_and_the_limit() {
+        let e = PreprocessError::TooManyPixels {
+            width: 30000,
+            height: 30000,
+            limit: 40_000_000,
+        };
+        assert_eq!(
+            e.to_string(),
+            "image is 30000×30000 pixels (900.0 megapixels); the limit is 40 megapixels"
+        );
+        assert_eq!(e.kind(), JobErrorKind::TooLarge);
+        let e = PreprocessError::unsupported(b"hello");
+        assert!(e.to_string().contains("68 65 6c 6c 6f"), "{e}");
+        assert_eq!(e.kind(), JobErrorKind::Unsupported);
+        assert_eq!(
+            PreprocessError::unsupported(b"").kind(),
+            JobErrorKind::Unsupported
+        );
+    }
+}

@@ -1,0 +1,176 @@
+//! The worker process around [`preprocess`](crate::preprocess): handshake
+//! with the gateway on the inherited Unix socket, map the shared tensor pool
+//! and input region, then decode jobs on `init.threads` threads, each writing
+//! its tensor straight into the job's slot and answering on the socket.
+
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use shm::{
+    FromWorker, Hello, Input, InputRegion, Job, JobDone, JobError, JobErrorKind, PROTO_VERSION,
+    SharedTensors, ShmError, ToWorker, WorkerInit, read_frame, take_inherited_fd, write_frame,
+};
+use spec::{Limits, ModelSpec};
+
+use crate::{PreprocessError, preprocess};
+
+/// The fds and parent the gateway hands a worker on its command line.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    pub ipc_fd: RawFd,
+    pub tensor_fd: RawFd,
+    pub input_fd: RawFd,
+    pub parent_pid: u32,
+}
+
+/// What every decode thread shares.
+struct Ctx {
+    tensors: SharedTensors,
+    inputs: InputRegion,
+    models: Vec<ModelSpec>,
+    limits: Limits,
+    out: Mutex<UnixStream>,
+}
+
+impl Ctx {
+    fn send(&self, msg: &FromWorker) {
+        let mut w = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = write_frame(&mut *w, msg) {
+            tracing::error!("cannot answer the gateway: {e}");
+        }
+    }
+}
+
+/// Runs the worker until the gateway closes the socket (`Ok`) or the
+/// protocol breaks (`Err`). Initialisation failures are reported with
+/// `Fatal` before returning.
+pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    shm::die_with_parent(opts.parent_pid).context("parent-death signal")?;
+    let stream = UnixStream::from(take_inherited_fd(opts.ipc_fd).context("--ipc-fd")?);
+    let mut reader = stream.try_clone().context("cloning the IPC socket")?;
+    let mut writer = stream;
+    let hello = Hello {
+        proto_version: PROTO_VERSION,
+        pid: std::process::id(),
+    };
+    write_frame(&mut writer, &FromWorker::Hello(hello)).context("sending Hello")?;
+    let init = match read_frame::<ToWorker>(&mut reader).context("reading Init")? {
+        Some(ToWorker::Init(init)) => init,
+        Some(ToWorker::Job(_)) => bail!("the gateway sent a job before Init"),
+        None => return Ok(()),
+    };
+    let threads = init.threads.max(1) as usize;
+    let ctx = match setup(init, &opts, writer.try_clone()?) {
+        Ok(ctx) => Arc::new(ctx),
+        Err(e) => {
+            let _ = write_frame(&mut writer, &FromWorker::Fatal(format!("{e:#}")));
+            return Err(e);
+        }
+    };
+    write_frame(&mut writer, &FromWorker::Ready).context("sending Ready")?;
+    tracing::info!(threads, "preprocess worker ready");
+    let (tx, rx) = crossbeam_channel::bounded::<Job>(threads);
+    for i in 0..threads {
+        let (ctx, rx) = (ctx.clone(), rx.clone());
+        std::thread::Builder::new()
+            .name(format!("decode-{i}"))
+            .spawn(move || rx.iter().for_each(|job| answer(&ctx, job)))
+            .context("spawning a decode thread")?;
+    }
+    loop {
+        match read_frame::<ToWorker>(&mut reader).context("reading a job")? {
+            Some(ToWorker::Job(job)) => tx.send(job).context("decode threads are gone")?,
+            Some(ToWorker::Init(_)) => tracing::warn!("ignoring a second Init"),
+            None => return Ok(()),
+        }
+    }
+}
+
+fn setup(init: WorkerInit, opts: &ServeOptions, out: UnixStream) -> anyhow::Result<Ctx> {
+    let tensor_fd: OwnedFd = take_inherited_fd(opts.tensor_fd).context("--tensor-fd")?;
+    let input_fd: OwnedFd = take_inherited_fd(opts.input_fd).context("--input-fd")?;
+    let tensors = SharedTensors::open(tensor_fd, init.layout.clone()).context("tensor pool")?;
+    let inputs =
+        InputRegion::open(input_fd, init.threads, init.input_slot_bytes).context("input region")?;
+    Ok(Ctx {
+        tensors,
+        inputs,
+        models: init.models,
+        limits: init.limits,
+        out: Mutex::new(out),
+    })
+}
+
+/// Runs one job and sends its answer, even when the pipeline panics.
+fn answer(ctx: &Ctx, job: Job) {
+    let job_id = job.job_id;
+    let msg = match catch_unwind(AssertUnwindSafe(|| run_job(ctx, &job))) {
+        Ok(Ok(done)) => FromWorker::Done(done),
+        Ok(Err(error)) => {
+            tracing::debug!(job_id, request_id = %job.request_id, "job failed: {}", error.message);
+            FromWorker::Failed { job_id, error }
+        }
+        Err(_) => FromWorker::Failed {
+            job_id,
+            error: JobError {
+                kind: JobErrorKind::Internal,
+                message: "the preprocess worker panicked on this input".into(),
+            },
+        },
+    };
+    ctx.send(&msg);
+}
+
+fn run_job(ctx: &Ctx, job: &Job) -> Result<JobDone, JobError> {
+    let start = Instant::now();
+    let deadline = start + Duration::from_millis(ctx.limits.decode_deadline_ms);
+    let data: &[u8] = match &job.input {
+        Input::Inline(bytes) => bytes,
+        Input::Shared { index, len } => ctx.inputs.read(*index, *len).map_err(internal)?,
+    };
+    let model = ctx.models.get(usize::from(job.slot.model)).ok_or_else(|| {
+        internal(format!(
+            "job names model index {}, worker has {}",
+            job.slot.model,
+            ctx.models.len()
+        ))
+    })?;
+    let info = match ctx.tensors.write_f32(job.slot, |buf| {
+        preprocess(data, model, &ctx.limits, deadline, buf)
+    }) {
+        Ok(Ok(info)) => info,
+        Ok(Err(e)) => return Err(job_error(&e)),
+        Err(e @ ShmError::StaleSlot { .. }) => {
+            return Err(JobError {
+                kind: JobErrorKind::Stale,
+                message: e.to_string(),
+            });
+        }
+        Err(e) => return Err(internal(e)),
+    };
+    Ok(JobDone {
+        job_id: job.job_id,
+        width: info.width,
+        height: info.height,
+        format: info.format.to_string(),
+        decode_us: start.elapsed().as_micros() as u64,
+    })
+}
+
+fn job_error(e: &PreprocessError) -> JobError {
+    JobError {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+fn internal(e: impl ToString) -> JobError {
+    JobError {
+        kind: JobErrorKind::Internal,
+        message: e.to_string(),
+    }
+}

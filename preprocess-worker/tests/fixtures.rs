@@ -1,0 +1,190 @@
+//! The pipeline on the repository's fixtures: every bad input gets the right
+//! error kind without a full decode, every good one the right size and
+//! orientation, and the layouts and letterbox land pixels where they belong.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use preprocess_worker::{ImageInfo, PreprocessError, preprocess};
+use shm::JobErrorKind;
+use spec::{Layout, Limits, ModelSpec, ResizeMode, Size};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn open_nsfw() -> ModelSpec {
+    ModelSpec::load(&root().join("configs/models/open_nsfw.toml")).unwrap()
+}
+
+fn fixture(dir: &str, name: &str) -> Vec<u8> {
+    std::fs::read(root().join("tests/fixtures").join(dir).join(name)).unwrap()
+}
+
+fn run(data: &[u8], model: &ModelSpec) -> Result<(ImageInfo, Vec<f32>), PreprocessError> {
+    let mut out = vec![f32::NAN; model.input.elements()];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let info = preprocess(data, model, &Limits::default(), deadline, &mut out)?;
+    Ok((info, out))
+}
+
+fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
+#[test]
+fn bad_inputs_get_the_right_error_kind_without_decoding() {
+    let model = open_nsfw();
+    let cases = [
+        ("empty.bin", JobErrorKind::Unsupported),
+        ("random.bin", JobErrorKind::Unsupported),
+        ("text.txt", JobErrorKind::Unsupported),
+        ("truncated.jpg", JobErrorKind::Undecodable),
+        ("claims_65000.jpg", JobErrorKind::TooLarge),
+        ("bomb_30000.png", JobErrorKind::TooLarge),
+    ];
+    for (name, kind) in cases {
+        let data = fixture("bad", name);
+        let t = Instant::now();
+        let err = run(&data, &model).expect_err(name);
+        // A full decode of the bombs would take far longer (and gigabytes).
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "{name} took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(err.kind(), kind, "{name}: {err}");
+    }
+    let err = run(&fixture("bad", "bomb_30000.png"), &model).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "image is 30000×30000 pixels (900.0 megapixels); the limit is 40 megapixels"
+    );
+}
+
+#[test]
+fn good_fixtures_decode_at_their_displayed_size() {
+    let model = open_nsfw();
+    let cases = [
+        ("astronaut_1536.jpg", 1536, 1536, "jpeg"),
+        ("astronaut_16bit.png", 256, 256, "png"),
+        ("camera.png", 512, 512, "png"),
+        ("camera_gray16.png", 256, 256, "png"),
+        ("chelsea.png", 451, 300, "png"),
+        ("chelsea.webp", 451, 300, "webp"),
+        ("chelsea_cmyk.jpg", 451, 300, "jpeg"),
+        ("coffee.bmp", 300, 200, "bmp"),
+        ("coffee.jpg", 600, 400, "jpeg"),
+        ("coffee_640.jpg", 640, 480, "jpeg"),
+        ("coffee_exif6.jpg", 600, 400, "jpeg"),
+        ("logo.png", 500, 500, "png"),
+        ("no_time_for_that_tiny.gif", 14, 25, "gif"),
+    ];
+    for (name, w, h, format) in cases {
+        let (info, out) = run(&fixture("images", name), &model).expect(name);
+        assert_eq!(
+            (info.width, info.height, info.format),
+            (w, h, format),
+            "{name}"
+        );
+        assert!(out.iter().all(|v| (-123.0..=151.0).contains(v)), "{name}");
+    }
+}
+
+#[test]
+fn exif_orientation_is_applied() {
+    let model = open_nsfw();
+    let (_, upright) = run(&fixture("images", "coffee.jpg"), &model).unwrap();
+    let (_, rotated) = run(&fixture("images", "coffee_exif6.jpg"), &model).unwrap();
+    let (_, other) = run(&fixture("images", "chelsea.png"), &model).unwrap();
+    // Same photo (re-encoded): close; a different photo: far.
+    let same = mean_abs_diff(&upright, &rotated);
+    assert!(same < 3.0, "coffee vs coffee_exif6: {same}");
+    assert!(mean_abs_diff(&upright, &other) > 10.0 * same);
+}
+
+#[test]
+fn same_pixels_in_16_and_8_bit_and_in_every_container() {
+    let model = open_nsfw();
+    let (_, png) = run(&fixture("images", "chelsea.png"), &model).unwrap();
+    let (_, webp) = run(&fixture("images", "chelsea.webp"), &model).unwrap();
+    assert_eq!(png, webp);
+}
+
+#[test]
+fn nchw_holds_the_nhwc_values_transposed() {
+    let nhwc = open_nsfw();
+    let mut nchw = nhwc.clone();
+    nchw.input.layout = Layout::Nchw;
+    let data = fixture("images", "chelsea.png");
+    let (_, a) = run(&data, &nhwc).unwrap();
+    let (_, b) = run(&data, &nchw).unwrap();
+    let (h, w) = (224, 224);
+    for y in [0, 17, 223] {
+        for x in [0, 100, 223] {
+            for c in 0..3 {
+                assert_eq!(a[(y * w + x) * 3 + c], b[c * h * w + y * w + x]);
+            }
+        }
+    }
+}
+
+#[test]
+fn letterbox_pads_above_and_below_a_wide_image() {
+    let mut model = open_nsfw();
+    model.preprocess.resize_mode = ResizeMode::Letterbox;
+    model.preprocess.resize = Size {
+        width: 224,
+        height: 224,
+    };
+    model.preprocess.crop = None;
+    model.preprocess.pad_value = 0;
+    // coffee is 600×400: 224×149 inside 224×224, 37 padding rows on top.
+    let (_, out) = run(&fixture("images", "coffee.jpg"), &model).unwrap();
+    let pad = [-104.0, -117.0, -123.0];
+    let row = |y: usize| &out[y * 224 * 3..(y + 1) * 224 * 3];
+    for y in (0..37).chain(186..224) {
+        assert!(
+            row(y).chunks(3).all(|p| p == pad),
+            "row {y} should be padding"
+        );
+    }
+    for y in [37, 100, 185] {
+        assert!(
+            row(y).chunks(3).any(|p| p != pad),
+            "row {y} should be image"
+        );
+    }
+}
+
+#[test]
+fn deadline_and_output_size_are_enforced() {
+    let model = open_nsfw();
+    let data = fixture("images", "coffee.jpg");
+    let mut out = vec![0f32; model.input.elements()];
+    let past = Instant::now() - Duration::from_millis(1);
+    let err = preprocess(&data, &model, &Limits::default(), past, &mut out).unwrap_err();
+    assert_eq!(err.kind(), JobErrorKind::Deadline);
+    let mut short = vec![0f32; 10];
+    let later = Instant::now() + Duration::from_secs(10);
+    let err = preprocess(&data, &model, &Limits::default(), later, &mut short).unwrap_err();
+    assert_eq!(err.kind(), JobErrorKind::Internal);
+    let tight = Limits {
+        max_body_bytes: 1000,
+        ..Limits::default()
+    };
+    let err = preprocess(&data, &model, &tight, later, &mut out).unwrap_err();
+    assert_eq!(err.kind(), JobErrorKind::TooLarge);
+}
+
+#[test]
+fn dct_scaling_stays_close_to_the_full_decode() {
+    let on = open_nsfw();
+    let mut off = on.clone();
+    off.preprocess.jpeg_dct_scaling = false;
+    let data = fixture("images", "astronaut_1536.jpg");
+    let (_, a) = run(&data, &on).unwrap();
+    let (_, b) = run(&data, &off).unwrap();
+    let d = mean_abs_diff(&a, &b);
+    assert!(d > 0.0 && d < 1.0, "mean abs diff {d}");
+}
