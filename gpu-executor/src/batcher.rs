@@ -1,0 +1,266 @@
+//! The dynamic batcher of one model, as an actor: one tokio task owns the
+//! queue and knows which engine instances are free; the IPC reader submits
+//! jobs through a channel, instances report back through another.
+//!
+//! Triton-like policy: a batch leaves as soon as it reaches `max_batch` or a
+//! preferred size, when its oldest sample has waited `max_queue_delay_us`,
+//! or at once when the newest job says no more samples of this model are in
+//! preprocessing (`pending == 0`). While every instance is busy, samples keep
+//! accumulating (up to `max_batch` per batch).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shm::{FromExecutor, InferJob, SharedTensors};
+use spec::{BatchingSpec, ModelSpec};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::instance::{Instance, ModelInfo, Queued};
+use crate::{Engine, ExecError};
+
+/// Jobs a batcher's inbox holds before `submit` waits. Each job holds a
+/// tensor slot, so the gateway's pool already bounds the real depth.
+const INBOX: usize = 1024;
+
+/// When to dispatch, as a pure function of the queue's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPolicy {
+    pub max_batch: usize,
+    pub max_delay: Duration,
+    /// Preferred sizes, largest first.
+    pub preferred: Vec<usize>,
+}
+
+impl BatchPolicy {
+    pub fn from_spec(b: &BatchingSpec) -> Self {
+        let max_batch = (b.max_batch as usize).max(1);
+        let mut preferred: Vec<usize> = b
+            .preferred_sizes
+            .iter()
+            .map(|&p| p as usize)
+            .filter(|&p| p >= 1 && p <= max_batch)
+            .collect();
+        preferred.sort_unstable_by(|a, b| b.cmp(a));
+        preferred.dedup();
+        Self {
+            max_batch,
+            max_delay: Duration::from_micros(b.max_queue_delay_us),
+            preferred,
+        }
+    }
+
+    /// How many of `queued` samples to dispatch now (to a free instance), or
+    /// `None` to keep waiting. `flush` is set when no more samples are
+    /// expected (the newest job's `pending` was 0, or the batcher is closing).
+    pub fn ready(&self, queued: usize, oldest_wait: Duration, flush: bool) -> Option<usize> {
+        if queued == 0 {
+            return None;
+        }
+        if queued >= self.max_batch {
+            return Some(self.max_batch);
+        }
+        if flush || oldest_wait >= self.max_delay {
+            return Some(queued);
+        }
+        self.preferred.iter().copied().find(|&p| p <= queued)
+    }
+}
+
+/// The IPC side's handle to a model's batcher.
+#[derive(Debug)]
+pub struct Batcher {
+    inbox: mpsc::Sender<InferJob>,
+    task: JoinHandle<()>,
+}
+
+impl Batcher {
+    /// Starts one thread per engine and the batcher task (on the current
+    /// tokio runtime). Answers for every job go to `answers`.
+    pub fn spawn(
+        spec: &ModelSpec,
+        engines: Vec<Box<dyn Engine>>,
+        tensors: Arc<SharedTensors>,
+        answers: mpsc::UnboundedSender<FromExecutor>,
+    ) -> Result<Self, ExecError> {
+        let model = Arc::new(ModelInfo {
+            name: spec.name.clone(),
+            elements: spec.input.elements(),
+            max_batch: (spec.batching.max_batch as usize).max(1),
+            postprocess: spec.output.postprocess,
+        });
+        let (free_tx, free_rx) = mpsc::unbounded_channel();
+        let instances = engines
+            .into_iter()
+            .enumerate()
+            .map(|(id, engine)| {
+                let (m, t, a, f) = (
+                    model.clone(),
+                    tensors.clone(),
+                    answers.clone(),
+                    free_tx.clone(),
+                );
+                Instance::spawn(id, m, engine, t, a, f).map(Some)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let (inbox, rx) = mpsc::channel(INBOX);
+        let actor = Actor {
+            policy: BatchPolicy::from_spec(&spec.batching),
+            model: spec.name.clone(),
+            free: (0..instances.len()).rev().collect(),
+            instances,
+            queue: VecDeque::new(),
+            flush: false,
+            answers,
+        };
+        let task = tokio::spawn(actor.run(rx, free_rx));
+        Ok(Self { inbox, task })
+    }
+
+    /// Queues a job; waits only if the inbox is full.
+    pub async fn submit(&self, job: InferJob) -> Result<(), ExecError> {
+        self.inbox
+            .send(job)
+            .await
+            .map_err(|_| ExecError::Protocol("the batcher has stopped".into()))
+    }
+
+    /// Stops accepting jobs, runs what is queued and waits for the answers
+    /// to be sent.
+    pub async fn close(self) {
+        drop(self.inbox);
+        let _ = self.task.await;
+    }
+}
+
+struct Actor {
+    policy: BatchPolicy,
+    model: String,
+    /// `None` once an instance's thread is gone.
+    instances: Vec<Option<Instance>>,
+    /// Free instance ids; the last one is used next.
+    free: Vec<usize>,
+    queue: VecDeque<(InferJob, Instant)>,
+    /// The newest job's `pending` was 0, or the inbox is closed.
+    flush: bool,
+    answers: mpsc::UnboundedSender<FromExecutor>,
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut inbox: mpsc::Receiver<InferJob>,
+        mut free_rx: mpsc::UnboundedReceiver<usize>,
+    ) {
+        let mut open = true;
+        let mut threads_alive = true;
+        loop {
+            self.dispatch();
+            let busy = self.instances.iter().flatten().count() - self.free.len();
+            if !open && self.queue.is_empty() && busy == 0 {
+                break;
+            }
+            let deadline = self.deadline();
+            tokio::select! {
+                biased;
+                id = free_rx.recv(), if threads_alive => match id {
+                    Some(id) => self.free.push(id),
+                    None => {
+                        // Every instance thread is gone (they only exit
+                        // early by panicking outside the engine).
+                        tracing::error!(model = %self.model, "all instance threads exited");
+                        threads_alive = false;
+                        self.instances.iter_mut().for_each(|i| *i = None);
+                        self.free.clear();
+                    }
+                },
+                job = inbox.recv(), if open => match job {
+                    Some(job) => {
+                        self.flush = job.pending == 0;
+                        self.queue.push_back((job, Instant::now()));
+                    }
+                    None => {
+                        open = false;
+                        self.flush = true;
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)),
+                    if deadline.is_some() => {}
+            }
+        }
+        // Close every instance and wait for its thread, so engines are
+        // dropped before the process exits.
+        let threads: Vec<_> = self
+            .instances
+            .drain(..)
+            .flatten()
+            .map(Instance::close)
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await;
+    }
+
+    /// When the oldest sample's delay runs out, if a free instance could
+    /// take it then.
+    fn deadline(&self) -> Option<Instant> {
+        if self.free.is_empty() || self.flush {
+            return None;
+        }
+        self.queue.front().map(|(_, t)| *t + self.policy.max_delay)
+    }
+
+    /// Sends batches to free instances while the policy says so.
+    fn dispatch(&mut self) {
+        if self.instances.iter().all(Option::is_none) {
+            return self.fail_queued("no engine instance is running");
+        }
+        while let Some(&id) = self.free.last() {
+            let now = Instant::now();
+            let oldest = self.queue.front().map_or(Duration::ZERO, |(_, t)| now - *t);
+            let Some(n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
+                return;
+            };
+            self.free.pop();
+            let Some(instance) = &self.instances[id] else {
+                continue;
+            };
+            let jobs: Vec<Queued> = self
+                .queue
+                .drain(..n)
+                .map(|(job, t)| Queued {
+                    job,
+                    queue_us: (now - t).as_micros() as u64,
+                })
+                .collect();
+            if let Err(jobs) = instance.dispatch(jobs) {
+                tracing::error!(model = %self.model, instance = id, "instance thread is gone");
+                self.instances[id] = None;
+                for q in jobs.into_iter().rev() {
+                    self.queue.push_front((q.job, now));
+                }
+                if self.instances.iter().all(Option::is_none) {
+                    return self.fail_queued("no engine instance is running");
+                }
+            }
+        }
+    }
+
+    fn fail_queued(&mut self, message: &str) {
+        for (job, _) in self.queue.drain(..) {
+            let _ = self.answers.send(FromExecutor::Failed {
+                job_id: job.job_id,
+                message: format!("model {}: {message}", self.model),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "batcher_tests.rs"]
+mod tests;

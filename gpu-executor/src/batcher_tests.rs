@@ -1,0 +1,360 @@
+//! Batching-policy tests on paused tokio time, with a tiny in-test engine
+//! (these test the batcher; `tests/ort_cpu.rs` tests real inference).
+
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use shm::{PoolLayout, SlotRef};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::time::timeout;
+
+use super::*;
+
+const ELEMS: usize = 4;
+const SLOTS: u32 = 32;
+
+/// Echoes each sample's first value; reports every batch it starts and, when
+/// gated, blocks until the test releases it.
+struct Echo {
+    started: UnboundedSender<usize>,
+    gate: Option<std_mpsc::Receiver<()>>,
+    fail: bool,
+}
+
+impl Engine for Echo {
+    fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
+        assert_eq!(input.len(), batch * ELEMS);
+        let _ = self.started.send(batch);
+        if let Some(gate) = &self.gate {
+            let _ = gate.recv();
+        }
+        if self.fail {
+            return Err(ExecError::Inference {
+                model: "m".into(),
+                message: "boom".into(),
+            });
+        }
+        Ok(input.chunks(ELEMS).flat_map(|s| [s[0], 1.0]).collect())
+    }
+    fn outputs(&self) -> usize {
+        2
+    }
+}
+
+fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpec {
+    use spec::*;
+    ModelSpec {
+        name: "m".into(),
+        file: "m.onnx".into(),
+        backend: Backend::OnnxruntimeCpu,
+        input: InputSpec {
+            name: "x".into(),
+            layout: Layout::Nhwc,
+            dtype: DType::Float32,
+            height: 2,
+            width: 2,
+            channels: 1,
+        },
+        preprocess: PreprocessSpec {
+            resize: Size {
+                width: 2,
+                height: 2,
+            },
+            resize_mode: ResizeMode::Stretch,
+            filter: Filter::Bilinear,
+            crop: None,
+            color_order: ColorOrder::Rgb,
+            scale: 1.0,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            pad_value: 0,
+            jpeg_dct_scaling: false,
+        },
+        output: OutputSpec {
+            name: String::new(),
+            labels: vec!["a".into(), "b".into()],
+            postprocess: Postprocess::None,
+        },
+        batching: BatchingSpec {
+            max_batch,
+            max_queue_delay_us: delay_us,
+            preferred_sizes: preferred.to_vec(),
+        },
+        instances: InstanceSpec {
+            count: 1,
+            intra_threads: 1,
+        },
+        slots: 0,
+    }
+}
+
+struct Rig {
+    batcher: Batcher,
+    tensors: Arc<SharedTensors>,
+    answers: mpsc::UnboundedReceiver<FromExecutor>,
+    started: UnboundedReceiver<usize>,
+    gates: Vec<std_mpsc::Sender<()>>,
+}
+
+fn rig(spec: &ModelSpec, instances: usize, gated: bool, fail: bool) -> Rig {
+    let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(SLOTS, ELEMS * 4)])).unwrap());
+    let (started_tx, started) = unbounded_channel();
+    let mut gates = Vec::new();
+    let engines: Vec<Box<dyn Engine>> = (0..instances)
+        .map(|_| {
+            let gate = gated.then(|| {
+                let (tx, rx) = std_mpsc::channel();
+                gates.push(tx);
+                rx
+            });
+            Box::new(Echo {
+                started: started_tx.clone(),
+                gate,
+                fail,
+            }) as Box<dyn Engine>
+        })
+        .collect();
+    let (tx, answers) = unbounded_channel();
+    let batcher = Batcher::spawn(spec, engines, tensors.clone(), tx).unwrap();
+    Rig {
+        batcher,
+        tensors,
+        answers,
+        started,
+        gates,
+    }
+}
+
+impl Rig {
+    /// Writes a sample whose first value is the job id into slot `job % SLOTS`
+    /// and submits it.
+    async fn send(&self, job_id: u64, pending: u32) {
+        let slot = SlotRef {
+            model: 0,
+            slot: (job_id % SLOTS as u64) as u32,
+            generation: job_id + 1,
+        };
+        self.tensors.stamp(slot).unwrap();
+        self.tensors
+            .write_f32(slot, |s| s.fill(job_id as f32))
+            .unwrap();
+        self.submit(job_id, slot, pending).await;
+    }
+
+    async fn submit(&self, job_id: u64, slot: SlotRef, pending: u32) {
+        let job = InferJob {
+            job_id,
+            slot,
+            pending,
+        };
+        self.batcher.submit(job).await.unwrap();
+    }
+
+    async fn scores(&mut self) -> shm::Scores {
+        match self.answers.recv().await.unwrap() {
+            FromExecutor::Scores(s) => {
+                assert_eq!(
+                    s.values,
+                    vec![s.job_id as f32, 1.0],
+                    "answer routed to the wrong job"
+                );
+                s
+            }
+            other => panic!("expected Scores, got {other:?}"),
+        }
+    }
+
+    async fn scores_n(&mut self, n: usize) -> Vec<shm::Scores> {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(self.scores().await);
+        }
+        v.sort_by_key(|s| s.job_id);
+        v
+    }
+
+    fn release(&self, instance: usize) {
+        self.gates[instance].send(()).unwrap();
+    }
+}
+
+#[test]
+fn policy_decides_from_queue_length_wait_and_flush() {
+    let p = BatchPolicy::from_spec(&spec(8, 2_000, &[6, 2, 4]).batching);
+    assert_eq!(p.preferred, vec![6, 4, 2]);
+    let early = Duration::from_micros(100);
+    let late = Duration::from_micros(2_000);
+    assert_eq!(p.ready(0, late, true), None);
+    assert_eq!(p.ready(1, early, false), None);
+    assert_eq!(p.ready(1, late, false), Some(1));
+    assert_eq!(p.ready(1, early, true), Some(1));
+    assert_eq!(p.ready(3, early, false), Some(2));
+    assert_eq!(p.ready(5, early, false), Some(4));
+    assert_eq!(p.ready(7, early, false), Some(6));
+    assert_eq!(p.ready(7, late, false), Some(7));
+    assert_eq!(p.ready(20, early, false), Some(8));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pending_zero_dispatches_at_once() {
+    let mut r = rig(&spec(8, 2_000, &[]), 1, false, false);
+    r.send(1, 0).await;
+    let s = r.scores().await;
+    assert_eq!((s.batch, s.queue_us), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn partial_batch_waits_for_max_queue_delay() {
+    let mut r = rig(&spec(8, 2_000, &[]), 1, false, false);
+    for id in 0..3 {
+        r.send(id, 5).await;
+    }
+    assert!(
+        timeout(Duration::from_micros(1_900), r.answers.recv())
+            .await
+            .is_err(),
+        "dispatched before the delay ran out"
+    );
+    let s = r.scores_n(3).await;
+    assert!(
+        s.iter().all(|s| s.batch == 3 && s.queue_us == 2_000),
+        "{s:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn full_batch_dispatches_without_waiting() {
+    let mut r = rig(&spec(4, 2_000, &[]), 1, false, false);
+    for id in 0..4 {
+        r.send(id, 9).await;
+    }
+    let s = r.scores_n(4).await;
+    assert!(s.iter().all(|s| s.batch == 4 && s.queue_us == 0), "{s:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn preferred_size_dispatches_early_and_the_rest_waits() {
+    // One instance: the last sample's timer starts when it is free again,
+    // so the answers' order and timing are deterministic.
+    let mut r = rig(&spec(8, 2_000, &[2]), 1, false, false);
+    for id in 0..3 {
+        r.send(id, 9).await;
+    }
+    let s = r.scores_n(2).await;
+    assert_eq!(s.iter().map(|s| s.job_id).collect::<Vec<_>>(), vec![0, 1]);
+    assert!(s.iter().all(|s| s.batch == 2 && s.queue_us == 0), "{s:?}");
+    let last = r.scores().await;
+    assert_eq!((last.job_id, last.batch, last.queue_us), (2, 1, 2_000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn samples_accumulate_while_every_instance_is_busy() {
+    let mut r = rig(&spec(4, 2_000, &[]), 1, true, false);
+    r.send(0, 0).await;
+    assert_eq!(r.started.recv().await, Some(1));
+    for id in 1..=6 {
+        r.send(id, 0).await;
+    }
+    // Nothing else may start while the only instance is busy, even with
+    // pending = 0 and the delay long gone.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(r.started.try_recv().is_err());
+    r.release(0);
+    assert_eq!(r.scores().await.batch, 1);
+    assert_eq!(
+        r.started.recv().await,
+        Some(4),
+        "max_batch caps the backlog"
+    );
+    r.release(0);
+    assert_eq!(r.started.recv().await, Some(2));
+    r.release(0);
+    let s = r.scores_n(6).await;
+    assert_eq!(
+        s.iter().map(|s| s.batch).collect::<Vec<_>>(),
+        [4, 4, 4, 4, 2, 2]
+    );
+    assert!(s.iter().all(|s| s.queue_us >= 50_000), "{s:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn free_instances_run_batches_in_parallel() {
+    let mut r = rig(&spec(8, 2_000, &[]), 2, true, false);
+    r.send(0, 0).await;
+    assert_eq!(r.started.recv().await, Some(1));
+    r.send(1, 0).await;
+    // The second job starts on the other instance while the first still runs.
+    assert_eq!(r.started.recv().await, Some(1));
+    r.release(1);
+    r.release(0);
+    let s = r.scores_n(2).await;
+    assert!(s.iter().all(|s| s.batch == 1 && s.queue_us == 0), "{s:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_slot_fails_alone_and_the_batch_still_runs() {
+    let mut r = rig(&spec(8, 2_000, &[]), 1, false, false);
+    r.send(1, 9).await;
+    let stale = SlotRef {
+        model: 0,
+        slot: 2,
+        generation: 99,
+    };
+    r.tensors
+        .stamp(SlotRef {
+            generation: 100,
+            ..stale
+        })
+        .unwrap();
+    r.submit(2, stale, 9).await;
+    r.send(3, 0).await;
+    let mut scores = Vec::new();
+    let mut failed = Vec::new();
+    for _ in 0..3 {
+        match r.answers.recv().await.unwrap() {
+            FromExecutor::Scores(s) => scores.push((s.job_id, s.batch)),
+            FromExecutor::Failed { job_id, message } => failed.push((job_id, message)),
+            other => panic!("{other:?}"),
+        }
+    }
+    scores.sort();
+    assert_eq!(scores, vec![(1, 2), (3, 2)]);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].0, 2);
+    assert!(failed[0].1.contains("reused"), "{}", failed[0].1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_error_fails_every_job_of_the_batch() {
+    let mut r = rig(&spec(8, 2_000, &[]), 1, false, true);
+    r.send(1, 1).await;
+    r.send(2, 0).await;
+    for _ in 0..2 {
+        match r.answers.recv().await.unwrap() {
+            FromExecutor::Failed { message, .. } => assert!(message.contains("boom"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_runs_what_is_queued() {
+    let r = rig(&spec(8, 60_000_000, &[]), 1, false, false);
+    r.send(1, 9).await;
+    r.send(2, 9).await;
+    let Rig {
+        batcher,
+        mut answers,
+        ..
+    } = r;
+    batcher.close().await;
+    let mut s = Vec::new();
+    while let Some(FromExecutor::Scores(x)) = answers.recv().await {
+        s.push(x);
+    }
+    assert_eq!(s.len(), 2);
+    assert!(
+        s.iter().all(|s| s.batch == 2 && s.queue_us < 60_000_000),
+        "{s:?}"
+    );
+}

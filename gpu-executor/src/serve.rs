@@ -1,0 +1,192 @@
+//! The executor process: handshake with the gateway, load every model
+//! (warm-up included) before saying `Ready`, then route `Infer` jobs to the
+//! model's batcher; every answer goes back through one writer task.
+
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use shm::{
+    ExecutorInit, FromExecutor, Hello, PROTO_VERSION, SharedTensors, ToExecutor, read_frame,
+    write_frame,
+};
+use spec::ModelSpec;
+use tokio::sync::mpsc;
+
+use crate::{Backends, Batcher, Engine, ExecError, load_instances};
+
+/// Samples in each instance's warm-up batch: `max_batch`, so the first full
+/// batch under load does not pay for growing ONNX Runtime's arena, and any
+/// shape problem shows up before `Ready` rather than on the first burst.
+fn warmup_batch(spec: &ModelSpec) -> usize {
+    (spec.batching.max_batch as usize).max(1)
+}
+
+/// Command line: every value comes from the gateway that spawns us.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "gpu-executor",
+    version,
+    about = "mmgate executor (spawned by the gateway)"
+)]
+pub struct Args {
+    /// Inherited Unix stream socket to the gateway.
+    #[arg(long)]
+    pub ipc_fd: i32,
+    /// Inherited memfd of the tensor pool.
+    #[arg(long)]
+    pub tensor_fd: i32,
+    /// The gateway's pid: we die with it.
+    #[arg(long)]
+    pub parent_pid: u32,
+}
+
+/// Runs the executor until the gateway closes the socket (exit 0); any
+/// startup failure is reported as `Fatal` when the socket is up (exit 1).
+pub fn run(args: Args) -> ExitCode {
+    match run_inner(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run_inner(args: Args) -> anyhow::Result<()> {
+    shm::die_with_parent(args.parent_pid).context("setting the parent-death signal")?;
+    let ipc =
+        shm::take_inherited_fd(args.ipc_fd).with_context(|| format!("--ipc-fd {}", args.ipc_fd))?;
+    let tensor_fd = shm::take_inherited_fd(args.tensor_fd)
+        .with_context(|| format!("--tensor-fd {}", args.tensor_fd))?;
+    let ipc = UnixStream::from(ipc);
+    let mut writer = ipc.try_clone().context("cloning the IPC socket")?;
+    let mut reader = ipc.try_clone().context("cloning the IPC socket")?;
+
+    let hello = Hello {
+        proto_version: PROTO_VERSION,
+        pid: std::process::id(),
+    };
+    write_frame(&mut writer, &FromExecutor::Hello(hello)).context("sending Hello")?;
+    let init = match read_frame::<ToExecutor>(&mut reader).context("reading Init")? {
+        None => return Ok(()),
+        Some(ToExecutor::Init(init)) => init,
+        Some(ToExecutor::Infer(job)) => {
+            let msg = format!("expected Init first, got Infer for job {}", job.job_id);
+            let _ = write_frame(&mut writer, &FromExecutor::Fatal(msg.clone()));
+            anyhow::bail!(msg);
+        }
+    };
+    let loaded = match load(init, tensor_fd) {
+        Ok(loaded) => loaded,
+        Err(e) => {
+            let msg = e.to_string();
+            let _ = write_frame(&mut writer, &FromExecutor::Fatal(msg.clone()));
+            anyhow::bail!(msg);
+        }
+    };
+    write_frame(&mut writer, &FromExecutor::Ready).context("sending Ready")?;
+    drop((writer, reader));
+    tracing::info!(models = loaded.models.len(), "ready");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(serve(ipc, loaded))?;
+    Ok(())
+}
+
+/// Everything `Init` asked for, loaded and warmed up.
+pub struct Loaded {
+    pub tensors: Arc<SharedTensors>,
+    pub models: Vec<(ModelSpec, Vec<Box<dyn Engine>>)>,
+}
+
+/// Maps the tensor pool and loads `instances.count` warmed-up engines per
+/// model. Model `i` of `init.models` is region `i` of the pool and the
+/// `slot.model` index of its jobs.
+pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loaded, ExecError> {
+    if init.models.len() != init.layout.regions.len() {
+        return Err(ExecError::Protocol(format!(
+            "Init has {} models but the tensor pool has {} regions",
+            init.models.len(),
+            init.layout.regions.len()
+        )));
+    }
+    for (spec, region) in init.models.iter().zip(&init.layout.regions) {
+        if region.sample_bytes != spec.input.sample_bytes() {
+            return Err(ExecError::Protocol(format!(
+                "model {}: pool slots hold {} bytes, the input needs {}",
+                spec.name,
+                region.sample_bytes,
+                spec.input.sample_bytes()
+            )));
+        }
+    }
+    let tensors = Arc::new(SharedTensors::open(tensor_fd, init.layout)?);
+    let backends = Backends::new(&init.ort_library);
+    let mut models = Vec::with_capacity(init.models.len());
+    for spec in init.models {
+        let start = std::time::Instant::now();
+        let engines = load_instances(&spec, &backends, warmup_batch(&spec))?;
+        tracing::info!(
+            model = %spec.name,
+            instances = engines.len(),
+            ms = start.elapsed().as_millis() as u64,
+            "model loaded and warmed up"
+        );
+        models.push((spec, engines));
+    }
+    Ok(Loaded { tensors, models })
+}
+
+/// Routes jobs until the gateway closes the socket, then lets every batcher
+/// finish what it holds.
+pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
+    ipc.set_nonblocking(true)?;
+    let (mut rd, mut wr) = tokio::net::UnixStream::from_std(ipc)?.into_split();
+    let (answers, mut outbox) = mpsc::unbounded_channel::<FromExecutor>();
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = outbox.recv().await {
+            if let Err(e) = shm::send(&mut wr, &msg).await {
+                tracing::warn!("cannot answer the gateway: {e}");
+                break;
+            }
+        }
+    });
+    let batchers = loaded
+        .models
+        .into_iter()
+        .map(|(spec, engines)| {
+            Batcher::spawn(&spec, engines, loaded.tensors.clone(), answers.clone())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+
+    while let Some(msg) = shm::recv::<ToExecutor>(&mut rd).await? {
+        match msg {
+            ToExecutor::Infer(job) => match batchers.get(job.slot.model as usize) {
+                Some(b) => b.submit(job).await?,
+                None => {
+                    let _ = answers.send(FromExecutor::Failed {
+                        job_id: job.job_id,
+                        message: format!(
+                            "no model with index {} (the executor has {})",
+                            job.slot.model,
+                            batchers.len()
+                        ),
+                    });
+                }
+            },
+            ToExecutor::Init(_) => tracing::warn!("ignoring a second Init"),
+        }
+    }
+    tracing::info!("gateway closed the socket; draining");
+    for b in batchers {
+        b.close().await;
+    }
+    drop(answers);
+    let _ = writer.await;
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! The executor binary end to end: spawned with a real socketpair and a real
+//! memfd tensor pool mapped in as fds, driven over the IPC protocol.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use command_fds::{CommandFdExt, FdMapping};
+use shm::{
+    ExecutorInit, FromExecutor, InferJob, PROTO_VERSION, PoolLayout, SharedTensors, SlotRef,
+    ToExecutor, read_frame, write_frame,
+};
+use spec::ModelSpec;
+
+/// A running executor; killed on drop if a test fails half-way.
+struct Executor {
+    child: Child,
+    ipc: UnixStream,
+    pool: SharedTensors,
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Executor {
+    fn spawn(models: &[ModelSpec], slots: u32) -> Self {
+        let layout = PoolLayout::new(
+            &models
+                .iter()
+                .map(|m| (slots, m.input.sample_bytes()))
+                .collect::<Vec<_>>(),
+        );
+        let pool = SharedTensors::create(layout).unwrap();
+        let (ipc, theirs) = UnixStream::pair().unwrap();
+        ipc.set_read_timeout(Some(Duration::from_secs(120)))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_gpu-executor"))
+            .args(["--ipc-fd", "3", "--tensor-fd", "4", "--parent-pid"])
+            .arg(std::process::id().to_string())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .fd_mappings(vec![
+                FdMapping {
+                    parent_fd: theirs.into(),
+                    child_fd: 3,
+                },
+                FdMapping {
+                    parent_fd: pool.fd().try_clone_to_owned().unwrap(),
+                    child_fd: 4,
+                },
+            ])
+            .unwrap()
+            .spawn()
+            .unwrap();
+        let mut ex = Self { child, ipc, pool };
+        match ex.recv() {
+            FromExecutor::Hello(h) => {
+                assert_eq!(h.proto_version, PROTO_VERSION);
+                assert_eq!(h.pid, ex.child.id());
+            }
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        ex
+    }
+
+    fn init(&mut self, models: Vec<ModelSpec>, ort_library: String) -> FromExecutor {
+        let layout = self.pool.layout().clone();
+        self.send(ToExecutor::Init(ExecutorInit {
+            layout,
+            models,
+            ort_library,
+        }));
+        self.recv()
+    }
+
+    fn send(&mut self, msg: ToExecutor) {
+        write_frame(&mut self.ipc, &msg).unwrap();
+    }
+
+    fn recv(&mut self) -> FromExecutor {
+        read_frame(&mut self.ipc)
+            .unwrap()
+            .expect("executor closed the socket")
+    }
+
+    /// Leases `slot` under `generation` as the gateway would, and fills it.
+    fn fill(&self, slot: SlotRef, data: &[f32]) {
+        self.pool.stamp(slot).unwrap();
+        self.pool
+            .write_f32(slot, |s| s.copy_from_slice(data))
+            .unwrap();
+    }
+
+    /// Waits for the process to exit after the socket is closed.
+    fn exit_status(mut self) -> std::process::ExitStatus {
+        let _ = self.ipc.shutdown(std::net::Shutdown::Both);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "executor did not exit on EOF");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn small(mut spec: ModelSpec) -> ModelSpec {
+    spec.instances.count = 1;
+    spec
+}
+
+fn slot(slot: u32, generation: u64) -> SlotRef {
+    SlotRef {
+        model: 0,
+        slot,
+        generation,
+    }
+}
+
+#[test]
+fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
+    let spec = small(common::open_nsfw());
+    let lib = common::ort_library().display().to_string();
+    let mut ex = Executor::spawn(std::slice::from_ref(&spec), 4);
+    assert_eq!(ex.init(vec![spec.clone()], lib), FromExecutor::Ready);
+
+    let s = slot(0, 1);
+    ex.fill(s, &common::sample(&spec, 0));
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 11,
+        slot: s,
+        pending: 0,
+    }));
+    let first = match ex.recv() {
+        FromExecutor::Scores(sc) => {
+            assert_eq!((sc.job_id, sc.batch), (11, 1));
+            assert_eq!(sc.values.len(), 2);
+            assert!((sc.values.iter().sum::<f32>() - 1.0).abs() < 1e-4, "{sc:?}");
+            assert!(sc.infer_us > 0, "{sc:?}");
+            sc.values
+        }
+        other => panic!("expected Scores, got {other:?}"),
+    };
+
+    // The same sample through a different slot gives the same scores.
+    let s2 = slot(3, 8);
+    ex.fill(s2, &common::sample(&spec, 0));
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 12,
+        slot: s2,
+        pending: 0,
+    }));
+    match ex.recv() {
+        FromExecutor::Scores(sc) => {
+            assert_eq!(sc.job_id, 12);
+            for (a, b) in sc.values.iter().zip(&first) {
+                assert!((a - b).abs() < 1e-5, "{:?} vs {first:?}", sc.values);
+            }
+        }
+        other => panic!("expected Scores, got {other:?}"),
+    }
+
+    // The gateway re-leased slot 1 (generation 6): a job holding 5 is stale.
+    ex.fill(slot(1, 5), &common::sample(&spec, 1));
+    ex.pool.stamp(slot(1, 6)).unwrap();
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 13,
+        slot: slot(1, 5),
+        pending: 0,
+    }));
+    match ex.recv() {
+        FromExecutor::Failed { job_id, message } => {
+            assert_eq!(job_id, 13);
+            assert!(message.contains("reused"), "{message}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+
+    // A slot leased but never filled is refused too.
+    ex.pool.stamp(slot(2, 9)).unwrap();
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 14,
+        slot: slot(2, 9),
+        pending: 0,
+    }));
+    assert!(matches!(ex.recv(), FromExecutor::Failed { job_id: 14, .. }));
+
+    // An unknown model index is answered, not fatal.
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 15,
+        slot: SlotRef {
+            model: 7,
+            slot: 0,
+            generation: 1,
+        },
+        pending: 0,
+    }));
+    assert!(matches!(ex.recv(), FromExecutor::Failed { job_id: 15, .. }));
+
+    assert_eq!(ex.exit_status().code(), Some(0));
+}
+
+#[test]
+fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
+    let mut spec = small(common::open_nsfw());
+    // Long enough that only the `pending == 0` hint can close the batch.
+    spec.batching.max_queue_delay_us = 30_000_000;
+    let lib = common::ort_library().display().to_string();
+    let mut ex = Executor::spawn(std::slice::from_ref(&spec), 8);
+    assert_eq!(ex.init(vec![spec.clone()], lib), FromExecutor::Ready);
+    for k in 0..8u32 {
+        let s = slot(k, 100 + k as u64);
+        ex.fill(s, &common::sample(&spec, k));
+        ex.send(ToExecutor::Infer(InferJob {
+            job_id: k as u64,
+            slot: s,
+            pending: 7 - k,
+        }));
+    }
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        match ex.recv() {
+            FromExecutor::Scores(sc) => {
+                assert_eq!(sc.batch, 8, "{sc:?}");
+                assert!(sc.queue_us < 30_000_000, "{sc:?}");
+                seen.push(sc.job_id);
+            }
+            other => panic!("expected Scores, got {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..8).collect::<Vec<_>>());
+    assert_eq!(ex.exit_status().code(), Some(0));
+}
+
+#[test]
+fn missing_runtime_library_is_fatal_and_names_the_path() {
+    let spec = small(common::open_nsfw());
+    let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
+    let bad = "/nonexistent/libonnxruntime.so.1.32.0";
+    match ex.init(vec![spec], bad.into()) {
+        FromExecutor::Fatal(msg) => assert!(msg.contains(bad), "{msg}"),
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    assert_eq!(ex.exit_status().code(), Some(1));
+}
+
+#[test]
+fn missing_model_file_is_fatal_and_names_the_path() {
+    let mut spec = small(common::open_nsfw());
+    spec.file = "/nonexistent/model.onnx".into();
+    let lib = common::ort_library().display().to_string();
+    let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
+    match ex.init(vec![spec], lib) {
+        FromExecutor::Fatal(msg) => assert!(msg.contains("/nonexistent/model.onnx"), "{msg}"),
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    assert_eq!(ex.exit_status().code(), Some(1));
+}
