@@ -1,5 +1,6 @@
 //! Routes and handlers. `app(state)` is a pure builder so tests can drive it.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -13,9 +14,18 @@ use serde_json::json;
 use crate::AppState;
 use crate::error::{ApiError, Code};
 use crate::score::{self, ScoreResponse};
+use crate::video::{self, VideoResponse};
+
+/// A scoring answer: images or one video.
+#[derive(Debug)]
+pub enum Scored {
+    Images(ScoreResponse),
+    Video(VideoResponse),
+}
 
 pub fn app(state: AppState) -> Router {
-    let body_limit = state.core.cfg.limits.max_body_bytes;
+    let cfg = &state.core.cfg;
+    let body_limit = cfg.limits.max_body_bytes.max(cfg.video.max_body_bytes);
     Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
@@ -123,8 +133,11 @@ async fn score(State(app): State<AppState>, Path(model): Path<String>, req: Requ
     let label = if known { model.as_str() } else { "unknown" };
     let mut resp = match outcome {
         Ok(body) => {
-            let mut r = (StatusCode::OK, Json(&body)).into_response();
-            if let Ok(v) = HeaderValue::from_str(&body.timings.header()) {
+            let (mut r, timings) = match &body {
+                Scored::Images(b) => ((StatusCode::OK, Json(b)).into_response(), b.timings),
+                Scored::Video(b) => ((StatusCode::OK, Json(b)).into_response(), b.timings),
+            };
+            if let Ok(v) = HeaderValue::from_str(&timings.header()) {
                 r.headers_mut().insert("server-timing", v);
             }
             r
@@ -157,7 +170,7 @@ async fn score_inner(
     model: &str,
     rid: &str,
     req: Request,
-) -> (String, Result<ScoreResponse, ApiError>) {
+) -> (String, Result<Scored, ApiError>) {
     let caller = match app.auth.admit(req.headers(), model) {
         Ok(c) => c,
         Err(e) => return ("unauthenticated".into(), Err(e)),
@@ -171,14 +184,30 @@ async fn score_inner(
             ));
         }
         let (idx, _) = app.core.model(model).ok_or_else(|| unknown_model(model))?;
-        let uploads = score::read_uploads(req, &app.core.cfg.limits).await?;
+        let query: HashMap<String, String> = req
+            .uri()
+            .query()
+            .map(serde_urlencoded::from_str)
+            .transpose()
+            .map_err(|e| ApiError::new(Code::BadRequest, format!("bad query string: {e}")))?
+            .unwrap_or_default();
+        let mut uploads = score::read_uploads(req, &app.core.cfg).await?;
+        if uploads.len() == 1 && spec::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
+            let upload = uploads.pop().expect("one upload");
+            score::check_media(&upload, &app.core.cfg)?;
+            let v = &app.core.cfg.video;
+            let (sampling, threshold) =
+                video::sampling_from_query(&query, v, caller.max_video_frames)?;
+            let r = video::score_video(app, rid, idx, upload.data, sampling, threshold).await?;
+            return Ok(Scored::Video(r));
+        }
         let (results, timings) = score::score_all(app, rid, idx, uploads).await?;
-        Ok(ScoreResponse {
+        Ok(Scored::Images(ScoreResponse {
             request_id: rid.to_string(),
             model: model.to_string(),
             results,
             timings,
-        })
+        }))
     }
     .await;
     drop(caller);

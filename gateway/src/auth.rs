@@ -26,6 +26,8 @@ struct TenantState {
 #[derive(Debug)]
 pub struct Caller {
     pub tenant: String,
+    /// The tenant's cap on sampled video frames; 0 = the server's.
+    pub max_video_frames: u32,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
@@ -54,6 +56,7 @@ impl Auth {
         if self.tenants.is_empty() {
             return Ok(Caller {
                 tenant: "anonymous".into(),
+                max_video_frames: 0,
                 _permit: None,
             });
         }
@@ -88,6 +91,7 @@ impl Auth {
         };
         Ok(Caller {
             tenant: t.spec.name.clone(),
+            max_video_frames: t.spec.max_video_frames,
             _permit: permit,
         })
     }
@@ -112,6 +116,7 @@ mod tests {
             keys: vec!["k1".into()],
             models: vec!["open_nsfw".into()],
             max_concurrency: 1,
+            max_video_frames: 0,
         }])
     }
 

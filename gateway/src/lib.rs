@@ -4,12 +4,14 @@
 pub mod api;
 pub mod auth;
 pub mod children;
+pub(crate) mod conn;
 pub mod core;
 pub mod error;
 pub mod executor;
 pub mod metrics;
 pub mod score;
 pub mod settings;
+pub mod video;
 pub mod workers;
 
 use std::sync::Arc;

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::AppState;
 use crate::error::{ApiError, Code};
-use crate::workers::WorkJob;
+use crate::workers::{Task, WorkJob};
 
 /// One uploaded image.
 #[derive(Debug)]
@@ -79,7 +79,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Reads the images of a request: a raw body, or every file of a multipart form.
-pub async fn read_uploads(req: Request, limits: &spec::Limits) -> Result<Vec<Upload>, ApiError> {
+/// A raw body may be a video, so it is read up to the larger of the image
+/// and video limits; `check_media` applies the right one once the kind is known.
+pub async fn read_uploads(req: Request, cfg: &spec::ServerConfig) -> Result<Vec<Upload>, ApiError> {
+    let limits = &cfg.limits;
+    let raw_limit = limits.max_body_bytes.max(cfg.video.max_body_bytes);
     let too_large = || {
         ApiError::new(
             Code::PayloadTooLarge,
@@ -93,8 +97,8 @@ pub async fn read_uploads(req: Request, limits: &spec::Limits) -> Result<Vec<Upl
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        return Err(too_large());
+    if declared.is_some_and(|n| n > raw_limit as u64) {
+        return Err(too_large_raw(raw_limit));
     }
     let multipart = req
         .headers()
@@ -102,9 +106,9 @@ pub async fn read_uploads(req: Request, limits: &spec::Limits) -> Result<Vec<Upl
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.starts_with("multipart/form-data"));
     if !multipart {
-        let data = axum::body::to_bytes(req.into_body(), limits.max_body_bytes)
+        let data = axum::body::to_bytes(req.into_body(), raw_limit)
             .await
-            .map_err(|_| too_large())?;
+            .map_err(|_| too_large_raw(raw_limit))?;
         return Ok(vec![Upload { name: None, data }]);
     }
     let mut form = Multipart::from_request(req, &())
@@ -142,6 +146,13 @@ pub async fn read_uploads(req: Request, limits: &spec::Limits) -> Result<Vec<Upl
     Ok(uploads)
 }
 
+fn too_large_raw(limit: usize) -> ApiError {
+    ApiError::new(
+        Code::PayloadTooLarge,
+        format!("request body exceeds the limit of {limit} bytes"),
+    )
+}
+
 fn multipart_error(
     e: axum::extract::multipart::MultipartError,
     too_large: &dyn Fn() -> ApiError,
@@ -153,22 +164,37 @@ fn multipart_error(
     }
 }
 
-/// Refuses an upload that is empty or not an image format mmgate decodes,
-/// before it costs a worker anything.
-pub fn check_media(u: &Upload) -> Result<(), ApiError> {
+/// Refuses an upload that is empty, not a format mmgate decodes, or over its
+/// kind's byte limit, before it costs a worker anything.
+pub fn check_media(u: &Upload, cfg: &spec::ServerConfig) -> Result<spec::MediaKind, ApiError> {
     if u.data.is_empty() {
         return Err(ApiError::new(
             Code::UnsupportedMediaType,
-            "the image is empty (0 bytes)",
+            "the body is empty (0 bytes)",
         ));
     }
-    if spec::sniff(&u.data).is_none() {
-        return Err(ApiError::new(
+    let kind = spec::sniff(&u.data).ok_or_else(|| {
+        ApiError::new(
             Code::UnsupportedMediaType,
-            "the body is not a JPEG, PNG, WebP, GIF or BMP image (checked by its first bytes, not its Content-Type)",
+            "the body is not a JPEG, PNG, WebP, GIF or BMP image nor an MP4, MOV, WebM or MKV video (checked by its first bytes, not its Content-Type)",
+        )
+    })?;
+    let (limit, field) = if kind.is_video() {
+        (cfg.video.max_body_bytes, "video.max_body_bytes")
+    } else {
+        (cfg.limits.max_body_bytes, "limits.max_body_bytes")
+    };
+    if u.data.len() > limit {
+        return Err(ApiError::new(
+            Code::PayloadTooLarge,
+            format!(
+                "the {} is {} bytes; {field} is {limit}",
+                kind.name(),
+                u.data.len()
+            ),
         ));
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// Runs one image through the pipeline.
@@ -188,7 +214,7 @@ pub async fn score_one(
         data: upload.data,
         enqueued: started,
         pending: core.pending_guard(model),
-        reply,
+        task: Task::Image(reply),
     })?;
     let pre = rx.await.map_err(|_| {
         ApiError::new(
@@ -263,7 +289,15 @@ pub async fn score_all(
 ) -> Result<(Vec<ImageResult>, Timings), ApiError> {
     let n = uploads.len();
     for (i, u) in uploads.iter().enumerate() {
-        check_media(u).map_err(|e| name_image(e, i, n, u.name.as_deref()))?;
+        let kind =
+            check_media(u, &app.core.cfg).map_err(|e| name_image(e, i, n, u.name.as_deref()))?;
+        if kind.is_video() {
+            let e = ApiError::new(
+                Code::UnsupportedMediaType,
+                "videos are scored one per request, as the raw body",
+            );
+            return Err(name_image(e, i, n, u.name.as_deref()));
+        }
     }
     let names: Vec<Option<String>> = uploads.iter().map(|u| u.name.clone()).collect();
     let futs = uploads

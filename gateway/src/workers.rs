@@ -5,23 +5,22 @@
 //! worker answered or is confirmed dead, so a slot is never reused while a
 //! process might still write to it.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shm::{FromWorker, Input, InputRegion, Job, JobDone, SlotLease, ToWorker, WorkerInit};
-use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
 use crate::children::{self, Backoff, StartError};
+use crate::conn::Conn;
 use crate::core::{Core, PendingGuard};
 use crate::error::{ApiError, Code};
+use crate::video::VideoTask;
 
-/// One image to preprocess.
+/// One upload to preprocess.
 #[derive(Debug)]
 pub struct WorkJob {
     pub request_id: String,
@@ -29,7 +28,23 @@ pub struct WorkJob {
     pub data: Bytes,
     pub enqueued: Instant,
     pub pending: PendingGuard,
-    pub reply: oneshot::Sender<Result<Preprocessed, ApiError>>,
+    pub task: Task,
+}
+
+/// What to do with the upload, and where the answer goes.
+#[derive(Debug)]
+pub enum Task {
+    Image(oneshot::Sender<Result<Preprocessed, ApiError>>),
+    Video(VideoTask),
+}
+
+impl Task {
+    fn caller_gone(&self) -> bool {
+        match self {
+            Task::Image(reply) => reply.is_closed(),
+            Task::Video(v) => v.events.is_closed(),
+        }
+    }
 }
 
 /// A sample that is in shared memory, ready for the executor.
@@ -167,11 +182,7 @@ impl WorkerPool {
         }
         tracing::info!(worker = index, pid = sp.pid, "preprocess worker ready");
         let (mut rd, wr) = sp.stream.into_split();
-        let conn = Arc::new(Conn {
-            writer: tokio::sync::Mutex::new(wr),
-            waiting: Mutex::new(Some(HashMap::new())),
-            kill: Notify::new(),
-        });
+        let conn = Arc::new(Conn::new(wr));
         let mut dispatchers = JoinSet::new();
         for k in 0..threads {
             let (pool, core, conn, input) =
@@ -203,7 +214,7 @@ impl WorkerPool {
         if reason == "shutdown" {
             // The HTTP server has drained by now: close the socket and give
             // the worker a moment to exit on its own.
-            let _ = conn.writer.lock().await.shutdown().await;
+            conn.close_writer().await;
             let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
         }
         // The process must be gone before any lease it could write is freed.
@@ -222,171 +233,153 @@ impl WorkerPool {
         k: u32,
     ) {
         while let Ok(job) = self.rx.recv().await {
-            if job.reply.is_closed() {
+            if job.task.caller_gone() {
                 continue; // the caller went away: skip the decode
             }
-            if let Err(held) = self.run_job(&core, &conn, &input, k, job).await {
-                // The worker is dying. Keep its lease (and the caller's reply)
-                // until this task is aborted, which happens only after the
-                // process has been reaped.
+            let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
+            let thread = WorkerThread {
+                core: &core,
+                conn: &conn,
+                input: &input,
+                k,
+            };
+            if let Err(held) = thread.run(job_id, job).await {
+                // The worker is dying. Keep its leases (and the caller's
+                // reply) until this task is aborted, which happens only
+                // after the process has been reaped.
                 let _held = held;
                 std::future::pending::<()>().await;
             }
         }
     }
+}
 
+/// One worker thread's view: the connection and its input slot `k`.
+pub(crate) struct WorkerThread<'a> {
+    pub core: &'a Core,
+    pub conn: &'a Conn,
+    pub input: &'a InputRegion,
+    pub k: u32,
+}
+
+impl WorkerThread<'_> {
     /// Runs one job. `Err` = the worker is lost; what it holds must outlive it.
-    async fn run_job(
-        &self,
-        core: &Core,
-        conn: &Conn,
-        input: &InputRegion,
-        k: u32,
-        job: WorkJob,
-    ) -> Result<(), Held> {
-        let lease = match self.lease_for(core, &job).await {
+    async fn run(&self, job_id: u64, job: WorkJob) -> Result<(), Held> {
+        let WorkJob { task, .. } = &job;
+        match task {
+            Task::Image(_) => self.run_image(job_id, job).await,
+            Task::Video(_) => self.run_video(job_id, job).await,
+        }
+    }
+
+    async fn run_image(&self, job_id: u64, job: WorkJob) -> Result<(), Held> {
+        let WorkJob {
+            request_id,
+            model,
+            data,
+            enqueued,
+            pending,
+            task,
+        } = job;
+        let Task::Image(reply) = task else {
+            unreachable!("checked by run")
+        };
+        let lease = match lease_within(self.core, model, enqueued).await {
             Ok(lease) => lease,
             Err(e) => {
-                let _ = job.reply.send(Err(e));
+                let _ = reply.send(Err(e));
                 return Ok(());
             }
         };
-        let queue = job.enqueued.elapsed();
-        let WorkJob {
-            reply,
-            pending,
-            data,
-            request_id,
-            ..
-        } = job;
-        let input_ref = if data.len() <= core.cfg.workers.inline_input_max_bytes {
-            Input::Inline(data.to_vec())
-        } else if let Err(e) = input.write(k, &data) {
-            let _ = reply.send(Err(ApiError::new(Code::PayloadTooLarge, e.to_string())));
-            return Ok(());
-        } else {
-            Input::Shared {
-                index: k,
-                len: data.len(),
+        let queue = enqueued.elapsed();
+        let input = match self.place_input(&data) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
             }
         };
-        let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
-        let rx = conn.expect(job_id);
+        let mut rx = self.conn.expect(job_id);
         let msg = ToWorker::Job(Job {
             job_id,
             request_id,
             slot: lease.slot(),
-            input: input_ref,
+            input,
         });
-        if shm::send(&mut *conn.writer.lock().await, &msg)
-            .await
-            .is_err()
-        {
-            return Err(Held {
-                _lease: lease,
-                _reply: Some(reply),
-            });
+        if self.conn.send(&msg).await.is_err() {
+            return Err(Held::new(vec![lease], reply));
         }
-        let limit = Duration::from_millis(core.cfg.limits.decode_deadline_ms + 500);
-        let answer = tokio::time::timeout(limit, rx).await;
+        let limit = Duration::from_millis(self.core.cfg.limits.decode_deadline_ms + 500);
+        let answer = tokio::time::timeout(limit, rx.recv()).await;
         drop(pending);
         let result = match answer {
-            Ok(Ok(FromWorker::Done(done))) => Ok(Preprocessed { lease, done, queue }),
-            Ok(Ok(FromWorker::Failed { error, .. })) => Err(ApiError::from(error)),
-            Ok(_) => {
-                return Err(Held {
-                    _lease: lease,
-                    _reply: Some(reply),
-                });
-            }
+            Ok(Some(FromWorker::Done(done))) => Ok(Preprocessed { lease, done, queue }),
+            Ok(Some(FromWorker::Failed { error, .. })) => Err(ApiError::from(error)),
+            Ok(_) => return Err(Held::new(vec![lease], reply)),
             Err(_) => {
                 let msg = format!(
                     "decoding took longer than limits.decode_deadline_ms = {} ms",
-                    core.cfg.limits.decode_deadline_ms
+                    self.core.cfg.limits.decode_deadline_ms
                 );
                 let _ = reply.send(Err(ApiError::new(Code::DecodeDeadlineExceeded, msg)));
-                conn.kill.notify_one();
-                return Err(Held {
-                    _lease: lease,
-                    _reply: None,
-                });
+                self.conn.kill.notify_one();
+                return Err(Held::new(vec![lease], ()));
             }
         };
-        let _ = input.recycle(k, data.len());
+        let _ = self.input.recycle(self.k, data.len());
         let _ = reply.send(result);
         Ok(())
     }
 
-    async fn lease_for(&self, core: &Core, job: &WorkJob) -> Result<SlotLease, ApiError> {
-        let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
-        let left = limit.saturating_sub(job.enqueued.elapsed());
-        match tokio::time::timeout(left, core.ledger.lease(job.model)).await {
-            Ok(Ok(lease)) => Ok(lease),
-            Ok(Err(e)) => Err(ApiError::new(Code::Internal, e.to_string())),
-            Err(_) => Err(ApiError::new(
-                Code::QueueTimeout,
-                format!(
-                    "no tensor slot freed up within server.queue_timeout_ms = {} ms",
-                    limit.as_millis()
-                ),
-            )),
+    /// Puts the upload where the worker will read it: inline when small,
+    /// else in this thread's slot of the shared input region.
+    pub(crate) fn place_input(&self, data: &Bytes) -> Result<Input, ApiError> {
+        if data.len() <= self.core.cfg.workers.inline_input_max_bytes {
+            return Ok(Input::Inline(data.to_vec()));
         }
+        self.input
+            .write(self.k, data)
+            .map_err(|e| ApiError::new(Code::PayloadTooLarge, e.to_string()))?;
+        Ok(Input::Shared {
+            index: self.k,
+            len: data.len(),
+        })
     }
 }
 
-/// What a job of a lost worker keeps alive until the worker is reaped.
-struct Held {
-    _lease: SlotLease,
-    _reply: Option<oneshot::Sender<Result<Preprocessed, ApiError>>>,
+/// Leases a slot of `model`, waiting at most what is left of the queue timeout.
+pub(crate) async fn lease_within(
+    core: &Core,
+    model: u16,
+    enqueued: Instant,
+) -> Result<SlotLease, ApiError> {
+    let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
+    let left = limit.saturating_sub(enqueued.elapsed());
+    match tokio::time::timeout(left, core.ledger.lease(model)).await {
+        Ok(Ok(lease)) => Ok(lease),
+        Ok(Err(e)) => Err(ApiError::new(Code::Internal, e.to_string())),
+        Err(_) => Err(ApiError::new(
+            Code::QueueTimeout,
+            format!(
+                "no tensor slot freed up within server.queue_timeout_ms = {} ms",
+                limit.as_millis()
+            ),
+        )),
+    }
 }
 
-/// Our side of one worker incarnation's socket.
-struct Conn {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
-    /// Jobs sent and not yet answered; `None` once the worker is gone.
-    waiting: Mutex<Option<HashMap<u64, oneshot::Sender<FromWorker>>>>,
-    kill: Notify,
+/// What a job of a lost worker keeps alive until the worker is reaped: its
+/// slot leases, and the caller's reply (dropping it reports the crash).
+pub(crate) struct Held {
+    _leases: Vec<SlotLease>,
+    _reply: Box<dyn std::any::Any + Send>,
 }
 
-impl Conn {
-    fn expect(&self, job_id: u64) -> oneshot::Receiver<FromWorker> {
-        let (tx, rx) = oneshot::channel();
-        if let Some(w) = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            w.insert(job_id, tx);
+impl Held {
+    pub(crate) fn new(leases: Vec<SlotLease>, reply: impl std::any::Any + Send) -> Self {
+        Self {
+            _leases: leases,
+            _reply: Box::new(reply),
         }
-        rx
-    }
-
-    fn deliver(&self, msg: FromWorker) {
-        let id = match &msg {
-            FromWorker::Done(d) => d.job_id,
-            FromWorker::Failed { job_id, .. } => *job_id,
-            other => {
-                tracing::warn!(?other, "unexpected message from a preprocess worker");
-                return;
-            }
-        };
-        let tx = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-            .and_then(|w| w.remove(&id));
-        if let Some(tx) = tx {
-            let _ = tx.send(msg);
-        }
-    }
-
-    /// Fails every job still waiting on this worker.
-    fn close(&self) {
-        self.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
     }
 }

@@ -19,7 +19,9 @@ fn ctype(name: &str) -> &'static str {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nsfw_scores_match_the_reference_on_every_fixture() {
     let expected = expected();
-    let images = expected["images"].as_object().expect("images in expected json");
+    let images = expected["images"]
+        .as_object()
+        .expect("images in expected json");
     assert!(images.len() >= 6, "need at least 6 reference images");
     let gw = Gateway::start("").await;
     let mut failures = Vec::new();
@@ -49,28 +51,54 @@ async fn nsfw_scores_match_the_reference_on_every_fixture() {
         let broken = expected_variant(variant);
         let caught: Vec<&String> = ours
             .keys()
-            .filter(|n| !close_enough(broken["images"][n.as_str()]["nsfw"].as_f64().unwrap(), ours[*n]))
+            .filter(|n| {
+                !close_enough(
+                    broken["images"][n.as_str()]["nsfw"].as_f64().unwrap(),
+                    ours[*n],
+                )
+            })
             .collect();
         println!("variant {variant}: told apart on {} images", caught.len());
-        assert!(!caught.is_empty(), "variant {variant} would pass the accuracy test");
+        assert!(
+            !caught.is_empty(),
+            "variant {variant} would pass the accuracy test"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exif_orientation_gives_upright_size_and_response_has_timings() {
     let gw = Gateway::start("").await;
-    let r = gw.score("open_nsfw", fixture("images/coffee_exif6.jpg"), "image/jpeg").await;
+    let r = gw
+        .score(
+            "open_nsfw",
+            fixture("images/coffee_exif6.jpg"),
+            "image/jpeg",
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.json);
     let res = &r.json["results"][0];
     // coffee.jpg is 600×400; stored rotated with Orientation=6 it displays as 600×400.
-    assert_eq!((res["width"].as_u64(), res["height"].as_u64()), (Some(600), Some(400)));
+    assert_eq!(
+        (res["width"].as_u64(), res["height"].as_u64()),
+        (Some(600), Some(400))
+    );
     assert_eq!(res["format"], "jpeg");
-    for k in ["queue_ms", "decode_ms", "batch_wait_ms", "inference_ms", "total_ms"] {
+    for k in [
+        "queue_ms",
+        "decode_ms",
+        "batch_wait_ms",
+        "inference_ms",
+        "total_ms",
+    ] {
         assert!(r.json["timings"][k].as_f64().is_some(), "timings.{k}");
     }
     assert!(r.json["timings"]["inference_ms"].as_f64().unwrap() > 0.0);
     let st = r.headers["server-timing"].to_str().unwrap();
-    assert!(st.contains("decode;dur=") && st.contains("inference;dur="), "{st}");
+    assert!(
+        st.contains("decode;dur=") && st.contains("inference;dur="),
+        "{st}"
+    );
     assert!(r.headers.contains_key("x-request-id"));
 }
 
@@ -110,11 +138,20 @@ async fn multipart_scores_each_image_in_order_and_enforces_the_count_limit() {
     // One bad part fails the request and names the part.
     let form = reqwest::multipart::Form::new()
         .part("image", part("coffee.jpg"))
-        .part("image", reqwest::multipart::Part::bytes(b"nope".to_vec()).file_name("x.txt"));
+        .part(
+            "image",
+            reqwest::multipart::Part::bytes(b"nope".to_vec()).file_name("x.txt"),
+        );
     let r = gw.client.post(&url).multipart(form).send().await.unwrap();
     assert_eq!(r.status(), 415);
     let j: serde_json::Value = r.json().await.unwrap();
-    assert!(j["error"]["message"].as_str().unwrap().contains("image 2 of 2"), "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("image 2 of 2"),
+        "{j}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,13 +165,23 @@ async fn api_surface_models_health_metrics_and_unknowns() {
     assert_eq!(m["input"]["layout"], "NHWC");
     assert_eq!(m["labels"], serde_json::json!(["sfw", "nsfw"]));
     assert_eq!(gw.get("/v1/models/open_nsfw").await.status, 200);
-    let r = gw.score("nope", fixture("images/coffee.jpg"), "image/jpeg").await;
+    let r = gw
+        .score("nope", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
     assert_eq!((r.status, r.code()), (404, "model_not_found"));
     assert_eq!(gw.get("/nowhere").await.code(), "not_found");
     assert_eq!(gw.get("/healthz").await.status, 200);
     let r = gw.get("/readyz").await;
-    assert_eq!((r.status, &r.json["executor_ready"]), (200, &serde_json::json!(true)));
-    assert_eq!(gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await.status, 200);
+    assert_eq!(
+        (r.status, &r.json["executor_ready"]),
+        (200, &serde_json::json!(true))
+    );
+    assert_eq!(
+        gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await
+            .status,
+        200
+    );
     let text = gw.metrics().await;
     for name in [
         "mmgate_requests_total",
@@ -158,26 +205,47 @@ async fn tensor_bytes_cross_from_worker_to_executor_through_shared_memory() {
     let gw = Gateway::start("").await;
     let exec = gw.children("gpu-executor");
     let workers = gw.children("preprocess-work");
-    assert_eq!((exec.len(), workers.len()), (1, 2), "one executor and two workers");
+    assert_eq!(
+        (exec.len(), workers.len()),
+        (1, 2),
+        "one executor and two workers"
+    );
     // Every child maps the same tensor memfd; nothing lives in /dev/shm.
     for p in exec.iter().chain(&workers) {
         let maps = std::fs::read_to_string(format!("/proc/{p}/maps")).unwrap();
-        assert!(maps.contains("/memfd:mmgate-tensors"), "pid {p} maps the tensor pool");
-        assert!(!maps.contains("/dev/shm/"), "pid {p} maps nothing from /dev/shm");
+        assert!(
+            maps.contains("/memfd:mmgate-tensors"),
+            "pid {p} maps the tensor pool"
+        );
+        assert!(
+            !maps.contains("/dev/shm/"),
+            "pid {p} maps nothing from /dev/shm"
+        );
     }
     let before_exec = io_counter(exec[0], "rchar");
     let before_workers: u64 = workers.iter().map(|&w| io_counter(w, "wchar")).sum();
     let n = 20u64;
     for _ in 0..n {
-        let r = gw.score("open_nsfw", fixture("images/coffee_640.jpg"), "image/jpeg").await;
+        let r = gw
+            .score("open_nsfw", fixture("images/coffee_640.jpg"), "image/jpeg")
+            .await;
         assert_eq!(r.status, 200);
     }
     let sample = 224 * 224 * 3 * 4;
     let read = io_counter(exec[0], "rchar") - before_exec;
-    let written: u64 = workers.iter().map(|&w| io_counter(w, "wchar")).sum::<u64>() - before_workers;
-    println!("executor read {read} B, workers wrote {written} B over sockets for {n} samples of {sample} B");
+    let written: u64 =
+        workers.iter().map(|&w| io_counter(w, "wchar")).sum::<u64>() - before_workers;
+    println!(
+        "executor read {read} B, workers wrote {written} B over sockets for {n} samples of {sample} B"
+    );
     // Through a socket the executor would read ≥ n × 602 KB; it reads only
     // the small job messages.
-    assert!(read < n * sample / 100, "executor read {read} bytes through syscalls");
-    assert!(written < n * sample / 100, "workers wrote {written} bytes through syscalls");
+    assert!(
+        read < n * sample / 100,
+        "executor read {read} bytes through syscalls"
+    );
+    assert!(
+        written < n * sample / 100,
+        "workers wrote {written} bytes through syscalls"
+    );
 }

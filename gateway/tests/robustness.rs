@@ -38,7 +38,12 @@ async fn bad_inputs_get_json_4xx_within_a_second_and_memory_stays_bounded() {
     let cases: &[(&str, &str, u16, &str)] = &[
         ("bad/empty.bin", "image/jpeg", 415, "unsupported_media_type"),
         ("bad/truncated.jpg", "image/jpeg", 422, "undecodable_image"),
-        ("bad/random.bin", "application/octet-stream", 415, "unsupported_media_type"),
+        (
+            "bad/random.bin",
+            "application/octet-stream",
+            415,
+            "unsupported_media_type",
+        ),
         ("bad/text.txt", "image/jpeg", 415, "unsupported_media_type"),
         ("bad/bomb_30000.png", "image/png", 413, "image_too_large"),
         ("bad/claims_65000.jpg", "image/jpeg", 413, "image_too_large"),
@@ -47,24 +52,45 @@ async fn bad_inputs_get_json_4xx_within_a_second_and_memory_stays_bounded() {
         let t = Instant::now();
         let r = gw.score("open_nsfw", fixture(file), ct).await;
         let took = t.elapsed();
-        println!("{file}: {} {} in {took:?}: {}", r.status, r.code(), r.json["error"]["message"]);
+        println!(
+            "{file}: {} {} in {took:?}: {}",
+            r.status,
+            r.code(),
+            r.json["error"]["message"]
+        );
         assert_eq!((r.status, r.code()), (status, code), "{file}: {}", r.json);
-        assert!(r.json["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        assert!(
+            r.json["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty())
+        );
         assert!(took < Duration::from_secs(1), "{file} took {took:?}");
     }
     // The bomb and the lying header never cost a process 1 GiB.
     for pid in gw.tree() {
         let peak = status_kb(pid, "VmHWM");
-        println!("pid {pid} ({}) peak RSS {} MiB", proc_comm(pid), peak / 1024);
+        println!(
+            "pid {pid} ({}) peak RSS {} MiB",
+            proc_comm(pid),
+            peak / 1024
+        );
         assert!(peak < 1 << 20, "pid {pid} peaked at {peak} kB");
     }
-    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
     assert_eq!(r.status, 200, "a valid image still works: {}", r.json);
     assert_eq!(leased(&gw).await, 0.0, "no slot leaked");
-    // A body over the byte limit is refused before it is read.
-    let gw2_limit = 32 << 20;
-    let r = gw.score("open_nsfw", vec![0xFF; gw2_limit + 1], "image/jpeg").await;
-    assert_eq!((r.status, r.code()), (413, "payload_too_large"));
+    // An image over the byte limit is refused before any worker sees it.
+    let mut big = vec![0u8; (32 << 20) + 1];
+    big[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]);
+    let r = gw.score("open_nsfw", big, "image/jpeg").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (413, "payload_too_large"),
+        "{}",
+        r.json
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,12 +100,20 @@ async fn sigkill_of_a_worker_mid_request_gives_json_5xx_respawn_and_no_leaked_sl
     let before = gw.children("preprocess-work");
     assert_eq!(before.len(), 2);
     let url = gw.url("/v1/models/open_nsfw/score");
-    let req = gw.client.post(&url).header("content-type", "image/png").body(png).send();
+    let req = gw
+        .client
+        .post(&url)
+        .header("content-type", "image/png")
+        .body(png)
+        .send();
     let pending = tokio::spawn(req);
     // Wait until the job holds a slot, i.e. a worker is decoding it.
     let t = Instant::now();
     while leased(&gw).await < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(10), "job never reached a worker");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "job never reached a worker"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let killed_at = Instant::now();
@@ -98,8 +132,14 @@ async fn sigkill_of_a_worker_mid_request_gives_json_5xx_respawn_and_no_leaked_sl
     assert_eq!(after.len(), 2);
     assert!(after.iter().all(|p| !before.contains(p)), "new processes");
     assert_eq!(leased(&gw).await, 0.0, "every slot free again");
-    assert_eq!(gw.metric("mmgate_worker_restarts_total", "pool=\"preprocess\"").await, 2.0);
-    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    assert_eq!(
+        gw.metric("mmgate_worker_restarts_total", "pool=\"preprocess\"")
+            .await,
+        2.0
+    );
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
     assert_eq!(r.status, 200);
 }
 
@@ -108,9 +148,16 @@ async fn a_decode_over_the_deadline_is_a_422_and_the_worker_is_replaced() {
     let gw = Gateway::start("[limits]\ndecode_deadline_ms = 20\n").await;
     let before = gw.children("preprocess-work");
     let r = gw.score("open_nsfw", slow_png(), "image/png").await;
-    assert_eq!((r.status, r.code()), (422, "decode_deadline_exceeded"), "{}", r.json);
+    assert_eq!(
+        (r.status, r.code()),
+        (422, "decode_deadline_exceeded"),
+        "{}",
+        r.json
+    );
     gw.wait_ready(Duration::from_secs(5)).await;
-    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(leased(&gw).await, 0.0);
     let after = gw.children("preprocess-work");
@@ -124,13 +171,17 @@ async fn sigkill_of_the_executor_fails_cleanly_and_it_comes_back() {
     let exec = gw.children("gpu-executor");
     kill(Pid::from_raw(exec[0] as i32), Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
     assert!(r.status == 200 || r.status >= 500, "{}", r.json);
     if r.status != 200 {
         assert!(r.json["error"]["code"].is_string(), "{}", r.json);
     }
     gw.wait_ready(Duration::from_secs(30)).await;
-    let r = gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg").await;
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(leased(&gw).await, 0.0);
 }
@@ -187,8 +238,10 @@ async fn sigterm_drains_in_flight_requests_then_stops_the_children() {
     let status = tokio::task::block_in_place(|| gw.child.wait()).unwrap();
     assert!(status.success(), "mmgate exits cleanly: {status:?}");
     for p in kids {
-        assert!(!std::path::Path::new(&format!("/proc/{p}")).exists() || proc_comm(p).is_empty(),
-            "pid {p} still alive");
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists() || proc_comm(p).is_empty(),
+            "pid {p} still alive"
+        );
     }
 }
 
@@ -200,11 +253,34 @@ async fn api_keys_map_to_tenants() {
     .await;
     let url = gw.url("/v1/models/open_nsfw/score");
     let body = fixture("images/coffee.jpg");
-    let r = gw.client.post(&url).body(body.clone()).send().await.unwrap();
+    let r = gw
+        .client
+        .post(&url)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = gw.client.post(&url).bearer_auth("wrong").body(body.clone()).send().await.unwrap();
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth("wrong")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = gw.client.post(&url).bearer_auth("secret-1").body(body).send().await.unwrap();
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth("secret-1")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(gw.metric("mmgate_requests_total", "tenant=\"acme\"").await, 1.0);
+    assert_eq!(
+        gw.metric("mmgate_requests_total", "tenant=\"acme\"").await,
+        1.0
+    );
 }

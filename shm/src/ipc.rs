@@ -22,6 +22,19 @@ pub struct Hello {
 pub enum ToWorker {
     Init(WorkerInit),
     Job(Job),
+    /// Decode and sample a video, streaming frames into granted slots.
+    Video(VideoJob),
+    /// One more slot for a running video job (sent after one of its frames
+    /// was scored and its slot freed).
+    Grant {
+        job_id: u64,
+        slot: SlotRef,
+    },
+    /// The caller went away: stop the video job as soon as possible (the
+    /// worker still ends it with `VideoDone` or `Failed`).
+    Cancel {
+        job_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,6 +54,51 @@ pub struct Job {
     pub request_id: String,
     pub slot: SlotRef,
     pub input: Input,
+}
+
+/// A video to sample. The worker writes each sampled frame into one of the
+/// slots it holds for the job, reports it with [`FromWorker::Frame`], and
+/// waits for a [`ToWorker::Grant`] when it holds none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoJob {
+    pub job_id: u64,
+    pub request_id: String,
+    /// Model (index into `WorkerInit::models`) whose preprocessing applies.
+    pub model: u16,
+    pub input: Input,
+    pub sampling: Sampling,
+    /// The slots the worker may fill before it needs a grant.
+    pub slots: Vec<SlotRef>,
+}
+
+/// Which frames to sample, with the caps already resolved by the gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub mode: SampleMode,
+    /// Only keyframes are decoded (the decoder skips the rest).
+    pub keyframes_only: bool,
+    /// Seconds of presentation time.
+    pub start: f64,
+    pub end: Option<f64>,
+    /// Cap on sampled frames: sampling stops there with `truncated = true`.
+    pub max_frames: u32,
+    /// Cap on decoded frames.
+    pub max_decoded: u32,
+    /// Longest accepted duration in seconds (from the container header).
+    pub max_duration: f64,
+    /// Wall-clock budget for the whole video.
+    pub deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum SampleMode {
+    /// `fps` frames per second of video time: the first frame at or after
+    /// each `start + k / fps`.
+    Fps(f64),
+    /// `n` frames spread uniformly over `[start, end or duration)`.
+    Count(u32),
+    /// Every decoded frame (with `keyframes_only`: every keyframe).
+    All,
 }
 
 /// Where the encoded input is.
@@ -64,6 +122,35 @@ pub enum FromWorker {
         job_id: u64,
         error: JobError,
     },
+    /// A sampled video frame is in `slot`.
+    Frame(VideoFrame),
+    /// The video job ended (after its last `Frame`).
+    VideoDone(VideoDone),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoFrame {
+    pub job_id: u64,
+    pub slot: SlotRef,
+    /// Presentation time in seconds.
+    pub t: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VideoDone {
+    pub job_id: u64,
+    pub frames_decoded: u32,
+    pub frames_sampled: u32,
+    /// Seconds, from the container (or the last frame when unknown).
+    pub duration: f64,
+    /// False when the stream broke after some good frames.
+    pub complete: bool,
+    /// True when a cap (frames, decoded frames, deadline) stopped sampling.
+    pub truncated: bool,
+    pub width: u32,
+    pub height: u32,
+    pub codec: String,
+    pub decode_us: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

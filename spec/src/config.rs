@@ -19,6 +19,8 @@ pub struct ServerConfig {
     pub workers: WorkerPool,
     #[serde(default)]
     pub executor: ExecutorSection,
+    #[serde(default)]
+    pub video: VideoLimits,
     /// API keys and what they may do; no tenants = no authentication.
     #[serde(default)]
     pub tenants: Vec<Tenant>,
@@ -84,6 +86,43 @@ impl Default for Limits {
     }
 }
 
+/// Video sampling defaults and server-wide caps (tenants may lower the caps).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VideoLimits {
+    /// Largest accepted video body.
+    pub max_body_bytes: usize,
+    /// Longest accepted duration, in seconds.
+    pub max_duration_s: f64,
+    /// Sampling when the request names none: frames per second of video.
+    pub default_fps: f64,
+    /// Most sampled (scored) frames per request.
+    pub max_frames: u32,
+    /// Most decoded frames per request.
+    pub max_decoded_frames: u32,
+    /// Wall-clock budget for decoding one video.
+    pub decode_deadline_ms: u64,
+    /// Tensor slots one video may hold at once (bounds its share of the pool).
+    pub slots_per_request: u32,
+    /// Default `threshold` for the aggregate's flagged frame times.
+    pub default_threshold: f32,
+}
+
+impl Default for VideoLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 256 << 20,
+            max_duration_s: 4.0 * 3600.0,
+            default_fps: 1.0,
+            max_frames: 256,
+            max_decoded_frames: 20_000,
+            decode_deadline_ms: 60_000,
+            slots_per_request: 4,
+            default_threshold: 0.5,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerPool {
@@ -134,6 +173,9 @@ pub struct Tenant {
     /// Requests of this tenant in flight at once; 0 = unlimited.
     #[serde(default)]
     pub max_concurrency: u32,
+    /// Cap on sampled video frames per request; 0 = the server's cap.
+    #[serde(default)]
+    pub max_video_frames: u32,
 }
 
 fn all_models() -> Vec<String> {
@@ -218,6 +260,24 @@ impl ServerConfig {
         if l.max_body_bytes == 0 || l.max_images_per_request == 0 || l.max_pixels == 0 {
             return Err(invalid("limits must be > 0"));
         }
+        let v = &self.video;
+        if v.max_frames == 0 || v.default_fps <= 0.0 || v.slots_per_request == 0 {
+            return Err(invalid(
+                "video.max_frames, video.default_fps and video.slots_per_request must be > 0",
+            ));
+        }
+        if let Some(m) = self
+            .models
+            .iter()
+            .find(|m| self.slots_for(m) <= v.slots_per_request)
+        {
+            return Err(invalid(format!(
+                "model {:?} has {} slots; video.slots_per_request ({}) must be smaller",
+                m.name,
+                self.slots_for(m),
+                v.slots_per_request
+            )));
+        }
         if self.server.queue_capacity == 0 {
             return Err(invalid("server.queue_capacity must be > 0"));
         }
@@ -246,6 +306,6 @@ impl ServerConfig {
 
     /// Size of each worker's shared-memory input region slot (one per thread).
     pub fn input_slot_bytes(&self) -> usize {
-        self.limits.max_body_bytes
+        self.limits.max_body_bytes.max(self.video.max_body_bytes)
     }
 }

@@ -9,7 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn fixture(rel: &str) -> Vec<u8> {
@@ -59,7 +62,8 @@ impl Gateway {
             "[server]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"{}\"\nshutdown_grace_ms = 10000\n\
              [executor]\nort_library = \"{}\"\n{extra}\n",
             r.join("configs/models").display(),
-            r.join(".deps/onnxruntime/libonnxruntime.so.1.32.0").display(),
+            r.join(".deps/onnxruntime/libonnxruntime.so.1.32.0")
+                .display(),
         );
         let cfg = merge_sections(&cfg);
         std::fs::write(dir.join("config.toml"), cfg).unwrap();
@@ -104,10 +108,8 @@ impl Gateway {
     pub async fn wait_ready(&self, within: Duration) {
         let t = Instant::now();
         while t.elapsed() < within {
-            if let Ok(r) = self.client.get(self.url("/readyz")).send().await {
-                if r.status() == 200 {
-                    return;
-                }
+            if self.ready_now().await {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -132,7 +134,14 @@ impl Gateway {
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        Reply::read(self.client.get(self.url(path)).send().await.expect("request")).await
+        Reply::read(
+            self.client
+                .get(self.url(path))
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
     }
 
     pub async fn metrics(&self) -> String {
@@ -263,7 +272,12 @@ pub fn children_of(pid: u32) -> Vec<u32> {
         if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) {
             // Fields after the ")" of the command name: state, ppid, …
             if let Some(rest) = stat.rsplit_once(')').map(|x| x.1) {
-                let ppid: u32 = rest.split_whitespace().nth(1).unwrap_or("0").parse().unwrap_or(0);
+                let ppid: u32 = rest
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse()
+                    .unwrap_or(0);
                 if ppid == pid {
                     v.push(p);
                 }

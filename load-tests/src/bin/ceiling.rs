@@ -1,0 +1,90 @@
+//! The ceiling mmgate is measured against: the same decode + preprocess +
+//! ONNX Runtime work, in one process, with no HTTP, IPC or shared memory.
+//! `threads` threads each own one engine instance (with `intra` intra-op
+//! threads) and loop preprocess → infer on one image; the single-image
+//! latency is one thread doing the same, one image at a time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long, default_value = "configs/models/open_nsfw.toml")]
+    model: std::path::PathBuf,
+    #[arg(long, default_value = ".deps/onnxruntime/libonnxruntime.so.1.32.0")]
+    ort_library: std::path::PathBuf,
+    #[arg(long)]
+    file: std::path::PathBuf,
+    /// Pipeline threads (each owns an engine instance).
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Intra-op threads per engine instance.
+    #[arg(long, default_value_t = 1)]
+    intra: u32,
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let mut spec = spec::ModelSpec::load(&a.model)?;
+    spec.instances.intra_threads = a.intra;
+    let lib = std::fs::canonicalize(&a.ort_library)?;
+    let backends = gpu_executor::Backends::new(lib);
+    let data = std::fs::read(&a.file)?;
+    let limits = spec::Limits::default();
+    let pipeline = |engine: &mut dyn gpu_executor::Engine, buf: &mut Vec<f32>| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        preprocess_worker::preprocess(&data, &spec, &limits, deadline, buf).expect("preprocess");
+        let mut out = engine.run(buf, 1).expect("inference");
+        gpu_executor::postprocess::apply(spec.output.postprocess, &mut out);
+        out
+    };
+    let mut engines: Vec<_> = (0..a.threads)
+        .map(|_| gpu_executor::load(&spec, &backends))
+        .collect::<Result<_, _>>()?;
+    let elements = spec.input.elements();
+
+    // Single-image latency: one thread, one image at a time.
+    let mut buf = vec![0f32; elements];
+    let mut lat = Vec::new();
+    let t = Instant::now();
+    while t.elapsed().as_secs_f64() < a.seconds / 2.0 || lat.len() < 20 {
+        let s = Instant::now();
+        pipeline(engines[0].as_mut(), &mut buf);
+        lat.push(s.elapsed());
+    }
+    let (p50, p99, _) = load_tests::summary(&mut lat[3..].to_vec());
+
+    // Throughput: every thread busy.
+    let done = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for engine in engines.iter_mut() {
+            let (done, stop, pipeline) = (&done, &stop, &pipeline);
+            s.spawn(move || {
+                let mut buf = vec![0f32; elements];
+                while !stop.load(Ordering::Relaxed) {
+                    pipeline(engine.as_mut(), &mut buf);
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_secs_f64(a.seconds));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let wall = t.elapsed().as_secs_f64();
+    let line = serde_json::json!({
+        "file": a.file.file_name().map(|f| f.to_string_lossy().to_string()),
+        "threads": a.threads,
+        "intra": a.intra,
+        "throughput_per_s": done.load(Ordering::Relaxed) as f64 / wall,
+        "single_p50_ms": p50,
+        "single_p99_ms": p99,
+    });
+    println!("{line}");
+    Ok(())
+}
