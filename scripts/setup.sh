@@ -97,3 +97,13 @@ for variant in reference rgb nomean nocrop nearest; do
     echo "$want" > "$OUT.stamp"
   fi
 done
+
+# --- Video test clips (synthetic, generated with the ffmpeg CLI) -------------
+VIDEOS=.deps/videos
+want=$( { sha256sum scripts/make_videos.sh; ffmpeg -hide_banner -version | head -1; } | sha256sum | cut -c1-64)
+if [ "$(cat "$VIDEOS/.stamp" 2>/dev/null)" != "$want" ]; then
+  say "generating video test clips -> $VIDEOS"
+  rm -rf "$VIDEOS"
+  bash scripts/make_videos.sh "$VIDEOS"
+  echo "$want" > "$VIDEOS/.stamp"
+fi

@@ -35,6 +35,32 @@ pub enum PreprocessError {
     Deadline { stage: &'static str },
     #[error("output tensor has {got} elements; the model input needs {expected}")]
     OutputSize { expected: usize, got: usize },
+    #[error("input is a video ({kind}), not an image; it must be sent as a video job")]
+    VideoAsImage { kind: &'static str },
+    #[error("input is not a supported video (MP4, MOV, WebM or Matroska): {reason}")]
+    VideoContainer { reason: String },
+    #[error("video codec {codec} is not supported")]
+    VideoCodec { codec: String },
+    #[error("no video stream in the input (streams: {streams})")]
+    NoVideoStream { streams: String },
+    #[error("video is {duration:.1} s long; the limit (max_duration) is {limit} s")]
+    VideoTooLong { duration: f64, limit: f64 },
+    #[error(
+        "video frames are {width}×{height} pixels; the limits are {max_side} pixels per side and {} megapixels",
+        *max_pixels as f64 / 1e6
+    )]
+    VideoFrameTooLarge {
+        width: u32,
+        height: u32,
+        max_side: u32,
+        max_pixels: u64,
+    },
+    #[error("video could not be decoded: {reason}")]
+    VideoUndecodable { reason: String },
+    #[error(
+        "frames={frames} needs the video's duration, which its container does not state; use fps= or give an end time"
+    )]
+    VideoDurationUnknown { frames: u32 },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -43,12 +69,22 @@ impl PreprocessError {
     /// The failure class reported to the gateway.
     pub fn kind(&self) -> JobErrorKind {
         match self {
-            Self::Empty | Self::Unsupported { .. } => JobErrorKind::Unsupported,
+            Self::Empty
+            | Self::Unsupported { .. }
+            | Self::VideoAsImage { .. }
+            | Self::VideoContainer { .. }
+            | Self::VideoCodec { .. }
+            | Self::VideoDurationUnknown { .. } => JobErrorKind::Unsupported,
             Self::TooManyBytes { .. }
             | Self::DimensionTooLarge { .. }
             | Self::TooManyPixels { .. }
-            | Self::MemoryLimit(_) => JobErrorKind::TooLarge,
-            Self::EmptyImage { .. } | Self::Undecodable { .. } => JobErrorKind::Undecodable,
+            | Self::MemoryLimit(_)
+            | Self::VideoTooLong { .. }
+            | Self::VideoFrameTooLarge { .. } => JobErrorKind::TooLarge,
+            Self::EmptyImage { .. }
+            | Self::Undecodable { .. }
+            | Self::NoVideoStream { .. }
+            | Self::VideoUndecodable { .. } => JobErrorKind::Undecodable,
             Self::Deadline { .. } => JobErrorKind::Deadline,
             Self::OutputSize { .. } | Self::Internal(_) => JobErrorKind::Internal,
         }

@@ -3,7 +3,9 @@
 //! sniff → header limits → decode (`jpeg`, `raster`) → EXIF orientation
 //! (`orient`) → 8-bit grey/RGB (`pixels`) → resize and crop (`geometry`,
 //! `resize`) → normalise into the output (`normalize`). The binary wraps it
-//! in the IPC loop of `serve`.
+//! in the IPC loop of `serve`. Videos (`video`) are demuxed and decoded with
+//! FFmpeg, sampled by presentation time, and each sampled frame goes through
+//! the same resize/crop/normalise stages via [`preprocess_rgb`].
 
 mod decode;
 mod error;
@@ -16,6 +18,7 @@ mod pixels;
 mod raster;
 mod resize;
 pub mod serve;
+pub mod video;
 
 use std::time::Instant;
 
@@ -59,15 +62,62 @@ pub fn preprocess(
     let (width, height) = orient::oriented_size(decoded.width, decoded.height, decoded.orientation);
     let pixels = orient::apply(decoded.pixels, decoded.orientation);
     check_deadline(deadline, "orientation")?;
-    let plan = geometry::plan(p, width, height);
-    let resized = resize::resize(pixels, &plan, p.filter)?;
-    check_deadline(deadline, "resize")?;
-    normalize::write(&resized, &plan, &model.input, p, out);
+    to_tensor(pixels, width, height, model, deadline, out)?;
     Ok(ImageInfo {
         width,
         height,
         format: kind.name(),
     })
+}
+
+/// Writes `model`'s input tensor for an RGB24 raster (`width`×`height`,
+/// tightly packed, as displayed) into `out`: the resize, crop and normalise
+/// stages of [`preprocess`], shared with the video path.
+pub fn preprocess_rgb(
+    rgb: Vec<u8>,
+    width: u32,
+    height: u32,
+    model: &ModelSpec,
+    out: &mut [f32],
+) -> Result<(), PreprocessError> {
+    let expected = model.input.elements();
+    if out.len() != expected {
+        return Err(PreprocessError::OutputSize {
+            expected,
+            got: out.len(),
+        });
+    }
+    if rgb.len() != width as usize * height as usize * 3 || width == 0 || height == 0 {
+        return Err(PreprocessError::Internal(format!(
+            "{} bytes is not a {width}×{height} RGB24 raster",
+            rgb.len()
+        )));
+    }
+    let pixels = pixels::Pixels::new(width, height, 3, rgb);
+    to_tensor(pixels, width, height, model, far_deadline(), out)
+}
+
+/// Resize and crop (`geometry`, `resize`) then normalise into `out`.
+/// `width`×`height` is the full displayed size, which `pixels` may be a
+/// DCT-downscaled version of.
+pub(crate) fn to_tensor(
+    pixels: pixels::Pixels,
+    width: u32,
+    height: u32,
+    model: &ModelSpec,
+    deadline: Instant,
+    out: &mut [f32],
+) -> Result<(), PreprocessError> {
+    let p = &model.preprocess;
+    let plan = geometry::plan(p, width, height);
+    let resized = resize::resize(pixels, &plan, p.filter)?;
+    check_deadline(deadline, "resize")?;
+    normalize::write(&resized, &plan, &model.input, p, out);
+    Ok(())
+}
+
+fn far_deadline() -> Instant {
+    Instant::now() + std::time::Duration::from_secs(3600)
 }
 
 fn check_deadline(deadline: Instant, stage: &'static str) -> Result<(), PreprocessError> {

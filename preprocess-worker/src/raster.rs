@@ -14,14 +14,17 @@ use crate::decode::Decoded;
 use crate::limits::{check_dimensions, image_limits};
 use crate::pixels::Pixels;
 
-fn format(kind: MediaKind) -> ImageFormat {
-    match kind {
+fn format(kind: MediaKind) -> Result<ImageFormat, PreprocessError> {
+    Ok(match kind {
         MediaKind::Jpeg => ImageFormat::Jpeg,
         MediaKind::Png => ImageFormat::Png,
         MediaKind::WebP => ImageFormat::WebP,
         MediaKind::Gif => ImageFormat::Gif,
         MediaKind::Bmp => ImageFormat::Bmp,
-    }
+        MediaKind::IsoMedia | MediaKind::Matroska => {
+            return Err(PreprocessError::VideoAsImage { kind: kind.name() });
+        }
+    })
 }
 
 fn map_err(kind: MediaKind, e: ImageError) -> PreprocessError {
@@ -34,7 +37,10 @@ fn map_err(kind: MediaKind, e: ImageError) -> PreprocessError {
 /// A decoder refused to start because of its allocation limit: name the
 /// header's dimensions if they are what is over a limit.
 fn over_limit(kind: MediaKind, data: &[u8], limits: &Limits, e: ImageError) -> PreprocessError {
-    let mut reader = ImageReader::with_format(Cursor::new(data), format(kind));
+    let Ok(f) = format(kind) else {
+        return map_err(kind, e);
+    };
+    let mut reader = ImageReader::with_format(Cursor::new(data), f);
     reader.no_limits();
     match reader.into_dimensions() {
         Ok((w, h)) => check_dimensions(w, h, limits)
@@ -50,7 +56,7 @@ pub(crate) fn decode(
     data: &[u8],
     limits: &Limits,
 ) -> Result<Decoded, PreprocessError> {
-    let mut reader = ImageReader::with_format(Cursor::new(data), format(kind));
+    let mut reader = ImageReader::with_format(Cursor::new(data), format(kind)?);
     reader.limits(image_limits(limits));
     let mut decoder = match reader.into_decoder() {
         Ok(d) => d,

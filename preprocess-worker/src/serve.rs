@@ -2,7 +2,10 @@
 //! with the gateway on the inherited Unix socket, map the shared tensor pool
 //! and input region, then decode jobs on `init.threads` threads, each writing
 //! its tensor straight into the job's slot and answering on the socket.
+//! Video jobs run on the same threads; the reader routes their `Grant` and
+//! `Cancel` messages to the job's thread by job id.
 
+use std::collections::HashMap;
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -10,13 +13,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use crossbeam_channel::{Receiver, Sender};
 use shm::{
     FromWorker, Hello, Input, InputRegion, Job, JobDone, JobError, JobErrorKind, PROTO_VERSION,
-    SharedTensors, ShmError, ToWorker, WorkerInit, read_frame, take_inherited_fd, write_frame,
+    SharedTensors, ShmError, ToWorker, VideoJob, WorkerInit, read_frame, take_inherited_fd,
+    write_frame,
 };
 use spec::{Limits, ModelSpec};
 
+use crate::video::{self, Control, VideoEnv};
 use crate::{PreprocessError, preprocess};
+
+/// A job for a decode thread.
+enum Work {
+    Image(Job),
+    Video(VideoJob, Receiver<Control>),
+}
+
+/// Control channels of the running video jobs, by job id.
+type Routes = Arc<Mutex<HashMap<u64, Sender<Control>>>>;
 
 /// The fds and parent the gateway hands a worker on its command line.
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +75,7 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
     write_frame(&mut writer, &FromWorker::Hello(hello)).context("sending Hello")?;
     let init = match read_frame::<ToWorker>(&mut reader).context("reading Init")? {
         Some(ToWorker::Init(init)) => init,
-        Some(ToWorker::Job(_)) => bail!("the gateway sent a job before Init"),
+        Some(_) => bail!("the gateway sent a job before Init"),
         None => return Ok(()),
     };
     let threads = init.threads.max(1) as usize;
@@ -73,21 +88,94 @@ pub fn run(opts: ServeOptions) -> anyhow::Result<()> {
     };
     write_frame(&mut writer, &FromWorker::Ready).context("sending Ready")?;
     tracing::info!(threads, "preprocess worker ready");
-    let (tx, rx) = crossbeam_channel::bounded::<Job>(threads);
+    let (tx, rx) = crossbeam_channel::bounded::<Work>(threads);
+    let routes: Routes = Arc::default();
     for i in 0..threads {
-        let (ctx, rx) = (ctx.clone(), rx.clone());
+        let (ctx, rx, routes) = (ctx.clone(), rx.clone(), routes.clone());
         std::thread::Builder::new()
             .name(format!("decode-{i}"))
-            .spawn(move || rx.iter().for_each(|job| answer(&ctx, job)))
+            .spawn(move || {
+                rx.iter().for_each(|work| match work {
+                    Work::Image(job) => answer(&ctx, job),
+                    Work::Video(job, control) => answer_video(&ctx, &routes, job, control),
+                })
+            })
             .context("spawning a decode thread")?;
     }
     loop {
-        match read_frame::<ToWorker>(&mut reader).context("reading a job")? {
-            Some(ToWorker::Job(job)) => tx.send(job).context("decode threads are gone")?,
+        let msg = read_frame::<ToWorker>(&mut reader).context("reading a job")?;
+        match msg {
+            Some(ToWorker::Job(job)) => tx
+                .send(Work::Image(job))
+                .context("decode threads are gone")?,
+            Some(ToWorker::Video(job)) => {
+                let (ctl_tx, ctl_rx) = crossbeam_channel::unbounded();
+                lock(&routes).insert(job.job_id, ctl_tx);
+                tx.send(Work::Video(job, ctl_rx))
+                    .context("decode threads are gone")?;
+            }
+            Some(ToWorker::Grant { job_id, slot }) => route(&routes, job_id, Control::Grant(slot)),
+            Some(ToWorker::Cancel { job_id }) => route(&routes, job_id, Control::Cancel),
             Some(ToWorker::Init(_)) => tracing::warn!("ignoring a second Init"),
             None => return Ok(()),
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Hands a control message to its running video job; one for a job that
+/// already ended is dropped (the gateway frees that job's slots itself).
+fn route(routes: &Routes, job_id: u64, c: Control) {
+    match lock(routes).get(&job_id) {
+        Some(tx) => {
+            let _ = tx.send(c);
+        }
+        None => tracing::debug!(job_id, ?c, "control message for a finished video job"),
+    }
+}
+
+/// Runs one video job, streaming its frames, and sends its last message,
+/// even when decoding panics. Its route is removed before that last message
+/// goes out, so every later Grant is known to be unused.
+fn answer_video(ctx: &Ctx, routes: &Routes, job: VideoJob, control: Receiver<Control>) {
+    let job_id = job.job_id;
+    let send = |m: &FromWorker| ctx.send(m);
+    let model = match ctx.models.get(usize::from(job.model)) {
+        Some(m) => m,
+        None => {
+            lock(routes).remove(&job_id);
+            let message = format!(
+                "video job names model index {}, worker has {}",
+                job.model,
+                ctx.models.len()
+            );
+            ctx.send(&FromWorker::Failed {
+                job_id,
+                error: internal(message),
+            });
+            return;
+        }
+    };
+    let env = VideoEnv {
+        tensors: &ctx.tensors,
+        model,
+        limits: &ctx.limits,
+        send: &send,
+        control,
+    };
+    let last = catch_unwind(AssertUnwindSafe(|| video::run(&env, &ctx.inputs, &job)))
+        .unwrap_or_else(|_| FromWorker::Failed {
+            job_id,
+            error: internal("the preprocess worker panicked on this video"),
+        });
+    lock(routes).remove(&job_id);
+    if let FromWorker::Failed { error, .. } = &last {
+        tracing::debug!(job_id, request_id = %job.request_id, "video job failed: {}", error.message);
+    }
+    ctx.send(&last);
 }
 
 fn setup(init: WorkerInit, opts: &ServeOptions, out: UnixStream) -> anyhow::Result<Ctx> {

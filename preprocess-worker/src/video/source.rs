@@ -1,0 +1,199 @@
+//! Opening a video for demuxing without touching disk or copying it: FFmpeg
+//! reads the input-region memfd the worker inherited through its `subfile`
+//! protocol (`subfile,,start,A,end,B,,:/proc/self/fd/N`), so only the
+//! container and codec (found by probing, never by Content-Type) decide how
+//! the bytes are read. Demuxers and protocols are whitelisted, which keeps
+//! playlist formats (HLS, concat) from opening other files.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::time::Instant;
+
+use ffmpeg::{Dictionary, codec, format, media};
+use ffmpeg_next as ffmpeg;
+
+use crate::PreprocessError;
+
+/// Demuxers accepted: the MP4/MOV family and Matroska/WebM.
+const FORMATS: &str = "mov,matroska";
+const PROTOCOLS: &str = "subfile,file";
+
+/// Where the encoded video is: a byte range of an open file (the input
+/// region memfd, or a memfd made for an inline input).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ByteRange<'a> {
+    pub fd: BorrowedFd<'a>,
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl ByteRange<'_> {
+    fn url(&self) -> String {
+        format!(
+            "subfile,,start,{},end,{},,:/proc/self/fd/{}",
+            self.offset,
+            self.offset + self.len,
+            self.fd.as_raw_fd()
+        )
+    }
+}
+
+/// A memfd holding a copy of an inline input (inputs normally arrive in the
+/// input region; this keeps `Input::Inline` working for small ones).
+pub(crate) fn inline_memfd(data: &[u8]) -> Result<File, PreprocessError> {
+    let internal = |e: &dyn std::fmt::Display| PreprocessError::Internal(format!("memfd: {e}"));
+    let fd = memfd::MemfdOptions::default()
+        .close_on_exec(true)
+        .create("mmgate-video")
+        .map_err(|e| internal(&e))?;
+    let mut file = fd.into_file();
+    file.write_all(data).map_err(|e| internal(&e))?;
+    Ok(file)
+}
+
+/// Everything known about the video before the first packet.
+pub(crate) struct Opened {
+    pub input: format::context::Input,
+    pub stream: usize,
+    pub decoder: ffmpeg::decoder::Video,
+    /// Seconds per time-base unit of the video stream.
+    pub time_base: f64,
+    /// Stream start in time-base units (subtracted so the first frame is 0).
+    pub start_pts: Option<i64>,
+    /// Container duration (seconds), the one checked against `max_duration`.
+    pub duration: Option<f64>,
+    /// The video stream's own duration, else the container's.
+    pub stream_duration: Option<f64>,
+    /// Average frame interval in seconds, when the container states a rate.
+    pub frame_interval: Option<f64>,
+    pub codec: String,
+    /// Clockwise rotation for display: 0, 90, 180 or 270.
+    pub rotation: u32,
+}
+
+/// What the decoder should skip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Skips {
+    pub keyframes_only: bool,
+    pub loop_filter: bool,
+}
+
+fn seconds(v: i64, per_unit: f64) -> Option<f64> {
+    (v != ffmpeg::ffi::AV_NOPTS_VALUE && v > 0).then_some(v as f64 * per_unit)
+}
+
+/// Probes the container, finds the video stream and opens its decoder
+/// (single-threaded: the worker's threads are the unit of parallelism).
+/// Opening is aborted once `deadline` passes.
+pub(crate) fn open(range: ByteRange<'_>, deadline: Instant) -> Result<Opened, PreprocessError> {
+    let mut options = Dictionary::new();
+    options.set("protocol_whitelist", PROTOCOLS);
+    options.set("format_whitelist", FORMATS);
+    let input = format::input_with_interrupt_and_dictionary(
+        &range.url(),
+        move || Instant::now() > deadline,
+        options,
+    )
+    .map_err(|e| match e {
+        ffmpeg::Error::Exit => PreprocessError::Deadline { stage: "probe" },
+        ffmpeg::Error::InvalidData | ffmpeg::Error::Other { .. } => {
+            PreprocessError::VideoContainer {
+                reason: format!("{e}"),
+            }
+        }
+        other => PreprocessError::VideoUndecodable {
+            reason: format!("reading the container: {other}"),
+        },
+    })?;
+    let Some(stream) = input.streams().best(media::Type::Video) else {
+        let kinds: Vec<String> = input
+            .streams()
+            .map(|s| format!("{:?}", s.parameters().medium()).to_lowercase())
+            .collect();
+        let streams = if kinds.is_empty() {
+            "none".into()
+        } else {
+            kinds.join(", ")
+        };
+        return Err(PreprocessError::NoVideoStream { streams });
+    };
+    let index = stream.index();
+    let tb = stream.time_base();
+    let time_base = f64::from(tb.numerator()) / f64::from(tb.denominator().max(1));
+    let start = stream.start_time();
+    let start_pts = (start != ffmpeg::ffi::AV_NOPTS_VALUE).then_some(start);
+    let duration = seconds(input.duration(), 1.0 / f64::from(ffmpeg::ffi::AV_TIME_BASE));
+    let stream_duration = seconds(stream.duration(), time_base).or(duration);
+    let rate = stream.avg_frame_rate();
+    let frame_interval = (rate.numerator() > 0 && rate.denominator() > 0)
+        .then(|| f64::from(rate.denominator()) / f64::from(rate.numerator()));
+    let rotation = stream
+        .side_data()
+        .find(|sd| sd.kind() == codec::packet::side_data::Type::DisplayMatrix)
+        .and_then(|sd| super::frame::rotation_of(sd.data()))
+        .unwrap_or(0);
+    let params = stream.parameters();
+    let codec_id = params.id();
+    let mut ctx = codec::Context::from_parameters(params)
+        .map_err(|e| PreprocessError::Internal(format!("decoder parameters: {e}")))?;
+    ctx.set_threading(codec::threading::Config {
+        kind: codec::threading::Type::None,
+        count: 1,
+        ..Default::default()
+    });
+    let mut dec = ctx.decoder();
+    dec.set_packet_time_base(tb);
+    let decoder = dec.video().map_err(|e| match e {
+        ffmpeg::Error::DecoderNotFound => PreprocessError::VideoCodec {
+            codec: codec_id.name().to_string(),
+        },
+        other => PreprocessError::VideoUndecodable {
+            reason: format!("opening the {} decoder: {other}", codec_id.name()),
+        },
+    })?;
+    Ok(Opened {
+        input,
+        stream: index,
+        decoder,
+        time_base,
+        start_pts,
+        duration,
+        stream_duration,
+        frame_interval,
+        codec: codec_id.name().to_string(),
+        rotation,
+    })
+}
+
+impl Opened {
+    /// Applies the decoder skips (they act from the next packet on).
+    pub fn set_skips(&mut self, skips: Skips) {
+        use codec::discard::Discard;
+        if skips.keyframes_only {
+            self.decoder.skip_frame(Discard::NonKey);
+        }
+        if skips.loop_filter {
+            self.decoder.skip_loop_filter(Discard::All);
+        }
+    }
+
+    /// Presentation time in seconds of a frame timestamp, from the stream start.
+    pub fn seconds(&self, pts: i64) -> f64 {
+        (pts - self.start_pts.unwrap_or(0)) as f64 * self.time_base
+    }
+
+    /// Seeks to the keyframe at or before `t` seconds of presentation time.
+    /// On failure the position is back at the start (never somewhere else).
+    pub fn seek_before(&mut self, t: f64) -> bool {
+        let origin = self.start_pts.map_or(0.0, |p| p as f64 * self.time_base);
+        let ts = ((origin + t) * f64::from(ffmpeg::ffi::AV_TIME_BASE)) as i64;
+        if self.input.seek(ts, ..ts).is_ok() {
+            self.decoder.flush();
+            return true;
+        }
+        let _ = self.input.seek(0, ..);
+        self.decoder.flush();
+        false
+    }
+}
