@@ -91,8 +91,9 @@ async fn fps_and_frames_sample_exact_timestamps_and_match_the_image_path() {
     let r = score_video(&gw, "h264.mp4", "frames=5").await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(times(&r), vec![0.0, 2.0, 4.0, 6.0, 8.0]);
+    // 25 fps: the first frame at or after 3.5 s is the one at 3.52 s.
     let r = score_video(&gw, "h264.mp4", "fps=2&start=3&end=5").await;
-    assert_eq!(times(&r), vec![3.0, 3.5, 4.0, 4.5]);
+    assert_eq!(times(&r), vec![3.0, 3.52, 4.0, 4.52]);
     let r = score_video(&gw, "h264.mp4", "fps=1&frames=3").await;
     assert_eq!((r.status, r.code()), (400, "bad_request"));
     assert_eq!(leased(&gw).await, 0.0);
