@@ -25,4 +25,4 @@ lint:
 	cargo clippy --workspace --all-targets -- -D warnings
 
 bench: build
-	bash load-tests/run.sh
+	bash load-tests/run.sh && bash load-tests/video.sh

@@ -29,6 +29,8 @@ pub enum Code {
     ImageTooLarge,
     UnsupportedMediaType,
     UndecodableImage,
+    VideoTooLarge,
+    UndecodableVideo,
     DecodeDeadlineExceeded,
     TenantConcurrencyLimit,
     QueueFull,
@@ -83,6 +85,13 @@ impl Code {
                 S::UNPROCESSABLE_ENTITY,
                 None,
             ),
+            VideoTooLarge => ("video_too_large", "invalid_request", S::PAYLOAD_TOO_LARGE, None),
+            UndecodableVideo => (
+                "undecodable_video",
+                "invalid_request",
+                S::UNPROCESSABLE_ENTITY,
+                None,
+            ),
             DecodeDeadlineExceeded => (
                 "decode_deadline_exceeded",
                 "invalid_request",
@@ -130,6 +139,16 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    /// The same failure worded for a video: image codes become video codes.
+    pub fn for_video(mut self) -> Self {
+        self.code = match self.code {
+            Code::ImageTooLarge => Code::VideoTooLarge,
+            Code::UndecodableImage => Code::UndecodableVideo,
+            other => other,
+        };
+        self
     }
 
     /// The same error, its message prefixed with where it happened.
@@ -191,6 +210,8 @@ mod tests {
             ImageTooLarge,
             UnsupportedMediaType,
             UndecodableImage,
+            VideoTooLarge,
+            UndecodableVideo,
             DecodeDeadlineExceeded,
             TenantConcurrencyLimit,
             QueueFull,

@@ -80,7 +80,7 @@ impl WorkerThread<'_> {
             unreachable!("checked by run")
         };
         let fail = |e: ApiError| {
-            let _ = events.send(VideoEvent::Failed(e));
+            let _ = events.send(VideoEvent::Failed(e.for_video()));
         };
         let input = match self.place_input(&data) {
             Ok(i) => i,
@@ -237,6 +237,7 @@ pub fn sampling_from_query(
         max_decoded: v.max_decoded_frames,
         max_duration: v.max_duration_s,
         deadline_ms: v.decode_deadline_ms,
+        decode_threads: v.decode_threads,
     };
     Ok((sampling, threshold))
 }

@@ -285,3 +285,20 @@ async fn api_keys_map_to_tenants() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_overrides_the_file_and_children_die_with_the_gateway() {
+    // The test config says nothing about workers; the default is 2.
+    let mut gw = Gateway::start_with("", &[("MMGATE_WORKERS", "1")]).await;
+    assert_eq!(gw.children("preprocess-work").len(), 1);
+    let kids = children_of(gw.pid());
+    assert_eq!(kids.len(), 2, "one worker and the executor");
+    // Kill only the gateway (not its group): the children must follow.
+    kill(Pid::from_raw(gw.pid() as i32), Signal::SIGKILL).unwrap();
+    let _ = tokio::task::block_in_place(|| gw.child.wait());
+    let t = Instant::now();
+    while kids.iter().any(|p| std::path::Path::new(&format!("/proc/{p}/stat")).exists()) {
+        assert!(t.elapsed() < Duration::from_secs(2), "children outlived the gateway");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

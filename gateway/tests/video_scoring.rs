@@ -142,7 +142,7 @@ async fn codecs_rotation_and_broken_inputs() {
     let r = score_video(&gw, "audio_only.m4a", "").await;
     assert_eq!(
         (r.status, r.code()),
-        (422, "undecodable_image"),
+        (422, "undecodable_video"),
         "{}",
         r.json
     );
@@ -231,4 +231,25 @@ async fn two_videos_run_at_once_on_two_workers() {
         most > window,
         "the two videos never overlapped (max {most} slots)"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn videos_over_the_duration_or_size_limit_are_413() {
+    let gw = Gateway::start("[video]\nmax_duration_s = 5.0\nmax_body_bytes = 2000000\n").await;
+    let r = score_video(&gw, "h264.mp4", "fps=1").await;
+    assert_eq!((r.status, r.code()), (413, "video_too_large"), "{}", r.json);
+    let msg = r.json["error"]["message"].as_str().unwrap();
+    assert!(msg.contains('5'), "the message names the limit: {msg}");
+    let mut big = std::fs::read(clip("h264.mp4")).unwrap();
+    big.resize(2_000_001, 0);
+    let r = gw
+        .client
+        .post(gw.url("/v1/models/open_nsfw/score"))
+        .body(big)
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!((r.status, r.code()), (413, "payload_too_large"), "{}", r.json);
+    assert_eq!(leased(&gw).await, 0.0);
 }

@@ -147,7 +147,7 @@ impl OrtCpu {
 
 fn configure(env: &Environment, threads: usize) -> Result<SessionBuilder, ort::Error> {
     Ok(Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::Level3)?
+        .with_optimization_level(GraphOptimizationLevel::All)?
         .with_intra_threads(threads)?
         .with_inter_threads(1)?
         .with_intra_op_spinning(false)?

@@ -17,8 +17,11 @@ use spec::{Limits, ModelSpec};
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let path = args.next().expect("usage: video_bench CLIP [FPS]");
+    let path = args
+        .next()
+        .expect("usage: video_bench CLIP [FPS] [THREADS]");
     let fps: f64 = args.next().map_or(1.0, |a| a.parse().expect("FPS"));
+    let threads: u32 = args.next().map_or(1, |a| a.parse().expect("THREADS"));
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let model = ModelSpec::load(&root.join("configs/models/open_nsfw.toml")).unwrap();
     let data = std::fs::read(&path).unwrap();
@@ -76,6 +79,7 @@ fn main() {
             max_decoded: 10_000_000,
             max_duration: 1e9,
             deadline_ms: 3_600_000,
+            decode_threads: threads,
         },
         slots,
     };

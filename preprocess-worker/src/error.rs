@@ -134,3 +134,19 @@ mod tests {
         );
     }
 }
+
+/// The IPC form of a preprocessing failure.
+pub(crate) fn job_error(e: &PreprocessError) -> shm::JobError {
+    shm::JobError {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// A failure that is a bug or a resource problem, not the input's fault.
+pub(crate) fn internal(e: impl ToString) -> shm::JobError {
+    shm::JobError {
+        kind: JobErrorKind::Internal,
+        message: e.to_string(),
+    }
+}

@@ -21,8 +21,9 @@ use shm::{
 };
 use spec::{Limits, ModelSpec};
 
+use crate::error::{internal, job_error};
+use crate::preprocess;
 use crate::video::{self, Control, VideoEnv};
-use crate::{PreprocessError, preprocess};
 
 /// A job for a decode thread.
 enum Work {
@@ -247,18 +248,4 @@ fn run_job(ctx: &Ctx, job: &Job) -> Result<JobDone, JobError> {
         format: info.format.to_string(),
         decode_us: start.elapsed().as_micros() as u64,
     })
-}
-
-fn job_error(e: &PreprocessError) -> JobError {
-    JobError {
-        kind: e.kind(),
-        message: e.to_string(),
-    }
-}
-
-fn internal(e: impl ToString) -> JobError {
-    JobError {
-        kind: JobErrorKind::Internal,
-        message: e.to_string(),
-    }
 }

@@ -3,15 +3,15 @@
 //! timestamps, decoder skipping, codecs, rotation and aspect ratio against
 //! what the ffmpeg CLI shows, failures, caps, and the grant-driven stream.
 
-mod video_harness;
+mod harness;
 
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
+use harness::*;
 use preprocess_worker::preprocess;
 use shm::{FromWorker, Input, JobErrorKind, SampleMode, ToWorker};
 use spec::Limits;
-use video_harness::*;
 
 fn assert_times(got: &[f64], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "got {got:?}, want {want:?}");
@@ -24,7 +24,7 @@ fn seconds(range: std::ops::Range<u32>) -> Vec<f64> {
     range.map(f64::from).collect()
 }
 
-fn failure(run: &video_harness::Run) -> (JobErrorKind, String) {
+fn failure(run: &harness::Run) -> (JobErrorKind, String) {
     match &run.last {
         FromWorker::Failed { error, .. } => (error.kind, error.message.clone()),
         other => panic!("expected Failed, got {other:?}"),

@@ -88,6 +88,8 @@ pub struct Sampling {
     pub max_duration: f64,
     /// Wall-clock budget for the whole video.
     pub deadline_ms: u64,
+    /// FFmpeg decoder threads (frame threading when > 1).
+    pub decode_threads: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -106,6 +106,8 @@ pub struct VideoLimits {
     pub slots_per_request: u32,
     /// Default `threshold` for the aggregate's flagged frame times.
     pub default_threshold: f32,
+    /// FFmpeg decoder threads per video (frame threading when > 1).
+    pub decode_threads: u32,
 }
 
 impl Default for VideoLimits {
@@ -119,6 +121,7 @@ impl Default for VideoLimits {
             decode_deadline_ms: 60_000,
             slots_per_request: 4,
             default_threshold: 0.5,
+            decode_threads: 2,
         }
     }
 }
@@ -261,9 +264,13 @@ impl ServerConfig {
             return Err(invalid("limits must be > 0"));
         }
         let v = &self.video;
-        if v.max_frames == 0 || v.default_fps <= 0.0 || v.slots_per_request == 0 {
+        if v.max_frames == 0
+            || v.default_fps <= 0.0
+            || v.slots_per_request == 0
+            || !(1..=16).contains(&v.decode_threads)
+        {
             return Err(invalid(
-                "video.max_frames, video.default_fps and video.slots_per_request must be > 0",
+                "video.max_frames, video.default_fps and video.slots_per_request must be > 0, video.decode_threads 1..=16",
             ));
         }
         if let Some(m) = self

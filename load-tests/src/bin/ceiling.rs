@@ -15,8 +15,13 @@ struct Args {
     model: std::path::PathBuf,
     #[arg(long, default_value = ".deps/onnxruntime/libonnxruntime.so.1.32.0")]
     ort_library: std::path::PathBuf,
+    /// Image to decode, preprocess and score.
+    #[arg(long, required_unless_present = "model_only")]
+    file: Option<std::path::PathBuf>,
+    /// Instead: only run this many samples through the engines (split over
+    /// `threads` instances) and report the wall time.
     #[arg(long)]
-    file: std::path::PathBuf,
+    model_only: Option<usize>,
     /// Pipeline threads (each owns an engine instance).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -33,7 +38,11 @@ fn main() -> anyhow::Result<()> {
     spec.instances.intra_threads = a.intra;
     let lib = std::fs::canonicalize(&a.ort_library)?;
     let backends = gpu_executor::Backends::new(lib);
-    let data = std::fs::read(&a.file)?;
+    if let Some(n) = a.model_only {
+        return model_only(&spec, &backends, a.threads, n);
+    }
+    let file = a.file.clone().expect("required unless --model-only");
+    let data = std::fs::read(&file)?;
     let limits = spec::Limits::default();
     let pipeline = |engine: &mut dyn gpu_executor::Engine, buf: &mut Vec<f32>| {
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -78,13 +87,43 @@ fn main() -> anyhow::Result<()> {
     });
     let wall = t.elapsed().as_secs_f64();
     let line = serde_json::json!({
-        "file": a.file.file_name().map(|f| f.to_string_lossy().to_string()),
+        "file": file.file_name().map(|f| f.to_string_lossy().to_string()),
         "threads": a.threads,
         "intra": a.intra,
         "throughput_per_s": done.load(Ordering::Relaxed) as f64 / wall,
         "single_p50_ms": p50,
         "single_p99_ms": p99,
     });
+    println!("{line}");
+    Ok(())
+}
+
+/// Wall time of `n` samples through `threads` engine instances in parallel.
+fn model_only(
+    spec: &spec::ModelSpec,
+    backends: &gpu_executor::Backends,
+    threads: usize,
+    n: usize,
+) -> anyhow::Result<()> {
+    let mut engines: Vec<_> = (0..threads)
+        .map(|_| gpu_executor::load(spec, backends))
+        .collect::<Result<_, _>>()?;
+    let buf = vec![0.5f32; spec.input.elements()];
+    for e in engines.iter_mut() {
+        e.run(&buf, 1)?;
+    }
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for (i, e) in engines.iter_mut().enumerate() {
+            let buf = &buf;
+            s.spawn(move || {
+                for _ in (i..n).step_by(threads) {
+                    e.run(buf, 1).expect("inference");
+                }
+            });
+        }
+    });
+    let line = serde_json::json!({"model_only_samples": n, "threads": threads, "seconds": t.elapsed().as_secs_f64()});
     println!("{line}");
     Ok(())
 }

@@ -16,6 +16,7 @@ use super::decode::{self, FrameSink, RunError, Stop};
 use super::sampler::Sampler;
 use super::source::{self, ByteRange};
 use crate::PreprocessError;
+use crate::error::{internal, job_error};
 use crate::pixels::Pixels;
 
 /// Messages from the gateway for a running video job (routed by job id).
@@ -142,7 +143,8 @@ fn sample(
     sink: &mut SlotSink<'_>,
 ) -> Result<VideoDone, JobError> {
     let s = &job.sampling;
-    let mut src = source::open(range, deadline).map_err(|e| job_error(&e))?;
+    let mut src =
+        source::open(range, deadline, job.sampling.decode_threads).map_err(|e| job_error(&e))?;
     if let Some(d) = src
         .duration
         .filter(|&d| s.max_duration > 0.0 && d > s.max_duration)
@@ -198,18 +200,4 @@ fn check_size(w: u32, h: u32, limits: &Limits) -> Result<(), PreprocessError> {
         });
     }
     Ok(())
-}
-
-fn job_error(e: &PreprocessError) -> JobError {
-    JobError {
-        kind: e.kind(),
-        message: e.to_string(),
-    }
-}
-
-fn internal(e: impl ToString) -> JobError {
-    JobError {
-        kind: JobErrorKind::Internal,
-        message: e.to_string(),
-    }
 }

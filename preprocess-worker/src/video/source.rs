@@ -86,7 +86,11 @@ fn seconds(v: i64, per_unit: f64) -> Option<f64> {
 /// Probes the container, finds the video stream and opens its decoder
 /// (single-threaded: the worker's threads are the unit of parallelism).
 /// Opening is aborted once `deadline` passes.
-pub(crate) fn open(range: ByteRange<'_>, deadline: Instant) -> Result<Opened, PreprocessError> {
+pub(crate) fn open(
+    range: ByteRange<'_>,
+    deadline: Instant,
+    threads: u32,
+) -> Result<Opened, PreprocessError> {
     let mut options = Dictionary::new();
     options.set("protocol_whitelist", PROTOCOLS);
     options.set("format_whitelist", FORMATS);
@@ -137,9 +141,13 @@ pub(crate) fn open(range: ByteRange<'_>, deadline: Instant) -> Result<Opened, Pr
     let codec_id = params.id();
     let mut ctx = codec::Context::from_parameters(params)
         .map_err(|e| PreprocessError::Internal(format!("decoder parameters: {e}")))?;
+    let kind = match threads {
+        0 | 1 => codec::threading::Type::None,
+        _ => codec::threading::Type::Frame,
+    };
     ctx.set_threading(codec::threading::Config {
-        kind: codec::threading::Type::None,
-        count: 1,
+        kind,
+        count: threads.max(1) as usize,
         ..Default::default()
     });
     let mut dec = ctx.decoder();

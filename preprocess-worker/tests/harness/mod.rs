@@ -1,7 +1,7 @@
-//! Drives the real worker binary like the gateway does for video: inherited
-//! fds (socket, tensor pool memfd, input region memfd), a `VideoJob` with a
-//! window of slots, and a `Grant` back for each slot after its `Frame` was
-//! read (as if the frame had been scored and its slot freed).
+//! Drives the real worker binary like the gateway does: inherited fds
+//! (socket, tensor pool memfd, input region memfd), the handshake, image
+//! jobs, and video jobs with a window of slots and a `Grant` back for each
+//! slot after its `Frame` was read (as if the frame had been scored).
 
 #![allow(dead_code)]
 
@@ -56,6 +56,7 @@ pub fn sampling(mode: SampleMode) -> Sampling {
         max_decoded: 100_000,
         max_duration: 4.0 * 3600.0,
         deadline_ms: 60_000,
+        decode_threads: 1,
     }
 }
 
@@ -98,6 +99,12 @@ impl Run {
 }
 
 impl Worker {
+    /// Closes the socket and waits for the worker to exit on its own.
+    pub fn close(mut self) -> std::process::ExitStatus {
+        let _ = self.gw.shutdown(std::net::Shutdown::Both);
+        self.child.wait().unwrap()
+    }
+
     pub fn start() -> Self {
         let model = model();
         let layout = PoolLayout::new(&[(SLOTS, model.input.sample_bytes())]);
