@@ -212,6 +212,7 @@ fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
     let mut spec = small(common::open_nsfw());
     // Long enough that only the `pending == 0` hint can close the batch.
     spec.batching.max_queue_delay_us = 30_000_000;
+    spec.batching.max_batch = 8;
     let lib = common::ort_library().display().to_string();
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 8);
     assert_eq!(ex.init(vec![spec.clone()], lib), FromExecutor::Ready);
