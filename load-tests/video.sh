@@ -13,7 +13,8 @@ CLIP=load-tests/results/h264_1080p_60s.mp4
 mkdir -p "$OUT"
 if [ ! -f "$CLIP" ]; then
   ffmpeg -v error -f lavfi -i "testsrc2=size=1920x1080:rate=30" -t 60 -vf "noise=alls=20:allf=t" \
-    -c:v libx264 -preset veryfast -b:v 6M -g 250 -pix_fmt yuv420p -movflags +faststart "$CLIP"
+    -c:v libx264 -preset veryfast -b:v 6M -g 250 -pix_fmt yuv420p -movflags +faststart "$CLIP.part.mp4"
+  mv "$CLIP.part.mp4" "$CLIP"
 fi
 cargo build -q --release --workspace --bins
 "$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 >"$OUT/mmgate.out" 2>"$OUT/mmgate.err" &

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -37,6 +38,12 @@ pub fn app(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(Code::NotFound, "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                Code::MethodNotAllowed,
+                "this route does not take that method",
+            )
+        })
         .with_state(state)
 }
 
@@ -60,8 +67,9 @@ async fn list_models(State(app): State<AppState>) -> Json<serde_json::Value> {
 
 async fn get_model(
     State(app): State<AppState>,
-    Path(model): Path<String>,
+    model: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let model = model_name(model)?;
     let (_, m) = app
         .core
         .model(&model)
@@ -124,7 +132,21 @@ fn request_id(headers: &HeaderMap) -> String {
         })
 }
 
-async fn score(State(app): State<AppState>, Path(model): Path<String>, req: Request) -> Response {
+/// The `{model}` path segment, or a JSON 400 when it is not valid UTF-8.
+fn model_name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(m)| m)
+        .map_err(|e| ApiError::new(Code::BadRequest, format!("bad model name in the path: {e}")))
+}
+
+async fn score(
+    State(app): State<AppState>,
+    model: Result<Path<String>, PathRejection>,
+    req: Request,
+) -> Response {
+    let model = match model_name(model) {
+        Ok(m) => m,
+        Err(e) => return e.into_response(),
+    };
     let started = Instant::now();
     let rid = request_id(req.headers());
     let (tenant, outcome) = score_inner(&app, &model, &rid, req).await;
@@ -184,6 +206,16 @@ async fn score_inner(
             ));
         }
         let (idx, _) = app.core.model(model).ok_or_else(|| unknown_model(model))?;
+        let kib = score::body_reservation(&req, &app.core.cfg);
+        let _buffered = app.body_budget.clone().try_acquire_many_owned(kib).map_err(|_| {
+            ApiError::new(
+                Code::QueueFull,
+                format!(
+                    "the gateway is already buffering server.max_inflight_body_bytes = {} bytes of uploads",
+                    app.core.cfg.server.max_inflight_body_bytes
+                ),
+            )
+        })?;
         let query: HashMap<String, String> = req
             .uri()
             .query()

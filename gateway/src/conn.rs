@@ -7,14 +7,16 @@ use std::sync::Mutex;
 
 use shm::{FromWorker, ToWorker};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 pub(crate) struct Conn {
     writer: tokio::sync::Mutex<OwnedWriteHalf>,
     /// Jobs sent and not yet finished; `None` once the worker is gone.
     waiting: Mutex<Option<HashMap<u64, mpsc::UnboundedSender<FromWorker>>>>,
-    /// Asks the supervisor to kill this worker (a deadline passed).
-    pub kill: Notify,
+    /// Cancelled when this worker is going away (killed for a deadline or a
+    /// broken socket, or found dead): its dispatchers stop taking jobs.
+    pub dying: CancellationToken,
 }
 
 impl Conn {
@@ -22,12 +24,26 @@ impl Conn {
         Self {
             writer: tokio::sync::Mutex::new(writer),
             waiting: Mutex::new(Some(HashMap::new())),
-            kill: Notify::new(),
+            dying: CancellationToken::new(),
         }
     }
 
+    /// Sends one message. Only dispatcher tasks call this, and they are
+    /// never cancelled mid-send (only aborted once the worker is dead), so a
+    /// frame is never left half written. A failed send means the worker is
+    /// lost: it is killed, and the caller must hold its job's slots until
+    /// the reaping.
     pub async fn send(&self, msg: &ToWorker) -> Result<(), shm::ShmError> {
-        shm::send(&mut *self.writer.lock().await, msg).await
+        let r = shm::send(&mut *self.writer.lock().await, msg).await;
+        if r.is_err() {
+            self.kill();
+        }
+        r
+    }
+
+    /// Has the supervisor kill and replace this worker.
+    pub fn kill(&self) {
+        self.dying.cancel();
     }
 
     /// Closes our writing side so the worker sees EOF and exits.

@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 
 use shm::{ExecutorInit, FromExecutor, InferJob, Scores, SlotLease, ToExecutor};
 use tokio::io::AsyncWriteExt;
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use crate::children::{self, Backoff, StartError};
 use crate::core::Core;
 use crate::error::{ApiError, Code};
 
-type Waiting = HashMap<u64, (oneshot::Sender<Scores>, SlotLease)>;
+/// Jobs sent and not answered, with the slot each keeps leased meanwhile.
+type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, String>>, SlotLease)>;
 
 #[derive(Debug, Default)]
 pub struct Executor {
@@ -26,10 +27,14 @@ pub struct Executor {
     next_job: AtomicU64,
 }
 
+/// One executor incarnation. Frames are written by one writer task, so a
+/// request dropped mid-send can never leave half a frame on the socket.
 #[derive(Debug)]
 struct Conn {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    out: mpsc::UnboundedSender<ToExecutor>,
     waiting: Mutex<Option<Waiting>>,
+    /// Cancelled to have the supervisor kill and restart the executor.
+    kill: CancellationToken,
 }
 
 impl Executor {
@@ -37,8 +42,14 @@ impl Executor {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// Runs the sample in `lease` through its model.
-    pub async fn infer(&self, lease: SlotLease, pending: u32) -> Result<Scores, ApiError> {
+    /// Runs the sample in `lease` through its model. An executor that does
+    /// not answer within `executor.infer_timeout_ms` is killed and restarted.
+    pub async fn infer(
+        &self,
+        lease: SlotLease,
+        pending: u32,
+        within: Duration,
+    ) -> Result<Scores, ApiError> {
         let conn = self
             .conn
             .read()
@@ -63,8 +74,25 @@ impl Executor {
             pending,
         });
         // On a send error the executor is dying; its reaping fails the job.
-        let _ = shm::send(&mut *conn.writer.lock().await, &msg).await;
-        rx.await.map_err(|_| crashed())
+        let _ = conn.out.send(msg);
+        match tokio::time::timeout(within, rx).await {
+            Ok(Ok(Ok(scores))) => Ok(scores),
+            Ok(Ok(Err(message))) => Err(ApiError::new(
+                Code::Internal,
+                format!("the executor could not score this sample: {message}"),
+            )),
+            Ok(Err(_)) => Err(crashed()),
+            Err(_) => {
+                conn.kill.cancel();
+                Err(ApiError::new(
+                    Code::ExecutorCrashed,
+                    format!(
+                        "the executor did not answer within {} ms; it is being restarted",
+                        within.as_millis()
+                    ),
+                ))
+            }
+        }
     }
 
     /// Supervises the executor process until shutdown.
@@ -116,10 +144,21 @@ impl Executor {
             return Err(e);
         }
         tracing::info!(pid = sp.pid, "gpu-executor ready");
-        let (mut rd, wr) = sp.stream.into_split();
+        let (mut rd, mut wr) = sp.stream.into_split();
+        let (out, mut outbox) = mpsc::unbounded_channel::<ToExecutor>();
         let conn = Arc::new(Conn {
-            writer: tokio::sync::Mutex::new(wr),
+            out,
             waiting: Mutex::new(Some(HashMap::new())),
+            kill: CancellationToken::new(),
+        });
+        let writer = tokio::spawn(async move {
+            while let Some(msg) = outbox.recv().await {
+                if shm::send(&mut wr, &msg).await.is_err() {
+                    break;
+                }
+            }
+            // Outbox closed (shutdown) or socket broken: EOF tells the executor.
+            let _ = wr.shutdown().await;
         });
         *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
         self.ready.store(true, Ordering::Relaxed);
@@ -137,6 +176,7 @@ impl Executor {
                     reader.deliver(msg, &metrics);
                 }
             } => "socket_closed",
+            _ = conn.kill.cancelled() => "timeout",
             _ = core.shutting_down() => "shutdown",
         };
         self.ready.store(false, Ordering::Relaxed);
@@ -146,9 +186,10 @@ impl Executor {
             .set(0);
         self.conn.write().unwrap_or_else(|e| e.into_inner()).take();
         if reason == "shutdown" {
-            let _ = conn.writer.lock().await.shutdown().await;
+            writer.abort();
             let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
         }
+        writer.abort();
         // Reap first: only then may the waiting jobs' slots be reused.
         children::reap(&mut sp.child).await;
         conn.waiting
@@ -161,11 +202,11 @@ impl Executor {
 
 impl Conn {
     fn deliver(&self, msg: FromExecutor, core: &Core) {
-        let (id, scores) = match msg {
-            FromExecutor::Scores(s) => (s.job_id, Some(s)),
+        let (id, scores, failure) = match msg {
+            FromExecutor::Scores(s) => (s.job_id, Some(s), None),
             FromExecutor::Failed { job_id, message } => {
                 tracing::error!(job_id, message, "executor failed a job");
-                (job_id, None)
+                (job_id, None, Some(message))
             }
             other => {
                 tracing::warn!(?other, "unexpected message from the executor");
@@ -178,14 +219,17 @@ impl Conn {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()
             .and_then(|w| w.remove(&id));
-        if let (Some((tx, lease)), Some(s)) = (entry, scores) {
-            let model = &core.cfg.models[lease.slot().model as usize].name;
-            core.metrics
-                .batch_size
-                .with_label_values(&[model.as_str()])
-                .observe(s.batch as f64);
-            let _ = tx.send(s);
-        }
+        let Some((tx, lease)) = entry else { return };
+        let Some(s) = scores else {
+            let _ = tx.send(Err(failure.unwrap_or_default()));
+            return;
+        };
+        let model = &core.cfg.models[lease.slot().model as usize].name;
+        core.metrics
+            .batch_size
+            .with_label_values(&[model.as_str()])
+            .observe(s.batch as f64);
+        let _ = tx.send(Ok(s));
     }
 }
 

@@ -34,6 +34,8 @@ pub struct AppState {
     pub workers: Arc<WorkerPool>,
     pub executor: Arc<Executor>,
     pub auth: Arc<Auth>,
+    /// KiB of request bodies being buffered (`server.max_inflight_body_bytes`).
+    pub body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -44,6 +46,8 @@ impl AppState {
         bin_dir: std::path::PathBuf,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let auth = Arc::new(Auth::new(&cfg.tenants));
+        let kib = (cfg.server.max_inflight_body_bytes / 1024).min(u32::MAX as usize >> 3);
+        let body_budget = Arc::new(tokio::sync::Semaphore::new(kib));
         let core = Core::new(cfg, bin_dir)?;
         let workers = WorkerPool::new(&core);
         let executor = Arc::new(Executor::default());
@@ -56,6 +60,7 @@ impl AppState {
             workers,
             executor,
             auth,
+            body_budget,
         };
         Ok((state, tasks))
     }

@@ -79,6 +79,17 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Reads the images of a request: a raw body, or every file of a multipart form.
+/// KiB of the body-buffer budget a request reserves before its body is read:
+/// its Content-Length, or the largest allowed body when it has none.
+pub fn body_reservation(req: &Request, cfg: &spec::ServerConfig) -> u32 {
+    let largest = cfg.limits.max_body_bytes.max(cfg.video.max_body_bytes) as u64;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    (declared.unwrap_or(largest).min(largest).div_ceil(1024)).max(1) as u32
+}
+
 /// A raw body may be a video, so it is read up to the larger of the image
 /// and video limits; `check_media` applies the right one once the kind is known.
 pub async fn read_uploads(req: Request, cfg: &spec::ServerConfig) -> Result<Vec<Upload>, ApiError> {
@@ -108,13 +119,18 @@ pub async fn read_uploads(req: Request, cfg: &spec::ServerConfig) -> Result<Vec<
     if !multipart {
         let data = axum::body::to_bytes(req.into_body(), raw_limit)
             .await
-            .map_err(|_| too_large_raw(raw_limit))?;
+            .map_err(|e| body_error(e, raw_limit))?;
         return Ok(vec![Upload { name: None, data }]);
+    }
+    // A form holds images only: the image limit applies to the whole body.
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        return Err(too_large());
     }
     let mut form = Multipart::from_request(req, &())
         .await
         .map_err(|e| ApiError::new(Code::BadRequest, format!("bad multipart body: {e}")))?;
     let mut uploads = Vec::new();
+    let mut total = 0;
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -135,6 +151,10 @@ pub async fn read_uploads(req: Request, cfg: &spec::ServerConfig) -> Result<Vec<
             .bytes()
             .await
             .map_err(|e| multipart_error(e, &too_large))?;
+        total += data.len();
+        if total > limits.max_body_bytes {
+            return Err(too_large());
+        }
         uploads.push(Upload { name, data });
     }
     if uploads.is_empty() {
@@ -144,6 +164,18 @@ pub async fn read_uploads(req: Request, cfg: &spec::ServerConfig) -> Result<Vec<
         ));
     }
     Ok(uploads)
+}
+
+fn body_error(e: axum::Error, limit: usize) -> ApiError {
+    let inner = e.into_inner();
+    if inner.is::<http_body_util::LengthLimitError>() {
+        too_large_raw(limit)
+    } else {
+        ApiError::new(
+            Code::BadRequest,
+            format!("could not read the request body: {inner}"),
+        )
+    }
 }
 
 fn too_large_raw(limit: usize) -> ApiError {
@@ -216,14 +248,37 @@ pub async fn score_one(
         pending: core.pending_guard(model),
         task: Task::Image(reply),
     })?;
-    let pre = rx.await.map_err(|_| {
-        ApiError::new(
-            Code::WorkerCrashed,
-            "the preprocess worker died while decoding this image; it has been restarted, retry the request",
-        )
-    })??;
+    // Bounded even when every worker is stuck on long jobs: the queue wait
+    // plus the decode deadline (a worker over it is killed anyway).
+    let limits = (
+        core.cfg.server.queue_timeout_ms,
+        core.cfg.limits.decode_deadline_ms,
+    );
+    let within = Duration::from_millis(limits.0 + limits.1 + 1_000);
+    let pre = match tokio::time::timeout(within, rx).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(_)) => {
+            return Err(ApiError::new(
+                Code::WorkerCrashed,
+                "the preprocess worker died while decoding this image; it has been restarted, retry the request",
+            ));
+        }
+        Err(_) => {
+            return Err(ApiError::new(
+                Code::QueueTimeout,
+                format!(
+                    "no preprocess worker took this image within {} ms",
+                    within.as_millis()
+                ),
+            ));
+        }
+    };
     let decode = Duration::from_micros(pre.done.decode_us);
-    let scores = app.executor.infer(pre.lease, core.pending(model)).await?;
+    let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
+    let scores = app
+        .executor
+        .infer(pre.lease, core.pending(model), within)
+        .await?;
     let timings = Timings {
         queue_ms: ms(pre.queue),
         decode_ms: ms(decode),

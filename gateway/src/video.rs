@@ -12,7 +12,7 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use shm::{FromWorker, SampleMode, Sampling, SlotLease, ToWorker, VideoDone, VideoJob};
+use shm::{FromWorker, Ledger, SampleMode, Sampling, SlotLease, ToWorker, VideoDone, VideoJob};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::AppState;
@@ -47,15 +47,37 @@ pub struct Grant {
     _window: OwnedSemaphorePermit,
 }
 
-async fn grant(
+/// The first slot of a video: it waits in the queue like an image does.
+async fn first_grant(
     window: &Arc<Semaphore>,
     core: &crate::core::Core,
     model: u16,
     since: Instant,
 ) -> Result<Grant, ApiError> {
-    let permit = window.clone().acquire_owned().await.expect("never closed");
+    let permit = window.clone().try_acquire_owned().expect("a fresh window");
     let lease = lease_within(core, model, since).await?;
     Ok(Grant {
+        lease,
+        _window: permit,
+    })
+}
+
+/// More slots for a running video, as its window and the pool allow. The
+/// worker's own deadline bounds how long it waits for them.
+async fn next_grant(window: Arc<Semaphore>, ledger: &Ledger, model: u16) -> Option<Grant> {
+    let permit = window.acquire_owned().await.ok()?;
+    let lease = ledger.lease(model).await.ok()?;
+    Some(Grant {
+        lease,
+        _window: permit,
+    })
+}
+
+/// A slot now, if the window and the pool have one.
+fn try_grant(window: &Arc<Semaphore>, ledger: &Ledger, model: u16) -> Option<Grant> {
+    let permit = window.clone().try_acquire_owned().ok()?;
+    let lease = ledger.try_lease(model).ok()??;
+    Some(Grant {
         lease,
         _window: permit,
     })
@@ -90,16 +112,20 @@ impl WorkerThread<'_> {
             }
         };
         let sem = Arc::new(Semaphore::new(window as usize));
-        let mut held: HashMap<u32, Grant> = HashMap::new();
-        for _ in 0..window {
-            match grant(&sem, self.core, model, enqueued).await {
-                Ok(g) => held.insert(g.lease.slot().slot, g),
-                Err(e) => {
-                    fail(e);
-                    return Ok(());
-                }
-            };
-        }
+        // One slot is enough to start; waiting for a whole window while
+        // holding part of it could deadlock several videos against each other.
+        let first = match first_grant(&sem, self.core, model, enqueued).await {
+            Ok(g) => g,
+            Err(e) => {
+                fail(e);
+                return Ok(());
+            }
+        };
+        let ledger = &self.core.ledger;
+        let mut held: HashMap<u32, Grant> = std::iter::once(first)
+            .chain(std::iter::from_fn(|| try_grant(&sem, ledger, model)))
+            .map(|g| (g.lease.slot().slot, g))
+            .collect();
         let slots = held.values().map(|g| g.lease.slot()).collect();
         let deadline_ms = sampling.deadline_ms;
         let mut rx = self.conn.expect(job_id);
@@ -120,6 +146,8 @@ impl WorkerThread<'_> {
         let limit = tokio::time::sleep(Duration::from_millis(deadline_ms + 2_000));
         tokio::pin!(limit);
         let mut cancelled = false;
+        // Kept across turns so the video keeps its place in the pool's queue.
+        let mut more = Box::pin(next_grant(sem.clone(), ledger, model));
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
@@ -139,8 +167,9 @@ impl WorkerThread<'_> {
                     Some(_) => {}
                     None => return Err(lost(held, events)),
                 },
-                g = grant(&sem, self.core, model, Instant::now()), if !cancelled => {
-                    let Ok(g) = g else { continue };
+                g = &mut more, if !cancelled => {
+                    more = Box::pin(next_grant(sem.clone(), ledger, model));
+                    let Some(g) = g else { continue };
                     let slot = g.lease.slot();
                     held.insert(slot.slot, g);
                     if self.conn.send(&ToWorker::Grant { job_id, slot }).await.is_err() {
@@ -158,7 +187,7 @@ impl WorkerThread<'_> {
                         Code::DecodeDeadlineExceeded,
                         format!("the video took longer than video.decode_deadline_ms = {deadline_ms} ms"),
                     ));
-                    self.conn.kill.notify_one();
+                    self.conn.kill();
                     return Err(lost(held, events));
                 }
             }
@@ -341,9 +370,10 @@ pub async fn score_video(
                 Some(VideoEvent::Frame { grant, t }) => {
                     let executor = app.executor.clone();
                     let pending = core.pending(model);
+                    let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
                     inflight.push(async move {
                         let Grant { lease, _window } = grant;
-                        (t, executor.infer(lease, pending).await)
+                        (t, executor.infer(lease, pending, within).await)
                     });
                 }
                 Some(VideoEvent::Done(d)) => done = Some(d),

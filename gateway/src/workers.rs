@@ -78,8 +78,15 @@ impl WorkerPool {
         })
     }
 
-    /// Queues a job, or refuses at once when the queue is full.
+    /// Queues a job, or refuses at once when the queue is full or no worker
+    /// is up to take it.
     pub fn submit(&self, job: WorkJob) -> Result<(), ApiError> {
+        if self.ready_count() == 0 {
+            return Err(ApiError::new(
+                Code::NotReady,
+                "no preprocess worker is running (they are starting or restarting)",
+            ));
+        }
         self.tx.try_send(job).map_err(|e| match e {
             async_channel::TrySendError::Full(_) => ApiError::new(
                 Code::QueueFull,
@@ -203,9 +210,10 @@ impl WorkerPool {
                     reader.deliver(msg);
                 }
             } => "socket_closed",
-            _ = conn.kill.notified() => "deadline",
+            _ = conn.dying.cancelled() => "killed",
             _ = core.shutting_down() => "shutdown",
         };
+        conn.kill(); // its dispatchers stop taking jobs now
         self.ready[index as usize].store(false, Ordering::Relaxed);
         core.metrics
             .children_ready
@@ -232,7 +240,15 @@ impl WorkerPool {
         input: Arc<InputRegion>,
         k: u32,
     ) {
-        while let Ok(job) = self.rx.recv().await {
+        loop {
+            let job = tokio::select! {
+                biased;
+                _ = conn.dying.cancelled() => return,
+                job = self.rx.recv() => match job {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+            };
             if job.task.caller_gone() {
                 continue; // the caller went away: skip the decode
             }
@@ -322,7 +338,7 @@ impl WorkerThread<'_> {
                     self.core.cfg.limits.decode_deadline_ms
                 );
                 let _ = reply.send(Err(ApiError::new(Code::DecodeDeadlineExceeded, msg)));
-                self.conn.kill.notify_one();
+                self.conn.kill();
                 return Err(Held::new(vec![lease], ()));
             }
         };

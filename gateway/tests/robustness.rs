@@ -297,8 +297,94 @@ async fn environment_overrides_the_file_and_children_die_with_the_gateway() {
     kill(Pid::from_raw(gw.pid() as i32), Signal::SIGKILL).unwrap();
     let _ = tokio::task::block_in_place(|| gw.child.wait());
     let t = Instant::now();
-    while kids.iter().any(|p| std::path::Path::new(&format!("/proc/{p}/stat")).exists()) {
-        assert!(t.elapsed() < Duration::from_secs(2), "children outlived the gateway");
+    while kids
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}/stat")).exists())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "children outlived the gateway"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_executor_times_out_is_replaced_and_frees_the_slot() {
+    let gw = Gateway::start("[executor]\ninfer_timeout_ms = 500\n").await;
+    let exec = gw.children("gpu-executor");
+    kill(Pid::from_raw(exec[0] as i32), Signal::SIGSTOP).unwrap();
+    let t = Instant::now();
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (502, "executor_crashed"),
+        "{}",
+        r.json
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    gw.wait_ready(Duration::from_secs(30)).await;
+    assert_ne!(gw.children("gpu-executor"), exec, "a new executor");
+    assert_eq!(leased(&gw).await, 0.0);
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_uploads_are_bounded_and_wrong_methods_get_json() {
+    let gw = Gateway::start(
+        "[server]\nmax_inflight_body_bytes = 300000\n\
+         [limits]\nmax_body_bytes = 200000\n[video]\nmax_body_bytes = 200000\n",
+    )
+    .await;
+    // A body without Content-Length reserves the largest allowed body; this
+    // one trickles in, holding its reservation.
+    let slow = futures::stream::unfold(0, |n| async move {
+        if n == 3 {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        Some((Ok::<_, std::io::Error>(vec![0xFFu8; 10]), n + 1))
+    });
+    let url = gw.url("/v1/models/open_nsfw/score");
+    let first = tokio::spawn(
+        gw.client
+            .post(&url)
+            .body(reqwest::Body::wrap_stream(slow))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let more = futures::stream::iter([Ok::<_, std::io::Error>(vec![0xFFu8; 10])]);
+    let r = gw
+        .client
+        .post(&url)
+        .body(reqwest::Body::wrap_stream(more))
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!((r.status, r.code()), (503, "queue_full"), "{}", r.json);
+    assert!(r.headers.contains_key("retry-after"));
+    let first = Reply::read(first.await.unwrap().unwrap()).await;
+    assert_eq!(first.status, 415, "{}", first.json);
+    // Once it is done, the budget is back.
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let r = gw.get("/v1/models/open_nsfw/score").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (405, "method_not_allowed"),
+        "{}",
+        r.json
+    );
 }

@@ -250,6 +250,11 @@ async fn videos_over_the_duration_or_size_limit_are_413() {
         .await
         .unwrap();
     let r = Reply::read(r).await;
-    assert_eq!((r.status, r.code()), (413, "payload_too_large"), "{}", r.json);
+    assert_eq!(
+        (r.status, r.code()),
+        (413, "payload_too_large"),
+        "{}",
+        r.json
+    );
     assert_eq!(leased(&gw).await, 0.0);
 }

@@ -43,6 +43,9 @@ pub struct ServerSection {
     pub shutdown_grace_ms: u64,
     /// Folder of the child binaries; empty = next to the `mmgate` binary.
     pub bin_dir: String,
+    /// Request bodies the gateway buffers at once, in bytes (a body without
+    /// Content-Length counts as the largest allowed); over it = 503.
+    pub max_inflight_body_bytes: usize,
 }
 
 impl Default for ServerSection {
@@ -54,6 +57,7 @@ impl Default for ServerSection {
             queue_timeout_ms: 10_000,
             shutdown_grace_ms: 30_000,
             bin_dir: String::new(),
+            max_inflight_body_bytes: 1 << 30,
         }
     }
 }
@@ -154,12 +158,16 @@ pub struct ExecutorSection {
     /// Absolute path (or relative to the config file) of the versioned ONNX
     /// Runtime shared library, e.g. `libonnxruntime.so.1.32.0`.
     pub ort_library: String,
+    /// An inference not answered within this is a hung executor: it is
+    /// killed and restarted, and the request gets a 502.
+    pub infer_timeout_ms: u64,
 }
 
 impl Default for ExecutorSection {
     fn default() -> Self {
         Self {
             ort_library: "../.deps/onnxruntime/libonnxruntime.so.1.32.0".into(),
+            infer_timeout_ms: 30_000,
         }
     }
 }
@@ -190,6 +198,10 @@ impl Tenant {
         self.models.iter().any(|m| m == "*" || m == model)
     }
 }
+
+/// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs
+/// must fit in one.
+pub const MAX_FRAME_BYTES: usize = 8 << 20;
 
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SpecError> {
     let text = std::fs::read_to_string(path).map_err(|source| SpecError::Io {
@@ -259,6 +271,13 @@ impl ServerConfig {
                 w.count, w.threads
             )));
         }
+        if w.inline_input_max_bytes + 4096 > MAX_FRAME_BYTES {
+            return Err(invalid(format!(
+                "workers.inline_input_max_bytes is {}; it must be at most {} (the IPC frame limit)",
+                w.inline_input_max_bytes,
+                MAX_FRAME_BYTES - 4096
+            )));
+        }
         let l = &self.limits;
         if l.max_body_bytes == 0 || l.max_images_per_request == 0 || l.max_pixels == 0 {
             return Err(invalid("limits must be > 0"));
@@ -283,6 +302,13 @@ impl ServerConfig {
                 m.name,
                 self.slots_for(m),
                 v.slots_per_request
+            )));
+        }
+        let largest = self.limits.max_body_bytes.max(self.video.max_body_bytes);
+        if self.server.max_inflight_body_bytes < largest {
+            return Err(invalid(format!(
+                "server.max_inflight_body_bytes ({}) must be at least the largest body limit ({largest})",
+                self.server.max_inflight_body_bytes
             )));
         }
         if self.server.queue_capacity == 0 {
