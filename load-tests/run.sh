@@ -13,7 +13,7 @@ FILES=${FILES:-"coffee_640.jpg astronaut_1536.jpg"}
 OUT=load-tests/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 
-cargo build -q --release --workspace --bins
+[ -n "${NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
 "$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 >"$OUT/mmgate.out" 2>"$OUT/mmgate.err" &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT

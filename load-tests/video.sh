@@ -16,7 +16,7 @@ if [ ! -f "$CLIP" ]; then
     -c:v libx264 -preset veryfast -b:v 6M -g 250 -pix_fmt yuv420p -movflags +faststart "$CLIP.part.mp4"
   mv "$CLIP.part.mp4" "$CLIP"
 fi
-cargo build -q --release --workspace --bins
+[ -n "${NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
 "$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 >"$OUT/mmgate.out" 2>"$OUT/mmgate.err" &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT

@@ -7,6 +7,10 @@
 //! or at once when the newest job says no more samples of this model are in
 //! preprocessing (`pending == 0`). While every instance is busy, samples keep
 //! accumulating (up to `max_batch` per batch).
+//!
+//! If every instance thread of the model is gone, the batcher fails each job
+//! it gets and reports the loss once on its `lost` channel: the process
+//! cannot serve that model any more and should exit so that it is restarted.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -78,12 +82,14 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts one thread per engine and the batcher task (on the current
-    /// tokio runtime). Answers for every job go to `answers`.
+    /// tokio runtime). Answers for every job go to `answers`; `lost` gets
+    /// one error if no instance is left to run this model.
     pub fn spawn(
         spec: &ModelSpec,
         engines: Vec<Box<dyn Engine>>,
         tensors: Arc<SharedTensors>,
         answers: mpsc::UnboundedSender<FromExecutor>,
+        lost: mpsc::UnboundedSender<ExecError>,
     ) -> Result<Self, ExecError> {
         let model = Arc::new(ModelInfo {
             name: spec.name.clone(),
@@ -114,6 +120,7 @@ impl Batcher {
             queue: VecDeque::new(),
             flush: false,
             answers,
+            lost: Some(lost),
         };
         let task = tokio::spawn(actor.run(rx, free_rx));
         Ok(Self { inbox, task })
@@ -146,6 +153,8 @@ struct Actor {
     /// The newest job's `pending` was 0, or the inbox is closed.
     flush: bool,
     answers: mpsc::UnboundedSender<FromExecutor>,
+    /// Taken when the loss of every instance is reported.
+    lost: Option<mpsc::UnboundedSender<ExecError>>,
 }
 
 impl Actor {
@@ -168,9 +177,9 @@ impl Actor {
                 id = free_rx.recv(), if threads_alive => match id {
                     Some(id) => self.free.push(id),
                     None => {
-                        // Every instance thread is gone (they only exit
-                        // early by panicking outside the engine).
-                        tracing::error!(model = %self.model, "all instance threads exited");
+                        // Every instance thread is gone (a panic escaped
+                        // the instance's guard, e.g. from a panic payload's
+                        // own drop).
                         threads_alive = false;
                         self.instances.iter_mut().for_each(|i| *i = None);
                         self.free.clear();
@@ -218,7 +227,7 @@ impl Actor {
     /// Sends batches to free instances while the policy says so.
     fn dispatch(&mut self) {
         if self.instances.iter().all(Option::is_none) {
-            return self.fail_queued("no engine instance is running");
+            return self.no_instance_left();
         }
         while let Some(&id) = self.free.last() {
             let now = Instant::now();
@@ -245,10 +254,22 @@ impl Actor {
                     self.queue.push_front((q.job, now));
                 }
                 if self.instances.iter().all(Option::is_none) {
-                    return self.fail_queued("no engine instance is running");
+                    return self.no_instance_left();
                 }
             }
         }
+    }
+
+    /// Fails what is queued and, the first time, reports the loss.
+    fn no_instance_left(&mut self) {
+        if let Some(lost) = self.lost.take() {
+            tracing::error!(model = %self.model, "every instance thread exited");
+            let _ = lost.send(ExecError::Instance {
+                model: self.model.clone(),
+                message: "every instance thread exited; no instances left".into(),
+            });
+        }
+        self.fail_queued("no engine instance is running");
     }
 
     fn fail_queued(&mut self, message: &str) {
@@ -263,4 +284,4 @@ impl Actor {
 
 #[cfg(test)]
 #[path = "batcher_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -10,15 +10,29 @@ use tokio::time::timeout;
 
 use super::*;
 
-const ELEMS: usize = 4;
+pub(crate) const ELEMS: usize = 4;
 const SLOTS: u32 = 32;
 
 /// Echoes each sample's first value; reports every batch it starts and, when
-/// gated, blocks until the test releases it.
+/// gated, blocks until the test releases it. With `bomb > 0` its first batch
+/// panics with a `Bomb(bomb)`.
 struct Echo {
     started: UnboundedSender<usize>,
     gate: Option<std_mpsc::Receiver<()>>,
     fail: bool,
+    bomb: u32,
+}
+
+/// A panic payload whose drop panics again with `Bomb(n - 1)`, down to 0:
+/// how a panic gets past `catch_unwind`, whose caller drops the payload.
+pub(crate) struct Bomb(pub(crate) u32);
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            std::panic::panic_any(Bomb(self.0 - 1));
+        }
+    }
 }
 
 impl Engine for Echo {
@@ -27,6 +41,9 @@ impl Engine for Echo {
         let _ = self.started.send(batch);
         if let Some(gate) = &self.gate {
             let _ = gate.recv();
+        }
+        if self.bomb > 0 {
+            std::panic::panic_any(Bomb(std::mem::take(&mut self.bomb)));
         }
         if self.fail {
             return Err(ExecError::Inference {
@@ -41,7 +58,7 @@ impl Engine for Echo {
     }
 }
 
-fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpec {
+pub(crate) fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpec {
     use spec::*;
     ModelSpec {
         name: "m".into(),
@@ -90,6 +107,7 @@ fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpec {
 
 struct Rig {
     batcher: Batcher,
+    lost: UnboundedReceiver<ExecError>,
     tensors: Arc<SharedTensors>,
     answers: mpsc::UnboundedReceiver<FromExecutor>,
     started: UnboundedReceiver<usize>,
@@ -97,6 +115,10 @@ struct Rig {
 }
 
 fn rig(spec: &ModelSpec, instances: usize, gated: bool, fail: bool) -> Rig {
+    rig_with(spec, instances, gated, fail, 0)
+}
+
+fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u32) -> Rig {
     let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(SLOTS, ELEMS * 4)])).unwrap());
     let (started_tx, started) = unbounded_channel();
     let mut gates = Vec::new();
@@ -111,13 +133,16 @@ fn rig(spec: &ModelSpec, instances: usize, gated: bool, fail: bool) -> Rig {
                 started: started_tx.clone(),
                 gate,
                 fail,
+                bomb,
             }) as Box<dyn Engine>
         })
         .collect();
     let (tx, answers) = unbounded_channel();
-    let batcher = Batcher::spawn(spec, engines, tensors.clone(), tx).unwrap();
+    let (lost_tx, lost) = unbounded_channel();
+    let batcher = Batcher::spawn(spec, engines, tensors.clone(), tx, lost_tx).unwrap();
     Rig {
         batcher,
+        lost,
         tensors,
         answers,
         started,
@@ -358,3 +383,6 @@ async fn close_runs_what_is_queued() {
         "{s:?}"
     );
 }
+
+#[path = "batcher_fault_tests.rs"]
+mod faults;

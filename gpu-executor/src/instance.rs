@@ -1,7 +1,9 @@
 //! An engine instance on its own OS thread: blocking inference never runs on
 //! the async runtime. For each batch it gathers the samples from shared
 //! memory into one reused buffer, runs the engine, postprocesses each sample
-//! and answers each job; then it tells the batcher it is free again.
+//! and answers each job; then it tells the batcher it is free again. A panic
+//! anywhere in that work is caught: the batch's unanswered jobs get `Failed`
+//! and the instance stays in service.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -58,9 +60,10 @@ impl Instance {
                     answers,
                     input: Vec::new(),
                     batch: Vec::new(),
+                    answered: Vec::new(),
                 };
                 for jobs in rx {
-                    worker.run(jobs);
+                    worker.guarded(jobs, Worker::run);
                     if free.send(id).is_err() {
                         break;
                     }
@@ -90,9 +93,50 @@ struct Worker {
     input: Vec<f32>,
     /// Jobs whose sample made it into `input`, in order.
     batch: Vec<Queued>,
+    /// Ids of the current batch's jobs answered so far.
+    answered: Vec<u64>,
+}
+
+/// What a panic said, for the `Failed` message.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 impl Worker {
+    /// Runs `work` on a batch, catching any panic in it (gathering,
+    /// postprocessing, …): every job of the batch not answered yet is then
+    /// answered `Failed`, so none is left waiting and the thread goes on.
+    fn guarded(&mut self, jobs: Vec<Queued>, work: impl FnOnce(&mut Self, Vec<Queued>)) {
+        let ids: Vec<u64> = jobs.iter().map(|q| q.job.job_id).collect();
+        self.answered.clear();
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| work(self, jobs)));
+        let Err(payload) = result else { return };
+        let message = format!(
+            "model {}: the instance panicked: {}",
+            self.model.name,
+            panic_message(payload.as_ref())
+        );
+        tracing::error!(model = %self.model.name, %message, "batch failed");
+        self.batch.clear();
+        self.input.clear();
+        for job_id in ids {
+            if !self.answered.contains(&job_id) {
+                let message = message.clone();
+                self.answer(job_id, FromExecutor::Failed { job_id, message });
+            }
+        }
+    }
+
+    /// Sends the answer to job `job_id`.
+    fn answer(&mut self, job_id: u64, msg: FromExecutor) {
+        self.answered.push(job_id);
+        let _ = self.answers.send(msg);
+    }
+
     fn run(&mut self, jobs: Vec<Queued>) {
         self.gather(jobs);
         if self.batch.is_empty() {
@@ -116,17 +160,21 @@ impl Worker {
             return self.fail_batch(&message);
         }
         let width = values.len() / n;
-        for (q, chunk) in self.batch.drain(..).zip(values.chunks_exact(width)) {
+        let mut batch = std::mem::take(&mut self.batch);
+        for (q, chunk) in batch.drain(..).zip(values.chunks_exact(width)) {
             let mut values = chunk.to_vec();
             postprocess::apply(self.model.postprocess, &mut values);
-            let _ = self.answers.send(FromExecutor::Scores(Scores {
-                job_id: q.job.job_id,
+            let job_id = q.job.job_id;
+            let scores = Scores {
+                job_id,
                 values,
                 queue_us: q.queue_us,
                 infer_us,
                 batch: n as u32,
-            }));
+            };
+            self.answer(job_id, FromExecutor::Scores(scores));
         }
+        self.batch = batch;
     }
 
     /// Copies each job's sample into `input` (one memcpy each); a job whose
@@ -158,21 +206,109 @@ impl Worker {
                 ),
                 Err(e) => e.to_string(),
             };
-            tracing::debug!(job_id = q.job.job_id, %message, "sample skipped");
-            let _ = self.answers.send(FromExecutor::Failed {
-                job_id: q.job.job_id,
-                message,
-            });
+            let job_id = q.job.job_id;
+            tracing::debug!(job_id, %message, "sample skipped");
+            self.answer(job_id, FromExecutor::Failed { job_id, message });
         }
     }
 
     fn fail_batch(&mut self, message: &str) {
         tracing::error!(model = %self.model.name, %message, "batch failed");
-        for q in self.batch.drain(..) {
-            let _ = self.answers.send(FromExecutor::Failed {
-                job_id: q.job.job_id,
-                message: message.to_string(),
-            });
+        let mut batch = std::mem::take(&mut self.batch);
+        for q in batch.drain(..) {
+            let job_id = q.job.job_id;
+            let message = message.to_string();
+            self.answer(job_id, FromExecutor::Failed { job_id, message });
+        }
+        self.batch = batch;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shm::{PoolLayout, SlotRef};
+    use tokio::sync::mpsc::unbounded_channel;
+
+    use super::*;
+    use crate::ExecError;
+
+    struct Zeros;
+
+    impl Engine for Zeros {
+        fn run(&mut self, _: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
+            Ok(vec![0.0; batch])
+        }
+        fn outputs(&self) -> usize {
+            1
+        }
+    }
+
+    fn worker(tensors: Arc<SharedTensors>, answers: UnboundedSender<FromExecutor>) -> Worker {
+        let model = Arc::new(ModelInfo {
+            name: "m".into(),
+            elements: 2,
+            max_batch: 4,
+            postprocess: Postprocess::None,
+        });
+        Worker {
+            model,
+            engine: Box::new(Zeros),
+            tensors,
+            answers,
+            input: Vec::new(),
+            batch: Vec::new(),
+            answered: Vec::new(),
+        }
+    }
+
+    fn job(tensors: &SharedTensors, job_id: u64) -> Queued {
+        let slot = SlotRef {
+            model: 0,
+            slot: job_id as u32,
+            generation: 1,
+        };
+        tensors.stamp(slot).unwrap();
+        tensors.write_f32(slot, |s| s.fill(1.0)).unwrap();
+        let job = InferJob {
+            job_id,
+            slot,
+            pending: 0,
+        };
+        Queued { job, queue_us: 0 }
+    }
+
+    #[test]
+    fn a_panic_outside_the_engine_fails_every_unanswered_job_once() {
+        let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(4, 8)])).unwrap());
+        let (tx, mut rx) = unbounded_channel();
+        let mut w = worker(tensors.clone(), tx);
+        let jobs: Vec<Queued> = (0..3).map(|id| job(&tensors, id)).collect();
+        // Answers job 0, then panics as postprocessing might.
+        w.guarded(jobs, |w, jobs| {
+            w.gather(jobs);
+            let q = w.batch.remove(0);
+            let job_id = q.job.job_id;
+            let message = "answered".to_string();
+            w.answer(job_id, FromExecutor::Failed { job_id, message });
+            panic!("postprocess blew up");
+        });
+        let mut got = Vec::new();
+        while let Ok(FromExecutor::Failed { job_id, message }) = rx.try_recv() {
+            got.push((job_id, message));
+        }
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], (0, "answered".to_string()));
+        for (id, (job_id, message)) in got.iter().enumerate().skip(1) {
+            assert_eq!(*job_id, id as u64);
+            assert!(message.contains("postprocess blew up"), "{message}");
+        }
+        assert!(w.batch.is_empty() && w.input.is_empty());
+
+        // The worker still runs the next batch.
+        w.guarded(vec![job(&tensors, 3)], Worker::run);
+        match rx.try_recv() {
+            Ok(FromExecutor::Scores(s)) => assert_eq!((s.job_id, s.values), (3, vec![0.0])),
+            other => panic!("{other:?}"),
         }
     }
 }

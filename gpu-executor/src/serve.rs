@@ -5,6 +5,7 @@
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use shm::{
@@ -12,6 +13,7 @@ use shm::{
     write_frame,
 };
 use spec::ModelSpec;
+use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 
 use crate::{Backends, Batcher, Engine, ExecError, load_instances};
@@ -94,8 +96,10 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;
-    rt.block_on(serve(ipc, loaded))?;
-    Ok(())
+    let served = rt.block_on(serve(ipc, loaded));
+    // An error may leave batchers draining: do not wait for them.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    Ok(served?)
 }
 
 /// Everything `Init` asked for, loaded and warmed up.
@@ -142,8 +146,14 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
     Ok(Loaded { tensors, models })
 }
 
+/// How long, once a model has no instance left, the batchers get to answer
+/// what they hold before the process exits anyway.
+const DRAIN_ON_ERROR: Duration = Duration::from_secs(10);
+
 /// Routes jobs until the gateway closes the socket, then lets every batcher
-/// finish what it holds.
+/// finish what it holds. Returns an error (the process exits 1, and the
+/// gateway restarts it) when the socket fails or a model has lost every
+/// engine instance: queued jobs are answered first, within `DRAIN_ON_ERROR`.
 pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
     ipc.set_nonblocking(true)?;
     let (mut rd, mut wr) = tokio::net::UnixStream::from_std(ipc)?.into_split();
@@ -156,15 +166,50 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
             }
         }
     });
+    let (lost_tx, mut lost) = mpsc::unbounded_channel::<ExecError>();
     let batchers = loaded
         .models
         .into_iter()
         .map(|(spec, engines)| {
-            Batcher::spawn(&spec, engines, loaded.tensors.clone(), answers.clone())
+            let (tensors, answers, lost) =
+                (loaded.tensors.clone(), answers.clone(), lost_tx.clone());
+            Batcher::spawn(&spec, engines, tensors, answers, lost)
         })
         .collect::<Result<Vec<_>, _>>()?;
+    drop(lost_tx);
 
-    while let Some(msg) = shm::recv::<ToExecutor>(&mut rd).await? {
+    let outcome = tokio::select! {
+        biased;
+        Some(e) = lost.recv() => Err(e),
+        r = route(&mut rd, &batchers, &answers) => r,
+    };
+    let drain = async {
+        for b in batchers {
+            b.close().await;
+        }
+        drop(answers);
+        let _ = writer.await;
+    };
+    match &outcome {
+        Ok(()) => {
+            tracing::info!("gateway closed the socket; draining");
+            drain.await;
+        }
+        Err(e) => {
+            tracing::error!("{e}; answering what is queued, then exiting");
+            let _ = tokio::time::timeout(DRAIN_ON_ERROR, drain).await;
+        }
+    }
+    outcome
+}
+
+/// Hands each `Infer` job to its model's batcher until the socket closes.
+async fn route(
+    rd: &mut OwnedReadHalf,
+    batchers: &[Batcher],
+    answers: &mpsc::UnboundedSender<FromExecutor>,
+) -> Result<(), ExecError> {
+    while let Some(msg) = shm::recv::<ToExecutor>(rd).await? {
         match msg {
             ToExecutor::Infer(job) => match batchers.get(job.slot.model as usize) {
                 Some(b) => b.submit(job).await?,
@@ -182,11 +227,9 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
             ToExecutor::Init(_) => tracing::warn!("ignoring a second Init"),
         }
     }
-    tracing::info!("gateway closed the socket; draining");
-    for b in batchers {
-        b.close().await;
-    }
-    drop(answers);
-    let _ = writer.await;
     Ok(())
 }
+
+#[cfg(test)]
+#[path = "serve_tests.rs"]
+mod tests;

@@ -46,7 +46,7 @@ pub enum PreprocessError {
     #[error("video is {duration:.1} s long; the limit (max_duration) is {limit} s")]
     VideoTooLong { duration: f64, limit: f64 },
     #[error(
-        "video frames are {width}×{height} pixels; the limits are {max_side} pixels per side and {} megapixels",
+        "video frame is {width}×{height} pixels; the limits are {max_side} pixels per side and {} megapixels",
         *max_pixels as f64 / 1e6
     )]
     VideoFrameTooLarge {
@@ -109,6 +109,22 @@ impl PreprocessError {
     }
 }
 
+/// The IPC form of a preprocessing failure.
+pub(crate) fn job_error(e: &PreprocessError) -> shm::JobError {
+    shm::JobError {
+        kind: e.kind(),
+        message: e.to_string(),
+    }
+}
+
+/// A failure that is a bug or a resource problem, not the input's fault.
+pub(crate) fn internal(e: impl ToString) -> shm::JobError {
+    shm::JobError {
+        kind: JobErrorKind::Internal,
+        message: e.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,21 +148,5 @@ mod tests {
             PreprocessError::unsupported(b"").kind(),
             JobErrorKind::Unsupported
         );
-    }
-}
-
-/// The IPC form of a preprocessing failure.
-pub(crate) fn job_error(e: &PreprocessError) -> shm::JobError {
-    shm::JobError {
-        kind: e.kind(),
-        message: e.to_string(),
-    }
-}
-
-/// A failure that is a bug or a resource problem, not the input's fault.
-pub(crate) fn internal(e: impl ToString) -> shm::JobError {
-    shm::JobError {
-        kind: JobErrorKind::Internal,
-        message: e.to_string(),
     }
 }

@@ -200,6 +200,30 @@ fn bad_inputs_fail_with_the_right_kind() {
 }
 
 #[test]
+fn frames_displayed_over_the_image_limits_are_too_large() {
+    let limits = Limits {
+        max_dimension: 1000,
+        ..Limits::default()
+    };
+    let mut w = Worker::start_with(limits);
+    // The header says 320×240 in both; the frames are wider or larger.
+    let run = w.run(&made_clip("sar16.mp4"), sampling(SampleMode::Fps(1.0)));
+    let (kind, message) = failure(&run);
+    assert_eq!(kind, JobErrorKind::TooLarge, "{message}");
+    assert!(
+        message.contains("5120×240") && message.contains("1000 pixels per side"),
+        "{message}"
+    );
+    assert!(run.frames.is_empty());
+
+    let run = w.run(&made_clip("grow.mkv"), sampling(SampleMode::Fps(1.0)));
+    let (kind, message) = failure(&run);
+    assert_eq!(kind, JobErrorKind::TooLarge, "{message}");
+    assert!(message.contains("1280×720"), "{message}");
+    assert_times(&run.times(), &[0.0]);
+}
+
+#[test]
 fn a_cut_file_keeps_its_good_frames_and_says_incomplete() {
     let mut w = Worker::start();
     let run = w.run(&clip("truncated.mp4"), sampling(SampleMode::Fps(1.0)));

@@ -12,8 +12,9 @@ use ffmpeg::util::error::EAGAIN;
 use ffmpeg::util::frame::Video as VideoFrame;
 use ffmpeg_next as ffmpeg;
 use shm::Sampling;
+use spec::Limits;
 
-use super::frame::Converter;
+use super::frame::{Converter, check_size};
 use super::sampler::Sampler;
 use super::source::{Opened, Skips};
 use crate::PreprocessError;
@@ -93,6 +94,7 @@ struct Loop<'a> {
     conv: Converter,
     sink: &'a mut dyn FrameSink,
     s: &'a Sampling,
+    limits: &'a Limits,
     deadline: Instant,
     out: Outcome,
     decode_errors: u32,
@@ -116,6 +118,7 @@ pub(crate) fn run(
     src: &mut Opened,
     sampler: Sampler,
     s: &Sampling,
+    limits: &Limits,
     deadline: Instant,
     sink: &mut dyn FrameSink,
 ) -> Result<Outcome, RunError> {
@@ -126,6 +129,7 @@ pub(crate) fn run(
         conv,
         sink,
         s,
+        limits,
         deadline,
         out: Outcome::default(),
         decode_errors: 0,
@@ -232,8 +236,12 @@ impl Loop<'_> {
         if frame.is_corrupt() {
             self.damaged = true;
         }
-        let t = match frame.timestamp().or(frame.pts()) {
-            Some(pts) => self.src.seconds(pts),
+        let t = match frame
+            .timestamp()
+            .or(frame.pts())
+            .and_then(|p| self.src.seconds(p))
+        {
+            Some(t) => t,
             // No timestamp: one frame interval after the previous frame.
             None => self
                 .out
@@ -248,26 +256,10 @@ impl Loop<'_> {
             (sar.numerator(), sar.denominator()),
         );
         (self.out.width, self.out.height) = (w, h);
-        if self.sampler.offer(t) {
-            let pixels = match self.conv.convert(frame) {
-                Ok(p) => p,
-                Err(e) => return Some(End::Fail(e)),
-            };
-            match self.sink.frame(pixels, t) {
-                Ok(()) => self.out.frames_sampled += 1,
-                Err(Stop::Deadline) => {
-                    self.out.deadline_hit = true;
-                    return Some(End::Cap);
-                }
-                Err(Stop::Cancelled) => {
-                    self.out.cancelled = true;
-                    return Some(End::Cap);
-                }
-                Err(Stop::Fail(e)) => return Some(End::Sink(e)),
-            }
-            if self.out.frames_sampled >= self.s.max_frames {
-                return Some(End::Cap);
-            }
+        if self.sampler.offer(t)
+            && let Some(end) = self.sample(frame, t, (w, h))
+        {
+            return Some(end);
         }
         if self.sampler.finished_after(t) {
             return Some(End::Done);
@@ -276,6 +268,32 @@ impl Loop<'_> {
             return Some(End::Cap);
         }
         None
+    }
+
+    /// Converts a frame `w`×`h` as displayed and hands it to the sink.
+    fn sample(&mut self, frame: &VideoFrame, t: f64, (w, h): (u32, u32)) -> Option<End> {
+        // The header was checked, but the size may change mid-stream and the
+        // sample aspect ratio stretches the width up to 16×.
+        if let Err(e) = check_size(w, h, self.limits) {
+            return Some(End::Fail(e));
+        }
+        let pixels = match self.conv.convert(frame) {
+            Ok(p) => p,
+            Err(e) => return Some(End::Fail(e)),
+        };
+        match self.sink.frame(pixels, t) {
+            Ok(()) => self.out.frames_sampled += 1,
+            Err(Stop::Deadline) => {
+                self.out.deadline_hit = true;
+                return Some(End::Cap);
+            }
+            Err(Stop::Cancelled) => {
+                self.out.cancelled = true;
+                return Some(End::Cap);
+            }
+            Err(Stop::Fail(e)) => return Some(End::Sink(e)),
+        }
+        (self.out.frames_sampled >= self.s.max_frames).then_some(End::Cap)
     }
 
     fn finish(mut self, end: End) -> Result<Outcome, RunError> {

@@ -8,6 +8,7 @@ use ffmpeg::software::scaling;
 use ffmpeg::util::frame::Video as VideoFrame;
 use ffmpeg_next as ffmpeg;
 use image::metadata::Orientation;
+use spec::Limits;
 
 use crate::PreprocessError;
 use crate::orient;
@@ -62,6 +63,24 @@ pub(crate) fn display_width(width: u32, sar: (i32, i32)) -> u32 {
         return width;
     }
     ((f64::from(width) * r).round() as u32).max(1)
+}
+
+/// Refuses a frame (as stored in the header, or as displayed: stretched by
+/// its sample aspect ratio) over the image limits, so no conversion buffer
+/// is sized from an unchecked mid-stream resolution or aspect ratio.
+pub(crate) fn check_size(w: u32, h: u32, limits: &Limits) -> Result<(), PreprocessError> {
+    let too_big = w > limits.max_dimension
+        || h > limits.max_dimension
+        || u64::from(w) * u64::from(h) > limits.max_pixels;
+    if too_big {
+        return Err(PreprocessError::VideoFrameTooLarge {
+            width: w,
+            height: h,
+            max_side: limits.max_dimension,
+            max_pixels: limits.max_pixels,
+        });
+    }
+    Ok(())
 }
 
 /// Converts frames to displayed RGB24, keeping one swscale context while the
@@ -171,5 +190,28 @@ mod tests {
         assert_eq!(display_width(320, (1000, 1)), 320);
         let c = Converter::new(90);
         assert_eq!(c.display_size(320, 240, (2, 1)), (240, 640));
+    }
+
+    #[test]
+    fn the_displayed_size_is_checked_against_the_image_limits() {
+        let limits = Limits {
+            max_pixels: 1_000_000,
+            max_dimension: 2000,
+            ..Limits::default()
+        };
+        let c = Converter::new(0);
+        assert!(check_size(1000, 1000, &limits).is_ok());
+        // A 16:1 sample aspect ratio: 320×240 stored, 5120×240 shown.
+        let (w, h) = c.display_size(320, 240, (16, 1));
+        let e = check_size(w, h, &limits).unwrap_err();
+        assert_eq!(e.kind(), shm::JobErrorKind::TooLarge);
+        let message = e.to_string();
+        assert!(
+            message.contains("5120×240") && message.contains("2000 pixels per side"),
+            "{message}"
+        );
+        // Too many pixels with both sides in bounds; rotation swaps sides.
+        assert!(check_size(1001, 1000, &limits).is_err());
+        assert!(check_size(240, 2001, &limits).is_err());
     }
 }

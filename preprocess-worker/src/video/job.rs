@@ -13,6 +13,7 @@ use shm::{
 use spec::{Limits, ModelSpec};
 
 use super::decode::{self, FrameSink, RunError, Stop};
+use super::frame;
 use super::sampler::Sampler;
 use super::source::{self, ByteRange};
 use crate::PreprocessError;
@@ -154,7 +155,10 @@ fn sample(
             limit: s.max_duration,
         }));
     }
-    check_size(src.decoder.width(), src.decoder.height(), env.limits).map_err(|e| job_error(&e))?;
+    // The header's size, before any decoding; each frame's displayed size
+    // is checked again before it is converted.
+    frame::check_size(src.decoder.width(), src.decoder.height(), env.limits)
+        .map_err(|e| job_error(&e))?;
     let end = s.end.or(src.stream_duration);
     if let (shm::SampleMode::Count(n), None) = (s.mode, end) {
         return Err(job_error(&PreprocessError::VideoDurationUnknown {
@@ -167,7 +171,7 @@ fn sample(
         src.seek_before(s.start);
     }
     let sampler = Sampler::new(s.mode, s.start, end);
-    let out = match decode::run(&mut src, sampler, s, deadline, sink) {
+    let out = match decode::run(&mut src, sampler, s, env.limits, deadline, sink) {
         Ok(out) => out,
         Err(RunError::Preprocess(e)) => return Err(job_error(&e)),
         Err(RunError::Job(e)) => return Err(e),
@@ -184,20 +188,4 @@ fn sample(
         codec: src.codec.clone(),
         decode_us: 0,
     })
-}
-
-/// Frame size limits, from the stream header before any decoding.
-fn check_size(w: u32, h: u32, limits: &Limits) -> Result<(), PreprocessError> {
-    let too_big = w > limits.max_dimension
-        || h > limits.max_dimension
-        || u64::from(w) * u64::from(h) > limits.max_pixels;
-    if too_big {
-        return Err(PreprocessError::VideoFrameTooLarge {
-            width: w,
-            height: h,
-            max_side: limits.max_dimension,
-            max_pixels: limits.max_pixels,
-        });
-    }
-    Ok(())
 }

@@ -36,7 +36,8 @@
 //! # Caps and outcome
 //!
 //! - Container duration over `max_duration` → `TooLarge` before decoding;
-//!   frame size over the image limits → `TooLarge`.
+//!   frame size over the image limits (the header's, then each sampled
+//!   frame's as displayed, before it is converted) → `TooLarge`.
 //! - Decoding stops at once when `max_frames` frames were sampled, when
 //!   `max_decoded` frames were decoded, at the deadline (`deadline_ms` from
 //!   the job's start, which also bounds the wait for a grant), or on

@@ -79,6 +79,13 @@ pub(crate) struct Skips {
     pub loop_filter: bool,
 }
 
+/// `pts - start` in seconds. Both come from the file, so the difference may
+/// overflow `i64`: that (or a non-finite result) is no timestamp at all.
+pub(crate) fn pts_seconds(pts: i64, start: Option<i64>, time_base: f64) -> Option<f64> {
+    let t = pts.checked_sub(start.unwrap_or(0))? as f64 * time_base;
+    t.is_finite().then_some(t)
+}
+
 fn seconds(v: i64, per_unit: f64) -> Option<f64> {
     (v != ffmpeg::ffi::AV_NOPTS_VALUE && v > 0).then_some(v as f64 * per_unit)
 }
@@ -186,9 +193,10 @@ impl Opened {
         }
     }
 
-    /// Presentation time in seconds of a frame timestamp, from the stream start.
-    pub fn seconds(&self, pts: i64) -> f64 {
-        (pts - self.start_pts.unwrap_or(0)) as f64 * self.time_base
+    /// Presentation time in seconds of a frame timestamp, from the stream
+    /// start; `None` when the file's values do not make a time.
+    pub fn seconds(&self, pts: i64) -> Option<f64> {
+        pts_seconds(pts, self.start_pts, self.time_base)
     }
 
     /// Seeks to the keyframe at or before `t` seconds of presentation time.
@@ -203,5 +211,24 @@ impl Opened {
         let _ = self.input.seek(0, ..);
         self.decoder.flush();
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_that_overflow_are_no_timestamp() {
+        let tb = 1.0 / 90_000.0;
+        assert_eq!(pts_seconds(180_000, Some(90_000), tb), Some(1.0));
+        assert_eq!(pts_seconds(45, None, 1.0 / 15.0), Some(3.0));
+        assert_eq!(pts_seconds(-10, Some(0), 0.5), Some(-5.0));
+        assert_eq!(pts_seconds(i64::MAX, Some(-1), tb), None);
+        assert_eq!(pts_seconds(i64::MIN, Some(1), tb), None);
+        assert_eq!(pts_seconds(i64::MIN, Some(i64::MAX), tb), None);
+        assert_eq!(pts_seconds(1, None, f64::INFINITY), None);
+        let huge = pts_seconds(i64::MAX, Some(0), 1.0).unwrap();
+        assert!(huge.is_finite() && huge > 9e18);
     }
 }

@@ -106,6 +106,10 @@ impl Worker {
     }
 
     pub fn start() -> Self {
+        Self::start_with(Limits::default())
+    }
+
+    pub fn start_with(limits: Limits) -> Self {
         let model = model();
         let layout = PoolLayout::new(&[(SLOTS, model.input.sample_bytes())]);
         let tensors = SharedTensors::create(layout.clone()).unwrap();
@@ -158,7 +162,7 @@ impl Worker {
             layout,
             input_slot_bytes: INPUT_BYTES,
             models: vec![model],
-            limits: Limits::default(),
+            limits,
         };
         w.send(&ToWorker::Init(init));
         assert_eq!(w.recv(), FromWorker::Ready);
@@ -246,6 +250,54 @@ impl Worker {
 pub fn mean_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f32>() / a.len() as f32
+}
+
+/// Runs the ffmpeg CLI quietly with `args`.
+fn ffmpeg(args: &[&str]) {
+    let status = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(args)
+        .status()
+        .expect("running the ffmpeg CLI");
+    assert!(status.success(), "ffmpeg {args:?}");
+}
+
+/// H.264 (no B-frames) of the test pattern, `seconds` long at 25 fps.
+fn h264(size: &str, seconds: u32, filter: &str, format: &str, out: &std::path::Path) {
+    let src = format!("testsrc2=duration={seconds}:size={size}:rate=25");
+    let out = out.to_str().unwrap();
+    ffmpeg(&[
+        "-f", "lavfi", "-i", &src, "-vf", filter, "-c:v", "libx264", "-preset", "veryfast",
+        "-pix_fmt", "yuv420p", "-bf", "0", "-f", format, out,
+    ]);
+}
+
+/// Clips made on the fly, for what `make_videos.sh` does not cover:
+/// `sar16.mp4` (320×240 stored, 16:1 sample aspect ratio: 5120×240 shown)
+/// and `grow.mkv` (320×240 for 1 s, then 1280×720 for 1 s; the header says
+/// 320×240).
+pub fn made_clip(name: &str) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("mmgate-made-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(name);
+    match name {
+        "sar16.mp4" => h264("320x240", 1, "setsar=16", "mp4", &out),
+        "grow.mkv" => {
+            let (a, b) = (dir.join("small.h264"), dir.join("large.h264"));
+            h264("320x240", 1, "null", "h264", &a);
+            h264("1280x720", 1, "null", "h264", &b);
+            let mut both = std::fs::read(&a).unwrap();
+            both.extend(std::fs::read(&b).unwrap());
+            let raw = dir.join("both.h264");
+            std::fs::write(&raw, both).unwrap();
+            let (raw, o) = (raw.to_str().unwrap(), out.to_str().unwrap());
+            ffmpeg(&["-fflags", "+genpts", "-r", "25", "-i", raw, "-c", "copy", o]);
+        }
+        other => panic!("no recipe for {other}"),
+    }
+    let data = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    data
 }
 
 /// The first frame of `clip` as the ffmpeg CLI shows it (auto-rotated
