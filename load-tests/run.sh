@@ -6,20 +6,13 @@
 # summary reports medians over rounds. Env: ROUNDS (3), SECS (10), FILES.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=${CARGO_TARGET_DIR:-target}/release
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-10}
 FILES=${FILES:-"coffee_640.jpg astronaut_1536.jpg"}
 OUT=load-tests/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$OUT"
 
-[ -n "${NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
-"$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 >"$OUT/mmgate.out" 2>"$OUT/mmgate.err" &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
-for _ in $(seq 100); do grep -q listening "$OUT/mmgate.out" 2>/dev/null && break; sleep 0.1; done
-URL=$(sed -n 's/^mmgate listening on //p' "$OUT/mmgate.out")
-for _ in $(seq 600); do curl -fs "$URL/readyz" >/dev/null && break; sleep 0.1; done
+. load-tests/lib.sh
 
 for round in $(seq "$ROUNDS"); do
   for f in $FILES; do

@@ -6,7 +6,6 @@
 # against the CLI decoding every frame. Env: ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-T=${CARGO_TARGET_DIR:-target}/release
 ROUNDS=${ROUNDS:-3}
 OUT=load-tests/results/video-$(date -u +%Y%m%dT%H%M%SZ)
 CLIP=load-tests/results/h264_1080p_60s.mp4
@@ -16,13 +15,7 @@ if [ ! -f "$CLIP" ]; then
     -c:v libx264 -preset veryfast -b:v 6M -g 250 -pix_fmt yuv420p -movflags +faststart "$CLIP.part.mp4"
   mv "$CLIP.part.mp4" "$CLIP"
 fi
-[ -n "${NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
-"$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 >"$OUT/mmgate.out" 2>"$OUT/mmgate.err" &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
-for _ in $(seq 100); do grep -q listening "$OUT/mmgate.out" 2>/dev/null && break; sleep 0.1; done
-URL=$(sed -n 's/^mmgate listening on //p' "$OUT/mmgate.out")
-for _ in $(seq 600); do curl -fs "$URL/readyz" >/dev/null && break; sleep 0.1; done
+. load-tests/lib.sh
 
 now() { date +%s.%N; }
 for round in $(seq "$ROUNDS"); do

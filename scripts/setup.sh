@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   build-essential pkg-config clang libclang-dev cmake nasm
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev ffmpeg
-  python3 python3-pip python3-venv ca-certificates
+  python3 python3-pip python3-venv ca-certificates curl
 )
 ORT_SO=.deps/onnxruntime/libonnxruntime.so.1.32.0
 ORT_SO_SHA256=6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f

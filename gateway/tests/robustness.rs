@@ -254,32 +254,16 @@ async fn api_keys_map_to_tenants() {
     .await;
     let url = gw.url("/v1/models/open_nsfw/score");
     let body = fixture("images/coffee.jpg");
-    let r = gw
-        .client
-        .post(&url)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = gw
-        .client
-        .post(&url)
-        .bearer_auth("wrong")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-    let r = gw
-        .client
-        .post(&url)
-        .bearer_auth("secret-1")
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let status = |key: Option<&str>| {
+        let mut req = gw.client.post(&url).body(body.clone());
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(None).await, 401);
+    assert_eq!(status(Some("wrong")).await, 401);
+    assert_eq!(status(Some("secret-1")).await, 200);
     assert_eq!(
         gw.metric("mmgate_requests_total", "tenant=\"acme\"").await,
         1.0
