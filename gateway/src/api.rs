@@ -149,7 +149,8 @@ async fn score(
     };
     let started = Instant::now();
     let rid = request_id(req.headers());
-    let (tenant, outcome) = score_inner(&app, &model, &rid, req).await;
+    let mut body_read = false;
+    let (tenant, outcome) = score_inner(&app, &model, &rid, req, &mut body_read).await;
     let core = &app.core;
     let known = core.model(&model).is_some();
     let label = if known { model.as_str() } else { "unknown" };
@@ -166,7 +167,14 @@ async fn score(
         }
         Err(e) => {
             tracing::debug!(request_id = rid, error = %e, "request failed");
-            e.into_response()
+            let mut r = e.into_response();
+            if !body_read {
+                // Refused before its body was read: the rest of the body is
+                // still on the wire, so this connection cannot be reused.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            r
         }
     };
     let code = resp.status().as_u16().to_string();
@@ -192,6 +200,7 @@ async fn score_inner(
     model: &str,
     rid: &str,
     req: Request,
+    body_read: &mut bool,
 ) -> (String, Result<Scored, ApiError>) {
     let caller = match app.auth.admit(req.headers(), model) {
         Ok(c) => c,
@@ -224,6 +233,7 @@ async fn score_inner(
             .map_err(|e| ApiError::new(Code::BadRequest, format!("bad query string: {e}")))?
             .unwrap_or_default();
         let mut uploads = score::read_uploads(req, &app.core.cfg).await?;
+        *body_read = true;
         if uploads.len() == 1 && spec::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
             let upload = uploads.pop().expect("one upload");
             score::check_media(&upload, &app.core.cfg)?;
