@@ -1,16 +1,19 @@
 //! Starting a child process: a socketpair for its IPC, shared-memory fds
 //! mapped to fixed numbers, and the hello → init → ready handshake.
 
+use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
+
+use crate::core::Core;
 
 /// A started child and our end of its socket.
 #[derive(Debug)]
@@ -147,6 +150,37 @@ async fn recv_within<In: DeserializeOwned>(
         Ok(Ok(Some(m))) => Ok(m),
         Ok(Ok(None)) => Err(StartError::Closed),
         Ok(Err(e)) => Err(e.into()),
+    }
+}
+
+/// Keeps one child running until shutdown: `incarnation` starts it, serves
+/// it and says why it ended; each restart is counted in
+/// `mmgate_worker_restarts_total{pool,reason}` and backed off.
+pub async fn keep_running<F, Fut>(core: &Core, pool: &'static str, child: &str, mut incarnation: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<&'static str, StartError>>,
+{
+    let mut backoff = Backoff::default();
+    while !core.is_shutting_down() {
+        let started = Instant::now();
+        let reason = incarnation().await.unwrap_or_else(|e| {
+            tracing::error!(child, error = %e, "child failed to start");
+            "start_failed"
+        });
+        if core.is_shutting_down() {
+            break;
+        }
+        core.metrics
+            .worker_restarts
+            .with_label_values(&[pool, reason])
+            .inc();
+        let delay = backoff.after(started.elapsed());
+        tracing::warn!(child, reason, ?delay, "restarting child");
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = core.shutting_down() => break,
+        }
     }
 }
 

@@ -6,14 +6,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shm::{ExecutorInit, FromExecutor, InferJob, Scores, SlotLease, ToExecutor};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::children::{self, Backoff, StartError};
+use crate::children::{self, StartError};
 use crate::core::Core;
 use crate::error::{ApiError, Code};
 
@@ -97,30 +97,7 @@ impl Executor {
 
     /// Supervises the executor process until shutdown.
     pub async fn supervise(self: Arc<Self>, core: Arc<Core>) {
-        let mut backoff = Backoff::default();
-        while !core.is_shutting_down() {
-            let started = Instant::now();
-            let reason = match self.run_once(&core).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(error = %e, "gpu-executor failed to start");
-                    "start_failed"
-                }
-            };
-            if core.is_shutting_down() {
-                break;
-            }
-            core.metrics
-                .worker_restarts
-                .with_label_values(&["executor", reason])
-                .inc();
-            let delay = backoff.after(started.elapsed());
-            tracing::warn!(reason, ?delay, "restarting gpu-executor");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = core.shutting_down() => break,
-            }
-        }
+        children::keep_running(&core, "executor", "gpu-executor", || self.run_once(&core)).await;
     }
 
     async fn run_once(&self, core: &Arc<Core>) -> Result<&'static str, StartError> {

@@ -240,14 +240,8 @@ pub async fn score_one(
     let started = Instant::now();
     let core = &app.core;
     let (reply, rx) = oneshot::channel();
-    app.workers.submit(WorkJob {
-        request_id: request_id.to_string(),
-        model,
-        data: upload.data,
-        enqueued: started,
-        pending: core.pending_guard(model),
-        task: Task::Image(reply),
-    })?;
+    let job = WorkJob::new(core, request_id, model, upload.data, Task::Image(reply));
+    app.workers.submit(job)?;
     // Bounded even when every worker is stuck on long jobs: the queue wait
     // plus the decode deadline (a worker over it is killed anyway).
     let limits = (

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use crate::AppState;
 use crate::error::{ApiError, Code};
 use crate::score::Timings;
-use crate::workers::{Held, Task, WorkJob, WorkerThread, lease_within};
+use crate::workers::{Held, QueuedUpload, Task, WorkJob, WorkerThread, lease_within};
 
 /// A video job's side of the queue.
 #[derive(Debug)]
@@ -84,23 +84,24 @@ fn try_grant(window: &Arc<Semaphore>, ledger: &Ledger, model: u16) -> Option<Gra
 }
 
 impl WorkerThread<'_> {
-    pub(crate) async fn run_video(&self, job_id: u64, job: WorkJob) -> Result<(), Held> {
-        let WorkJob {
+    pub(crate) async fn run_video(
+        &self,
+        job_id: u64,
+        upload: QueuedUpload,
+        task: VideoTask,
+    ) -> Result<(), Held> {
+        let QueuedUpload {
             request_id,
             model,
             data,
             enqueued,
             pending,
-            task,
-        } = job;
-        let Task::Video(VideoTask {
+        } = upload;
+        let VideoTask {
             sampling,
             window,
             events,
-        }) = task
-        else {
-            unreachable!("checked by run")
-        };
+        } = task;
         let fail = |e: ApiError| {
             let _ = events.send(VideoEvent::Failed(e.for_video()));
         };
@@ -348,18 +349,13 @@ pub async fn score_video(
     let core = &app.core;
     let (events, mut rx) = mpsc::unbounded_channel();
     let window = core.cfg.video.slots_per_request;
-    app.workers.submit(WorkJob {
-        request_id: request_id.to_string(),
-        model,
-        data,
-        enqueued: started,
-        pending: core.pending_guard(model),
-        task: Task::Video(VideoTask {
-            sampling,
-            window,
-            events,
-        }),
-    })?;
+    let task = Task::Video(VideoTask {
+        sampling,
+        window,
+        events,
+    });
+    app.workers
+        .submit(WorkJob::new(core, request_id, model, data, task))?;
     let mut inflight = FuturesUnordered::new();
     let mut frames: Vec<(f64, Vec<f32>)> = Vec::new();
     let (mut done, mut open) = (None, true);

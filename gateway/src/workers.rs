@@ -14,7 +14,7 @@ use shm::{FromWorker, Input, InputRegion, Job, JobDone, SlotLease, ToWorker, Wor
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
-use crate::children::{self, Backoff, StartError};
+use crate::children::{self, StartError};
 use crate::conn::Conn;
 use crate::core::{Core, PendingGuard};
 use crate::error::{ApiError, Code};
@@ -23,12 +23,33 @@ use crate::video::VideoTask;
 /// One upload to preprocess.
 #[derive(Debug)]
 pub struct WorkJob {
+    pub upload: QueuedUpload,
+    pub task: Task,
+}
+
+/// The upload of a job and its bookkeeping, whatever its kind.
+#[derive(Debug)]
+pub struct QueuedUpload {
     pub request_id: String,
     pub model: u16,
     pub data: Bytes,
     pub enqueued: Instant,
+    /// Counts the job as "in preprocessing" for the batcher's hint.
     pub pending: PendingGuard,
-    pub task: Task,
+}
+
+impl WorkJob {
+    /// A job queued now.
+    pub fn new(core: &Arc<Core>, request_id: &str, model: u16, data: Bytes, task: Task) -> Self {
+        let upload = QueuedUpload {
+            request_id: request_id.to_string(),
+            model,
+            data,
+            enqueued: Instant::now(),
+            pending: core.pending_guard(model),
+        };
+        Self { upload, task }
+    }
 }
 
 /// What to do with the upload, and where the answer goes.
@@ -123,35 +144,8 @@ impl WorkerPool {
 
     /// Supervises worker `index` until shutdown: start, serve, restart.
     pub async fn supervise(self: Arc<Self>, core: Arc<Core>, index: u32) {
-        let mut backoff = Backoff::default();
-        while !core.is_shutting_down() {
-            let started = Instant::now();
-            let reason = match self.run_once(&core, index).await {
-                Ok(reason) => reason,
-                Err(e) => {
-                    tracing::error!(worker = index, error = %e, "preprocess worker failed to start");
-                    "start_failed"
-                }
-            };
-            if core.is_shutting_down() {
-                break;
-            }
-            core.metrics
-                .worker_restarts
-                .with_label_values(&["preprocess", reason])
-                .inc();
-            let delay = backoff.after(started.elapsed());
-            tracing::warn!(
-                worker = index,
-                reason,
-                ?delay,
-                "restarting preprocess worker"
-            );
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = core.shutting_down() => break,
-            }
-        }
+        let name = format!("preprocess-worker {index}");
+        children::keep_running(&core, "preprocess", &name, || self.run_once(&core, index)).await;
     }
 
     /// One incarnation of a worker process. Returns why it ended.
@@ -281,25 +275,25 @@ pub(crate) struct WorkerThread<'a> {
 impl WorkerThread<'_> {
     /// Runs one job. `Err` = the worker is lost; what it holds must outlive it.
     async fn run(&self, job_id: u64, job: WorkJob) -> Result<(), Held> {
-        let WorkJob { task, .. } = &job;
-        match task {
-            Task::Image(_) => self.run_image(job_id, job).await,
-            Task::Video(_) => self.run_video(job_id, job).await,
+        match job.task {
+            Task::Image(reply) => self.run_image(job_id, job.upload, reply).await,
+            Task::Video(video) => self.run_video(job_id, job.upload, video).await,
         }
     }
 
-    async fn run_image(&self, job_id: u64, job: WorkJob) -> Result<(), Held> {
-        let WorkJob {
+    async fn run_image(
+        &self,
+        job_id: u64,
+        upload: QueuedUpload,
+        reply: oneshot::Sender<Result<Preprocessed, ApiError>>,
+    ) -> Result<(), Held> {
+        let QueuedUpload {
             request_id,
             model,
             data,
             enqueued,
             pending,
-            task,
-        } = job;
-        let Task::Image(reply) = task else {
-            unreachable!("checked by run")
-        };
+        } = upload;
         let lease = match lease_within(self.core, model, enqueued).await {
             Ok(lease) => lease,
             Err(e) => {
