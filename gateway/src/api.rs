@@ -47,10 +47,14 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn model_json(m: &spec::ModelSpec) -> serde_json::Value {
+/// A model as `/v1/models` shows it: its spec, and under `runtime` what
+/// actually runs it (backend, precision, device, fallbacks, the precision
+/// check), or `null` while no executor has loaded it.
+fn model_json(app: &AppState, m: &spec::ModelSpec) -> serde_json::Value {
     json!({
         "name": m.name,
         "backend": m.backend,
+        "runtime": app.executor.runtime(&m.name),
         "input": m.input,
         "preprocess": m.preprocess,
         "labels": m.output.labels,
@@ -61,7 +65,13 @@ fn model_json(m: &spec::ModelSpec) -> serde_json::Value {
 }
 
 async fn list_models(State(app): State<AppState>) -> Json<serde_json::Value> {
-    let models: Vec<_> = app.core.cfg.models.iter().map(model_json).collect();
+    let models: Vec<_> = app
+        .core
+        .cfg
+        .models
+        .iter()
+        .map(|m| model_json(&app, m))
+        .collect();
     Json(json!({ "models": models }))
 }
 
@@ -74,7 +84,7 @@ async fn get_model(
         .core
         .model(&model)
         .ok_or_else(|| unknown_model(&model))?;
-    Ok(Json(model_json(m)))
+    Ok(Json(model_json(&app, m)))
 }
 
 fn unknown_model(name: &str) -> ApiError {
@@ -99,6 +109,15 @@ async fn readyz(State(app): State<AppState>) -> Response {
         "workers": app.workers.size(),
         "executor_ready": executor,
         "draining": app.core.is_draining(),
+        "models": app.core.cfg.models.iter().map(|m| {
+            let r = app.executor.runtime(&m.name);
+            json!({
+                "name": m.name,
+                "backend": r.as_ref().map(|r| r.backend.as_str()),
+                "precision": r.as_ref().map(|r| r.precision.as_str()),
+                "device": r.as_ref().map(|r| r.device.as_str()),
+            })
+        }).collect::<Vec<_>>(),
     });
     (status, Json(body)).into_response()
 }

@@ -108,7 +108,7 @@ impl ChildProtocol for shm::FromExecutor {
         }
     }
     fn is_ready(&self) -> bool {
-        matches!(self, shm::FromExecutor::Ready)
+        matches!(self, shm::FromExecutor::Ready(_))
     }
     fn fatal(&self) -> Option<&str> {
         match self {
@@ -118,12 +118,12 @@ impl ChildProtocol for shm::FromExecutor {
     }
 }
 
-/// Waits for the child's hello, sends `init`, waits for Ready.
+/// Waits for the child's hello, sends `init`, waits for Ready and returns it.
 pub async fn handshake<In: ChildProtocol, Out: Serialize>(
     stream: &mut UnixStream,
     init: &Out,
     ready_within: Duration,
-) -> Result<(), StartError> {
+) -> Result<In, StartError> {
     let first: In = recv_within(stream, Duration::from_secs(10), "say hello").await?;
     let hello = first.hello().ok_or(StartError::Unexpected)?;
     if hello.proto_version != shm::PROTO_VERSION {
@@ -137,7 +137,7 @@ pub async fn handshake<In: ChildProtocol, Out: Serialize>(
     if !next.is_ready() {
         return Err(StartError::Unexpected);
     }
-    Ok(())
+    Ok(next)
 }
 
 async fn recv_within<In: DeserializeOwned>(

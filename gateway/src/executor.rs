@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use shm::{ExecutorInit, FromExecutor, InferJob, Scores, SlotLease, ToExecutor};
+use shm::{ExecutorInit, FromExecutor, InferJob, ModelRuntime, Scores, SlotLease, ToExecutor};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,8 @@ type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, String>>, SlotLease)
 pub struct Executor {
     conn: RwLock<Option<Arc<Conn>>>,
     ready: AtomicBool,
+    /// What runs each model, as the last executor to become ready said.
+    runtimes: RwLock<Vec<ModelRuntime>>,
     next_job: AtomicU64,
 }
 
@@ -40,6 +42,17 @@ struct Conn {
 impl Executor {
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// What runs `model` (backend, precision, device), once an executor has
+    /// loaded it.
+    pub fn runtime(&self, model: &str) -> Option<ModelRuntime> {
+        self.runtimes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|r| r.model == model)
+            .cloned()
     }
 
     /// Runs the sample in `lease` through its model. An executor that does
@@ -112,14 +125,30 @@ impl Executor {
         let init = ToExecutor::Init(ExecutorInit {
             layout: core.ledger.tensors().layout().clone(),
             models: core.cfg.models.clone(),
-            ort_library: core.cfg.executor.ort_library.clone(),
+            executor: core.cfg.executor.clone(),
         });
         let hs =
             children::handshake::<FromExecutor, _>(&mut sp.stream, &init, Duration::from_secs(300));
-        if let Err(e) = hs.await {
-            children::reap(&mut sp.child).await;
-            return Err(e);
+        let runtimes = match hs.await {
+            Ok(FromExecutor::Ready(runtimes)) => runtimes,
+            other => {
+                children::reap(&mut sp.child).await;
+                return Err(other.err().unwrap_or(StartError::Unexpected));
+            }
+        };
+        for r in &runtimes {
+            tracing::info!(
+                pid = sp.pid,
+                model = %r.model,
+                backend = r.backend.as_str(),
+                precision = r.precision.as_str(),
+                device = %r.device,
+                layout = %r.layout,
+                fallbacks = ?r.fallbacks,
+                "model serving"
+            );
         }
+        *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = runtimes;
         tracing::info!(pid = sp.pid, "gpu-executor ready");
         let (mut rd, mut wr) = sp.stream.into_split();
         let (out, mut outbox) = mpsc::unbounded_channel::<ToExecutor>();

@@ -17,6 +17,15 @@ pub struct Cli {
 pub enum Command {
     /// Start the gateway, its preprocess workers and its executor.
     Serve(ServeArgs),
+    /// Score images on every backend and precision this machine has; print
+    /// per-image and worst differences in log-odds, and each one's
+    /// throughput (`mmgate check-model --help` for the options).
+    #[command(disable_help_flag = true)]
+    CheckModel {
+        /// `--config FILE --model M [--seconds S] IMAGES…`
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -45,6 +54,17 @@ pub struct ServeArgs {
     /// ONNX Runtime shared library (the versioned file).
     #[arg(long, env = "MMGATE_ORT_LIBRARY")]
     pub ort_library: Option<String>,
+    /// OpenVINO C library (`libopenvino_c.so.*`, the versioned file).
+    #[arg(long, env = "MMGATE_OPENVINO_LIBRARY")]
+    pub openvino_library: Option<String>,
+    /// Backend of every model (overrides every model spec):
+    /// `openvino` or `onnxruntime-cpu`.
+    #[arg(long, env = "MMGATE_BACKEND", value_parser = parse_backend)]
+    pub backend: Option<spec::Backend>,
+    /// OpenVINO precision of every model (overrides every model spec):
+    /// `auto`, `bf16` or `f32`.
+    #[arg(long, env = "MMGATE_PRECISION", value_parser = parse_precision)]
+    pub precision: Option<spec::PrecisionRequest>,
     /// Folder of the `preprocess-worker` and `gpu-executor` binaries.
     #[arg(long, env = "MMGATE_BIN_DIR")]
     pub bin_dir: Option<String>,
@@ -61,13 +81,48 @@ impl ServeArgs {
         set(&mut cfg.workers.count, self.workers);
         set(&mut cfg.workers.threads, self.worker_threads);
         set(&mut cfg.executor.ort_library, self.ort_library.clone());
+        set(
+            &mut cfg.executor.openvino_library,
+            self.openvino_library.clone(),
+        );
         for m in &mut cfg.models {
             set(&mut m.instances.count, self.instances);
             set(&mut m.instances.intra_threads, self.intra_threads);
+            set(&mut m.backend, self.backend);
+            set(&mut m.openvino.precision, self.precision);
         }
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+fn parse_backend(s: &str) -> Result<spec::Backend, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?} is not a backend; use openvino or onnxruntime-cpu"))
+}
+
+fn parse_precision(s: &str) -> Result<spec::PrecisionRequest, String> {
+    serde_json::from_value(serde_json::Value::String(s.into()))
+        .map_err(|_| format!("{s:?} is not a precision; use auto, bf16 or f32"))
+}
+
+/// `mmgate check-model ARGS…`: runs `gpu-executor check-model ARGS…` (the
+/// executor owns the engines; the gateway never loads one) and exits with
+/// its status.
+pub fn check_model(args: Vec<std::ffi::OsString>) -> anyhow::Result<std::process::ExitCode> {
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .map(|d| d.join("gpu-executor"))
+        .unwrap_or_default();
+    let status = std::process::Command::new(&bin)
+        .arg("check-model")
+        .args(args)
+        .status()
+        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", bin.display()))?;
+    Ok(std::process::ExitCode::from(
+        status.code().unwrap_or(1).clamp(0, 255) as u8,
+    ))
 }
 
 fn set<T>(field: &mut T, value: Option<T>) {

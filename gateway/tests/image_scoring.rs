@@ -16,14 +16,52 @@ fn ctype(name: &str) -> &'static str {
     }
 }
 
+/// The reference test on OpenVINO as shipped (`auto`: bf16 where the CPU
+/// has it), on OpenVINO f32 and on ONNX Runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nsfw_scores_match_the_reference_on_every_fixture() {
+async fn nsfw_scores_match_the_reference_on_every_fixture_on_openvino_auto() {
+    let bf16 = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .split_whitespace()
+        .any(|f| f == "avx512_bf16" || f == "amx_bf16");
+    let want = if bf16 { "bf16" } else { "f32" };
+    reference_test(&[], "openvino", want).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nsfw_scores_match_the_reference_on_every_fixture_on_openvino_f32() {
+    reference_test(&[("MMGATE_PRECISION", "f32")], "openvino", "f32").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nsfw_scores_match_the_reference_on_every_fixture_on_onnx_runtime() {
+    let env = [("MMGATE_BACKEND", "onnxruntime-cpu")];
+    reference_test(&env, "onnxruntime-cpu", "f32").await;
+}
+
+async fn reference_test(env: &[(&str, &str)], backend: &str, precision: &str) {
     let expected = expected();
     let images = expected["images"]
         .as_object()
         .expect("images in expected json");
     assert!(images.len() >= 6, "need at least 6 reference images");
-    let gw = Gateway::start("").await;
+    let gw = Gateway::start_with("", env).await;
+    // What runs is what the test means to check, and the API says so.
+    let m = gw.get("/v1/models/open_nsfw").await;
+    let runtime = &m.json["runtime"];
+    assert_eq!(runtime["backend"], backend, "{}", m.json);
+    assert_eq!(runtime["precision"], precision, "{}", m.json);
+    let ready = gw.get("/readyz").await;
+    assert_eq!(
+        ready.json["models"][0]["backend"], backend,
+        "{}",
+        ready.json
+    );
+    assert_eq!(
+        ready.json["models"][0]["precision"], precision,
+        "{}",
+        ready.json
+    );
     let mut failures = Vec::new();
     let mut ours = std::collections::BTreeMap::new();
     for (name, want) in images {

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::instance::{Instance, ModelInfo, Queued};
+use crate::instance::{Batch, Instance, ModelInfo, Queued};
 use crate::{Engine, ExecError};
 
 /// Jobs a batcher's inbox holds before `submit` waits. Each job holds a
@@ -235,10 +235,14 @@ impl Actor {
             let Some(n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
                 return;
             };
+            let idle = self.free.len() == self.instances.iter().flatten().count();
             self.free.pop();
             let Some(instance) = &self.instances[id] else {
                 continue;
             };
+            // Nothing else running, queued, or in preprocessing: the engine
+            // may use every core for this batch.
+            let alone = idle && self.flush && self.queue.len() == n;
             let jobs: Vec<Queued> = self
                 .queue
                 .drain(..n)
@@ -247,7 +251,7 @@ impl Actor {
                     queue_us: (now - t).as_micros() as u64,
                 })
                 .collect();
-            if let Err(jobs) = instance.dispatch(jobs) {
+            if let Err(jobs) = instance.dispatch(Batch { jobs, alone }) {
                 tracing::error!(model = %self.model, instance = id, "instance thread is gone");
                 self.instances[id] = None;
                 for q in jobs.into_iter().rev() {

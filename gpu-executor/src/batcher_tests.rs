@@ -18,6 +18,8 @@ const SLOTS: u32 = 32;
 /// panics with a `Bomb(bomb)`.
 struct Echo {
     started: UnboundedSender<usize>,
+    /// Whether each batch was run alone (`run_alone`) or not.
+    alone: UnboundedSender<bool>,
     gate: Option<std_mpsc::Receiver<()>>,
     fail: bool,
     bomb: u32,
@@ -37,6 +39,20 @@ impl Drop for Bomb {
 
 impl Engine for Echo {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
+        let _ = self.alone.send(false);
+        self.echo(input, batch)
+    }
+    fn run_alone(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
+        let _ = self.alone.send(true);
+        self.echo(input, batch)
+    }
+    fn outputs(&self) -> usize {
+        2
+    }
+}
+
+impl Echo {
+    fn echo(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
         assert_eq!(input.len(), batch * ELEMS);
         let _ = self.started.send(batch);
         if let Some(gate) = &self.gate {
@@ -53,9 +69,6 @@ impl Engine for Echo {
         }
         Ok(input.chunks(ELEMS).flat_map(|s| [s[0], 1.0]).collect())
     }
-    fn outputs(&self) -> usize {
-        2
-    }
 }
 
 pub(crate) fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpec {
@@ -64,6 +77,8 @@ pub(crate) fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpe
         name: "m".into(),
         file: "m.onnx".into(),
         backend: Backend::OnnxruntimeCpu,
+        openvino: OpenvinoSpec::default(),
+        precision: None,
         input: InputSpec {
             name: "x".into(),
             layout: Layout::Nhwc,
@@ -111,6 +126,7 @@ struct Rig {
     tensors: Arc<SharedTensors>,
     answers: mpsc::UnboundedReceiver<FromExecutor>,
     started: UnboundedReceiver<usize>,
+    alone: UnboundedReceiver<bool>,
     gates: Vec<std_mpsc::Sender<()>>,
 }
 
@@ -121,6 +137,7 @@ fn rig(spec: &ModelSpec, instances: usize, gated: bool, fail: bool) -> Rig {
 fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u32) -> Rig {
     let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(SLOTS, ELEMS * 4)])).unwrap());
     let (started_tx, started) = unbounded_channel();
+    let (alone_tx, alone) = unbounded_channel();
     let mut gates = Vec::new();
     let engines: Vec<Box<dyn Engine>> = (0..instances)
         .map(|_| {
@@ -131,6 +148,7 @@ fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u
             });
             Box::new(Echo {
                 started: started_tx.clone(),
+                alone: alone_tx.clone(),
                 gate,
                 fail,
                 bomb,
@@ -146,6 +164,7 @@ fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u
         tensors,
         answers,
         started,
+        alone,
         gates,
     }
 }
@@ -386,3 +405,29 @@ async fn close_runs_what_is_queued() {
 
 #[path = "batcher_fault_tests.rs"]
 mod faults;
+
+/// A batch may take every core only when the batcher had nothing else:
+/// no other instance busy, nothing left queued, nothing in preprocessing.
+#[tokio::test(start_paused = true)]
+async fn only_a_batch_with_nothing_else_around_runs_alone() {
+    let mut r = rig(&spec(4, 1_000, &[]), 2, true, false);
+    // Idle batcher, no sample in preprocessing: alone.
+    r.send(1, 0).await;
+    assert_eq!(r.started.recv().await, Some(1));
+    assert_eq!(r.alone.recv().await, Some(true));
+    // Instance 0 is still busy with job 1: the next batch is not alone.
+    r.send(2, 0).await;
+    assert_eq!(r.started.recv().await, Some(1));
+    assert_eq!(r.alone.recv().await, Some(false));
+    r.gates[0].send(()).unwrap();
+    r.gates[1].send(()).unwrap();
+    r.scores_n(2).await;
+    // Idle again, but another sample is still in preprocessing: not alone
+    // (the batch leaves when its delay runs out).
+    r.send(3, 1).await;
+    assert_eq!(r.started.recv().await, Some(1));
+    assert_eq!(r.alone.recv().await, Some(false));
+    r.gates[1].send(()).unwrap();
+    r.gates[0].send(()).unwrap();
+    r.scores().await;
+}

@@ -1,11 +1,12 @@
 //! The backend seam: one [`Engine`] is one model *instance* (an ONNX Runtime
-//! session with its own thread budget on CPU; later one CUDA stream each).
-//! The batcher only sees this trait, so a backend is a module plus a match
-//! arm in [`load`].
+//! session with its own thread budget, or an OpenVINO infer request on its
+//! own CPU stream; later one CUDA stream each). The batcher only sees this
+//! trait, so a backend is a module plus a match arm in [`load_model`].
 
 use std::path::{Path, PathBuf};
 
-use spec::{Backend, ModelSpec};
+use shm::ModelRuntime;
+use spec::{Backend, ExecutorSection, ModelSpec, Precision, PrecisionRequest};
 
 use crate::ExecError;
 
@@ -17,14 +18,25 @@ pub trait Engine: Send {
     /// `batch × outputs()` raw values, sample-major.
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError>;
 
+    /// Runs like [`Engine::run`] when the batcher saw nothing else to do:
+    /// no other batch of the model running, none queued, no sample in
+    /// preprocessing. An engine may then use every core (OpenVINO's latency
+    /// lane); under load it keeps to its own share.
+    fn run_alone(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
+        self.run(input, batch)
+    }
+
     /// Values per sample (equals `output.labels.len()`, checked at load).
     fn outputs(&self) -> usize;
 }
 
-/// What backends share across all models and instances of this process.
-#[derive(Debug, Clone)]
+/// What backends share across all models and instances of this process:
+/// where their libraries are, and where compiled models are cached.
+#[derive(Debug, Clone, Default)]
 pub struct Backends {
     ort_library: PathBuf,
+    openvino_library: PathBuf,
+    cache_dir: Option<PathBuf>,
 }
 
 impl Backends {
@@ -33,56 +45,184 @@ impl Backends {
     pub fn new(ort_library: impl Into<PathBuf>) -> Self {
         Self {
             ort_library: ort_library.into(),
+            ..Self::default()
         }
+    }
+
+    /// The libraries and cache folder of the config's `[executor]`.
+    pub fn from_section(e: &ExecutorSection) -> Self {
+        Self::new(&e.ort_library)
+            .with_openvino(&e.openvino_library)
+            .with_cache_dir((!e.cache_dir.is_empty()).then(|| PathBuf::from(&e.cache_dir)))
+    }
+
+    /// `libopenvino_c.so.*`, loaded the first time an OpenVINO model is.
+    pub fn with_openvino(mut self, library: impl Into<PathBuf>) -> Self {
+        self.openvino_library = library.into();
+        self
+    }
+
+    pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.cache_dir = dir;
+        self
     }
 
     pub fn ort_library(&self) -> &Path {
         &self.ort_library
     }
-}
 
-/// Loads one instance of `spec` on its backend.
-pub fn load(spec: &ModelSpec, backends: &Backends) -> Result<Box<dyn Engine>, ExecError> {
-    match spec.backend {
-        Backend::OnnxruntimeCpu => {
-            let env = crate::ort_cpu::environment(backends.ort_library())?;
-            Ok(Box::new(crate::ort_cpu::OrtCpu::load(env, spec)?))
+    pub fn openvino_library(&self) -> &Path {
+        &self.openvino_library
+    }
+
+    /// The compiled-model cache of `spec` on `backend`: a folder per model
+    /// file sha256, so retrained weights never meet a stale compilation.
+    pub(crate) fn cache_for(&self, spec: &ModelSpec, backend: Backend) -> Option<PathBuf> {
+        let root = self.cache_dir.as_ref()?;
+        let sha = match file_sha256(Path::new(&spec.file)) {
+            Ok(sha) => sha,
+            Err(e) => {
+                tracing::warn!(model = %spec.name, "no compiled-model cache: reading {}: {e}", spec.file);
+                return None;
+            }
+        };
+        let dir = root.join(backend.as_str()).join(sha);
+        match std::fs::create_dir_all(&dir) {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                tracing::warn!(model = %spec.name, "no compiled-model cache: {}: {e}", dir.display());
+                None
+            }
         }
     }
 }
 
-/// Loads `spec.instances.count` instances (in parallel: session creation
-/// optimises the graph, which takes a while) and runs one warm-up batch of
-/// `warmup_batch` zero samples on each.
-pub fn load_instances(
+fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Loads one ONNX Runtime instance of `spec`.
+pub fn load(spec: &ModelSpec, backends: &Backends) -> Result<Box<dyn Engine>, ExecError> {
+    let env = crate::ort_cpu::environment(backends.ort_library())?;
+    Ok(Box::new(crate::ort_cpu::OrtCpu::load(env, spec)?))
+}
+
+/// A model's engine instances, warmed up, and what actually runs them.
+pub struct LoadedModel {
+    pub engines: Vec<Box<dyn Engine>>,
+    pub runtime: ModelRuntime,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("engines", &self.engines.len())
+            .field("runtime", &self.runtime)
+            .finish()
+    }
+}
+
+/// Loads `spec` on its backend, falling back as the spec allows (each
+/// fallback logged once and listed in the runtime), checks a reduced
+/// precision against f32 when the spec has `[precision]`, and warms every
+/// instance up with a batch of `warmup_batch`.
+pub fn load_model(
     spec: &ModelSpec,
     backends: &Backends,
     warmup_batch: usize,
-) -> Result<Vec<Box<dyn Engine>>, ExecError> {
+) -> Result<LoadedModel, ExecError> {
+    let mut fallbacks = Vec::new();
+    let mut loaded = match spec.backend {
+        Backend::OnnxruntimeCpu => ort_instances(spec, backends)?,
+        Backend::Openvino => match crate::openvino_cpu::library(backends.openvino_library()) {
+            Ok(()) => crate::backend_openvino::instances(spec, backends, &mut fallbacks)?,
+            Err(e) if spec.openvino.precision == PrecisionRequest::Auto => {
+                let line = format!("{e}; precision is auto, so onnxruntime-cpu (f32) runs instead");
+                tracing::warn!(model = %spec.name, "{line}");
+                fallbacks.push(line);
+                ort_instances(spec, backends)?
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    loaded.runtime.fallbacks = fallbacks;
+    warm_up_all(spec, &mut loaded.engines, warmup_batch)?;
+    Ok(loaded)
+}
+
+fn ort_instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, ExecError> {
     let n = spec.instances.count.max(1) as usize;
+    // In parallel: session creation optimises the graph, which takes a while.
     let results: Vec<Result<Box<dyn Engine>, ExecError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut engine = load(spec, backends)?;
-                    warm_up(spec, engine.as_mut(), warmup_batch)?;
-                    Ok(engine)
-                })
-            })
-            .collect();
+        let handles: Vec<_> = (0..n).map(|_| s.spawn(|| load(spec, backends))).collect();
         handles
             .into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(ExecError::Instance {
-                        model: spec.name.clone(),
-                        message: "panicked while loading".into(),
-                    })
-                })
-            })
+            .map(|h| joined(spec, h.join()))
             .collect()
     });
-    results.into_iter().collect()
+    let engines = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok(LoadedModel {
+        engines,
+        runtime: ModelRuntime {
+            model: spec.name.clone(),
+            backend: Backend::OnnxruntimeCpu,
+            precision: Precision::F32,
+            device: cpu_name(),
+            layout: format!(
+                "{n} sessions × {} intra-op threads",
+                spec.instances.intra_threads
+            ),
+            fallbacks: Vec::new(),
+            calibration: None,
+        },
+    })
+}
+
+fn joined<T>(
+    spec: &ModelSpec,
+    r: std::thread::Result<Result<T, ExecError>>,
+) -> Result<T, ExecError> {
+    r.unwrap_or_else(|_| {
+        Err(ExecError::Instance {
+            model: spec.name.clone(),
+            message: "panicked while loading".into(),
+        })
+    })
+}
+
+/// The CPU's model name from /proc/cpuinfo ("CPU" when unknown).
+pub fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "CPU".into())
+}
+
+/// Warms every instance up at once, so that instances sharing a compiled
+/// model each warm their own request.
+fn warm_up_all(
+    spec: &ModelSpec,
+    engines: &mut [Box<dyn Engine>],
+    batch: usize,
+) -> Result<(), ExecError> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = engines
+            .iter_mut()
+            .map(|e| s.spawn(move || warm_up(spec, e.as_mut(), batch)))
+            .collect();
+        handles.into_iter().try_for_each(|h| joined(spec, h.join()))
+    })
 }
 
 /// Runs `batch` zero samples and checks the output size.

@@ -6,11 +6,35 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("cannot load the ONNX Runtime library {}: {message}", path.display())]
-    RuntimeLibrary { path: PathBuf, message: String },
+    #[error("cannot load the {library} library {}: {message}", path.display())]
+    RuntimeLibrary {
+        library: &'static str,
+        path: PathBuf,
+        message: String,
+    },
 
-    #[error("cannot start ONNX Runtime: {0}")]
-    Runtime(String),
+    #[error("cannot start {library}: {message}")]
+    Runtime {
+        library: &'static str,
+        message: String,
+    },
+
+    #[error("model {model}: {message}")]
+    Precision { model: String, message: String },
+
+    #[error(
+        "model {model}: {precision} is off by {error:.4} in log-odds on the calibration images (worst: {image}); precision.max_logodds_error is {limit}, and precision.on_error is \"refuse\""
+    )]
+    PrecisionCheck {
+        model: String,
+        precision: &'static str,
+        error: f64,
+        limit: f64,
+        image: String,
+    },
+
+    #[error("model {model}: calibration: {message}")]
+    Calibration { model: String, message: String },
 
     #[error("model {model}: model file {} does not exist", path.display())]
     ModelFileMissing { model: String, path: PathBuf },

@@ -32,9 +32,17 @@ pub(crate) struct Queued {
     pub queue_us: u64,
 }
 
+/// A batch for an instance. `alone`: the batcher had nothing else to do
+/// (see [`Engine::run_alone`]).
+#[derive(Debug)]
+pub(crate) struct Batch {
+    pub jobs: Vec<Queued>,
+    pub alone: bool,
+}
+
 /// The batcher's side of one instance thread.
 pub(crate) struct Instance {
-    tx: std_mpsc::Sender<Vec<Queued>>,
+    tx: std_mpsc::Sender<Batch>,
     thread: std::thread::JoinHandle<()>,
 }
 
@@ -49,7 +57,7 @@ impl Instance {
         answers: UnboundedSender<FromExecutor>,
         free: UnboundedSender<usize>,
     ) -> std::io::Result<Self> {
-        let (tx, rx) = std_mpsc::channel::<Vec<Queued>>();
+        let (tx, rx) = std_mpsc::channel::<Batch>();
         let thread = std::thread::Builder::new()
             .name(format!("{}#{id}", model.name))
             .spawn(move || {
@@ -61,9 +69,11 @@ impl Instance {
                     input: Vec::new(),
                     batch: Vec::new(),
                     answered: Vec::new(),
+                    alone: false,
                 };
-                for jobs in rx {
-                    worker.guarded(jobs, Worker::run);
+                for batch in rx {
+                    worker.alone = batch.alone;
+                    worker.guarded(batch.jobs, Worker::run);
                     if free.send(id).is_err() {
                         break;
                     }
@@ -78,9 +88,9 @@ impl Instance {
         self.thread
     }
 
-    /// Hands a batch over; gives it back if the thread is gone.
-    pub fn dispatch(&self, jobs: Vec<Queued>) -> Result<(), Vec<Queued>> {
-        self.tx.send(jobs).map_err(|e| e.0)
+    /// Hands a batch over; gives its jobs back if the thread is gone.
+    pub fn dispatch(&self, batch: Batch) -> Result<(), Vec<Queued>> {
+        self.tx.send(batch).map_err(|e| e.0.jobs)
     }
 }
 
@@ -95,6 +105,8 @@ struct Worker {
     batch: Vec<Queued>,
     /// Ids of the current batch's jobs answered so far.
     answered: Vec<u64>,
+    /// The current batch may use every core.
+    alone: bool,
 }
 
 /// What a panic said, for the `Failed` message.
@@ -144,7 +156,13 @@ impl Worker {
         }
         let n = self.batch.len();
         let start = Instant::now();
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.engine.run(&self.input, n)));
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            if self.alone {
+                self.engine.run_alone(&self.input, n)
+            } else {
+                self.engine.run(&self.input, n)
+            }
+        }));
         let infer_us = start.elapsed().as_micros() as u64;
         let values = match result {
             Ok(Ok(values)) => values,
@@ -258,6 +276,7 @@ mod tests {
             input: Vec::new(),
             batch: Vec::new(),
             answered: Vec::new(),
+            alone: false,
         }
     }
 

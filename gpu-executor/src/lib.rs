@@ -3,14 +3,18 @@
 //! read straight from the shared tensor pool, only ids and scores travel on
 //! the gateway's socket.
 
+mod backend_openvino;
 mod batcher;
+pub mod calibration;
+pub mod check_model;
 mod engine;
 mod error;
 mod instance;
+pub mod openvino_cpu;
 pub mod ort_cpu;
 pub mod postprocess;
 pub mod serve;
 
 pub use batcher::{BatchPolicy, Batcher};
-pub use engine::{Backends, Engine, load, load_instances, warm_up};
+pub use engine::{Backends, Engine, LoadedModel, cpu_name, load, load_model, warm_up};
 pub use error::ExecError;

@@ -30,6 +30,7 @@ pub fn environment(library: &Path) -> Result<Environment, ExecError> {
     // make the caller's meaning (the working directory) explicit instead.
     let path = std::path::absolute(library).unwrap_or_else(|_| library.to_path_buf());
     let lib_err = |message: String| ExecError::RuntimeLibrary {
+        library: "ONNX Runtime",
         path: path.clone(),
         message,
     };
@@ -42,7 +43,10 @@ pub fn environment(library: &Path) -> Result<Environment, ExecError> {
         .map_err(|e| lib_err(e.to_string()))?
         .with_name("mmgate")
         .build()
-        .map_err(|e| ExecError::Runtime(e.to_string()))?;
+        .map_err(|e| ExecError::Runtime {
+            library: "ONNX Runtime",
+            message: e.to_string(),
+        })?;
     Ok(ENV.get_or_init(|| env).clone())
 }
 

@@ -16,7 +16,7 @@ use spec::ModelSpec;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 
-use crate::{Backends, Batcher, Engine, ExecError, load_instances};
+use crate::{Backends, Batcher, ExecError, LoadedModel, load_model};
 
 /// Samples in each instance's warm-up batch: `max_batch`, so the first full
 /// batch under load does not pay for growing ONNX Runtime's arena, and any
@@ -88,7 +88,12 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
             anyhow::bail!(msg);
         }
     };
-    write_frame(&mut writer, &FromExecutor::Ready).context("sending Ready")?;
+    let runtimes = loaded
+        .models
+        .iter()
+        .map(|(_, m)| m.runtime.clone())
+        .collect();
+    write_frame(&mut writer, &FromExecutor::Ready(runtimes)).context("sending Ready")?;
     drop((writer, reader));
     tracing::info!(models = loaded.models.len(), "ready");
 
@@ -105,7 +110,7 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
 /// Everything `Init` asked for, loaded and warmed up.
 pub struct Loaded {
     pub tensors: Arc<SharedTensors>,
-    pub models: Vec<(ModelSpec, Vec<Box<dyn Engine>>)>,
+    pub models: Vec<(ModelSpec, LoadedModel)>,
 }
 
 /// Maps the tensor pool and loads `instances.count` warmed-up engines per
@@ -130,18 +135,22 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
         }
     }
     let tensors = Arc::new(SharedTensors::open(tensor_fd, init.layout)?);
-    let backends = Backends::new(&init.ort_library);
+    let backends = Backends::from_section(&init.executor);
     let mut models = Vec::with_capacity(init.models.len());
     for spec in init.models {
         let start = std::time::Instant::now();
-        let engines = load_instances(&spec, &backends, warmup_batch(&spec))?;
+        let loaded = load_model(&spec, &backends, warmup_batch(&spec))?;
+        let r = &loaded.runtime;
         tracing::info!(
             model = %spec.name,
-            instances = engines.len(),
+            backend = r.backend.as_str(),
+            precision = r.precision.as_str(),
+            device = %r.device,
+            layout = %r.layout,
             ms = start.elapsed().as_millis() as u64,
             "model loaded and warmed up"
         );
-        models.push((spec, engines));
+        models.push((spec, loaded));
     }
     Ok(Loaded { tensors, models })
 }
@@ -170,10 +179,10 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
     let batchers = loaded
         .models
         .into_iter()
-        .map(|(spec, engines)| {
+        .map(|(spec, model)| {
             let (tensors, answers, lost) =
                 (loaded.tensors.clone(), answers.clone(), lost_tx.clone());
-            Batcher::spawn(&spec, engines, tensors, answers, lost)
+            Batcher::spawn(&spec, model.engines, tensors, answers, lost)
         })
         .collect::<Result<Vec<_>, _>>()?;
     drop(lost_tx);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use shm::{InferJob, PoolLayout, SlotRef, read_frame};
 
 use super::*;
+use crate::Engine;
 use crate::batcher::tests::{Bomb, ELEMS, spec};
 
 /// Panics with a payload that panics twice more when dropped: it gets past
@@ -33,7 +34,21 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
     tensors.write_f32(slot, |s| s.fill(1.0)).unwrap();
     let loaded = Loaded {
         tensors,
-        models: vec![(spec(8, 0, &[]), vec![Box::new(Doomed) as Box<dyn Engine>])],
+        models: vec![(
+            spec(8, 0, &[]),
+            LoadedModel {
+                engines: vec![Box::new(Doomed) as Box<dyn Engine>],
+                runtime: shm::ModelRuntime {
+                    model: "m".into(),
+                    backend: spec::Backend::OnnxruntimeCpu,
+                    precision: spec::Precision::F32,
+                    device: "test".into(),
+                    layout: "one doomed engine".into(),
+                    fallbacks: vec![],
+                    calibration: None,
+                },
+            },
+        )],
     };
     let (mut gateway, ours) = UnixStream::pair().unwrap();
     // The gateway's side: one job, then read until the executor hangs up.

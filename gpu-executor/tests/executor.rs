@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
 use shm::{
-    ExecutorInit, FromExecutor, InferJob, PROTO_VERSION, PoolLayout, SharedTensors, SlotRef,
-    ToExecutor, read_frame, write_frame,
+    ExecutorInit, FromExecutor, InferJob, ModelRuntime, PROTO_VERSION, PoolLayout, SharedTensors,
+    SlotRef, ToExecutor, read_frame, write_frame,
 };
-use spec::ModelSpec;
+use spec::{ExecutorSection, ModelSpec};
 
 /// A running executor; killed on drop if a test fails half-way.
 struct Executor {
@@ -69,14 +69,22 @@ impl Executor {
         ex
     }
 
-    fn init(&mut self, models: Vec<ModelSpec>, ort_library: String) -> FromExecutor {
+    fn init(&mut self, models: Vec<ModelSpec>, executor: ExecutorSection) -> FromExecutor {
         let layout = self.pool.layout().clone();
         self.send(ToExecutor::Init(ExecutorInit {
             layout,
             models,
-            ort_library,
+            executor,
         }));
         self.recv()
+    }
+
+    /// Sends Init and expects Ready; returns what runs each model.
+    fn ready(&mut self, models: Vec<ModelSpec>, executor: ExecutorSection) -> Vec<ModelRuntime> {
+        match self.init(models, executor) {
+            FromExecutor::Ready(r) => r,
+            other => panic!("expected Ready, got {other:?}"),
+        }
     }
 
     fn send(&mut self, msg: ToExecutor) {
@@ -127,9 +135,9 @@ fn slot(slot: u32, generation: u64) -> SlotRef {
 #[test]
 fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     let spec = small(common::open_nsfw());
-    let lib = common::ort_library().display().to_string();
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 4);
-    assert_eq!(ex.init(vec![spec.clone()], lib), FromExecutor::Ready);
+    let runtime = ex.ready(vec![spec.clone()], common::executor_section());
+    assert_eq!(runtime[0].backend, spec::Backend::Openvino, "{runtime:?}");
 
     let s = slot(0, 1);
     ex.fill(s, &common::sample(&spec, 0));
@@ -213,9 +221,8 @@ fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
     // Long enough that only the `pending == 0` hint can close the batch.
     spec.batching.max_queue_delay_us = 30_000_000;
     spec.batching.max_batch = 8;
-    let lib = common::ort_library().display().to_string();
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 8);
-    assert_eq!(ex.init(vec![spec.clone()], lib), FromExecutor::Ready);
+    ex.ready(vec![spec.clone()], common::executor_section());
     for k in 0..8u32 {
         let s = slot(k, 100 + k as u64);
         ex.fill(s, &common::sample(&spec, k));
@@ -243,23 +250,74 @@ fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
 
 #[test]
 fn missing_runtime_library_is_fatal_and_names_the_path() {
-    let spec = small(common::open_nsfw());
+    let mut spec = small(common::open_nsfw());
+    spec.backend = spec::Backend::OnnxruntimeCpu;
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
     let bad = "/nonexistent/libonnxruntime.so.1.32.0";
-    match ex.init(vec![spec], bad.into()) {
+    let mut section = common::executor_section();
+    section.ort_library = bad.into();
+    match ex.init(vec![spec], section) {
         FromExecutor::Fatal(msg) => assert!(msg.contains(bad), "{msg}"),
         other => panic!("expected Fatal, got {other:?}"),
     }
     assert_eq!(ex.exit_status().code(), Some(1));
 }
 
+/// An explicit OpenVINO precision with the library missing: refuse, naming
+/// the path.
+#[test]
+fn missing_openvino_library_with_an_explicit_precision_is_fatal_and_names_the_path() {
+    let mut spec = small(common::open_nsfw());
+    spec.openvino.precision = spec::PrecisionRequest::F32;
+    let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
+    let bad = "/nonexistent/libopenvino_c.so.2641";
+    let mut section = common::executor_section();
+    section.openvino_library = bad.into();
+    match ex.init(vec![spec], section) {
+        FromExecutor::Fatal(msg) => {
+            assert!(msg.contains(bad) && msg.contains("OpenVINO"), "{msg}")
+        }
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    assert_eq!(ex.exit_status().code(), Some(1));
+}
+
+/// `precision = "auto"` with the OpenVINO library missing: ONNX Runtime f32
+/// serves, and the runtime says why.
+#[test]
+fn missing_openvino_library_with_auto_falls_back_to_onnx_runtime_and_says_so() {
+    let spec = small(common::open_nsfw());
+    assert_eq!(spec.openvino.precision, spec::PrecisionRequest::Auto);
+    let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
+    let bad = "/nonexistent/libopenvino_c.so.2641";
+    let mut section = common::executor_section();
+    section.openvino_library = bad.into();
+    let runtime = ex.ready(vec![spec.clone()], section);
+    let r = &runtime[0];
+    assert_eq!(r.backend, spec::Backend::OnnxruntimeCpu, "{r:?}");
+    assert_eq!(r.precision, spec::Precision::F32, "{r:?}");
+    assert!(
+        r.fallbacks.len() == 1 && r.fallbacks[0].contains(bad),
+        "{r:?}"
+    );
+    // And it serves.
+    let s = slot(0, 1);
+    ex.fill(s, &common::sample(&spec, 0));
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 1,
+        slot: s,
+        pending: 0,
+    }));
+    assert!(matches!(ex.recv(), FromExecutor::Scores(_)));
+    assert_eq!(ex.exit_status().code(), Some(0));
+}
+
 #[test]
 fn missing_model_file_is_fatal_and_names_the_path() {
     let mut spec = small(common::open_nsfw());
     spec.file = "/nonexistent/model.onnx".into();
-    let lib = common::ort_library().display().to_string();
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
-    match ex.init(vec![spec], lib) {
+    match ex.init(vec![spec], common::executor_section()) {
         FromExecutor::Fatal(msg) => assert!(msg.contains("/nonexistent/model.onnx"), "{msg}"),
         other => panic!("expected Fatal, got {other:?}"),
     }

@@ -3,7 +3,7 @@
 //! protocol version.
 
 use serde::{Deserialize, Serialize};
-use spec::{Limits, ModelSpec};
+use spec::{Backend, ExecutorSection, Limits, ModelSpec, Precision};
 
 use crate::{PoolLayout, SlotRef};
 
@@ -199,8 +199,8 @@ pub enum ToExecutor {
 pub struct ExecutorInit {
     pub layout: PoolLayout,
     pub models: Vec<ModelSpec>,
-    /// Absolute path of the ONNX Runtime shared library.
-    pub ort_library: String,
+    /// Engine libraries and caches (absolute paths).
+    pub executor: ExecutorSection,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,8 +216,9 @@ pub struct InferJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum FromExecutor {
     Hello(Hello),
-    /// Every model is loaded and has run a warm-up batch.
-    Ready,
+    /// Every model is loaded and has run a warm-up batch; one entry per
+    /// model of `Init`, in order, saying what actually runs it.
+    Ready(Vec<ModelRuntime>),
     Fatal(String),
     Scores(Scores),
     Failed {
@@ -237,4 +238,35 @@ pub struct Scores {
     pub infer_us: u64,
     /// Samples in the batch this one ran in.
     pub batch: u32,
+}
+
+/// What actually runs a model, as the executor loaded it: the answer to
+/// "which backend and precision serve this?", which may differ from the
+/// spec's request after a fallback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRuntime {
+    pub model: String,
+    pub backend: Backend,
+    pub precision: Precision,
+    /// The device, as the engine names it (e.g. the CPU's model name).
+    pub device: String,
+    /// How instances map onto the engine (streams, threads, lanes).
+    pub layout: String,
+    /// Why the runtime differs from what the spec asked, one line each.
+    pub fallbacks: Vec<String>,
+    /// The start-up precision check, when the spec has `[precision]` and a
+    /// reduced precision was tried.
+    pub calibration: Option<Calibration>,
+}
+
+/// Result of checking a reduced precision against f32 on calibration images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    pub precision: Precision,
+    pub images: u32,
+    /// Largest |Δ log-odds| of any label on any image.
+    pub max_logodds_error: f64,
+    /// The spec's `max_logodds_error`.
+    pub limit: f64,
+    pub passed: bool,
 }

@@ -158,6 +158,12 @@ pub struct ExecutorSection {
     /// Absolute path (or relative to the config file) of the versioned ONNX
     /// Runtime shared library, e.g. `libonnxruntime.so.1.32.0`.
     pub ort_library: String,
+    /// The OpenVINO C library (`libopenvino_c.so.*`); the core, the CPU
+    /// plugin, the ONNX frontend and TBB must sit in the same folder.
+    pub openvino_library: String,
+    /// Folder for compiled-model caches (OpenVINO), one subfolder per model
+    /// file sha256; empty = no cache.
+    pub cache_dir: String,
     /// An inference not answered within this is a hung executor: it is
     /// killed and restarted, and the request gets a 502.
     pub infer_timeout_ms: u64,
@@ -167,6 +173,8 @@ impl Default for ExecutorSection {
     fn default() -> Self {
         Self {
             ort_library: "../.deps/onnxruntime/libonnxruntime.so.1.32.0".into(),
+            openvino_library: "../.deps/openvino/libopenvino_c.so.2641".into(),
+            cache_dir: "../.deps/cache".into(),
             infer_timeout_ms: 30_000,
         }
     }
@@ -234,7 +242,10 @@ impl ServerConfig {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
         let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-        cfg.executor.ort_library = resolve(&dir, &cfg.executor.ort_library);
+        let e = &mut cfg.executor;
+        e.ort_library = resolve(&dir, &e.ort_library);
+        e.openvino_library = resolve(&dir, &e.openvino_library);
+        e.cache_dir = resolve(&dir, &e.cache_dir);
         cfg.server.bin_dir = resolve(&dir, &cfg.server.bin_dir);
         let models_dir = PathBuf::from(resolve(&dir, &cfg.server.models_dir));
         let mut files: Vec<PathBuf> = std::fs::read_dir(&models_dir)

@@ -2,10 +2,12 @@
 //! model specs. Parsed from TOML and validated once, in the gateway; children
 //! receive the validated values over IPC and never read files themselves.
 
+mod backend;
 mod config;
 mod media;
 mod model;
 
+pub use backend::*;
 pub use config::*;
 pub use media::*;
 pub use model::*;

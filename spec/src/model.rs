@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{SpecError, invalid};
+use crate::{Backend, OpenvinoSpec, PrecisionCheck, SpecError, invalid};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -22,18 +22,16 @@ pub struct ModelSpec {
     pub batching: BatchingSpec,
     #[serde(default)]
     pub instances: InstanceSpec,
+    /// How the `openvino` backend compiles and runs the model.
+    #[serde(default)]
+    pub openvino: OpenvinoSpec,
+    /// The check a reduced precision (bf16) must pass before it serves.
+    #[serde(default)]
+    pub precision: Option<PrecisionCheck>,
     /// Tensor slots in shared memory for this model; 0 = derived from the
     /// worker pool and batching (see `ServerConfig::slots_for`).
     #[serde(default)]
     pub slots: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Backend {
-    /// ONNX Runtime, CPU execution provider.
-    #[default]
-    OnnxruntimeCpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +242,9 @@ impl ModelSpec {
         let mut spec: ModelSpec = crate::config::read_toml(path)?;
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
         spec.file = crate::config::resolve(dir, &spec.file);
+        if let Some(check) = spec.precision.as_mut() {
+            check.calibration_images = crate::config::resolve(dir, &check.calibration_images);
+        }
         spec.validate()
             .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
         Ok(spec)
@@ -313,6 +314,9 @@ impl ModelSpec {
             return Err(invalid(
                 "instances.count and instances.intra_threads must be >= 1",
             ));
+        }
+        if let Some(check) = &self.precision {
+            check.validate()?;
         }
         Ok(())
     }

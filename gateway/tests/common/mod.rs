@@ -21,12 +21,17 @@ pub fn fixture(rel: &str) -> Vec<u8> {
 }
 
 pub fn deps_check() {
-    let lib = repo().join(".deps/onnxruntime/libonnxruntime.so.1.32.0");
-    assert!(
-        lib.is_file(),
-        "{} is missing: run `make setup` (or `make test`) first",
-        lib.display()
-    );
+    for lib in [
+        ".deps/onnxruntime/libonnxruntime.so.1.32.0",
+        ".deps/openvino/libopenvino_c.so.2641",
+    ] {
+        let lib = repo().join(lib);
+        assert!(
+            lib.is_file(),
+            "{} is missing: run `make setup` (or `make test`) first",
+            lib.display()
+        );
+    }
 }
 
 /// One gateway at a time per test binary: the timing assertions (answers
@@ -60,10 +65,12 @@ impl Gateway {
         let r = repo();
         let cfg = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"{}\"\nshutdown_grace_ms = 10000\n\
-             [executor]\nort_library = \"{}\"\n{extra}\n",
+             [executor]\nort_library = \"{}\"\nopenvino_library = \"{}\"\ncache_dir = \"{}\"\n{extra}\n",
             r.join("configs/models").display(),
             r.join(".deps/onnxruntime/libonnxruntime.so.1.32.0")
                 .display(),
+            r.join(".deps/openvino/libopenvino_c.so.2641").display(),
+            r.join(".deps/cache").display(),
         );
         let cfg = merge_sections(&cfg);
         std::fs::write(dir.join("config.toml"), cfg).unwrap();

@@ -30,6 +30,24 @@ pub fn ort_library() -> PathBuf {
     require(".deps/onnxruntime/libonnxruntime.so.1.32.0")
 }
 
+pub fn openvino_library() -> PathBuf {
+    require(".deps/openvino/libopenvino_c.so.2641")
+}
+
+/// The real engine libraries, no compiled-model cache.
+pub fn executor_section() -> spec::ExecutorSection {
+    spec::ExecutorSection {
+        ort_library: ort_library().display().to_string(),
+        openvino_library: openvino_library().display().to_string(),
+        cache_dir: String::new(),
+        ..spec::ExecutorSection::default()
+    }
+}
+
+pub fn backends() -> gpu_executor::Backends {
+    gpu_executor::Backends::from_section(&executor_section())
+}
+
 /// The shipped open_nsfw spec, its model file checked to exist.
 pub fn open_nsfw() -> ModelSpec {
     require(".deps/models/open-nsfw.onnx");
