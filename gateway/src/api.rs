@@ -50,7 +50,7 @@ pub fn app(state: AppState) -> Router {
 /// A model as `/v1/models` shows it: its spec, and under `runtime` what
 /// actually runs it (backend, precision, device, fallbacks, the precision
 /// check), or `null` while no executor has loaded it.
-fn model_json(app: &AppState, m: &spec::ModelSpec) -> serde_json::Value {
+fn model_json(app: &AppState, m: &config::ModelSpec) -> serde_json::Value {
     json!({
         "name": m.name,
         "backend": m.backend,
@@ -253,7 +253,7 @@ async fn score_inner(
             .unwrap_or_default();
         let mut uploads = score::read_uploads(req, &app.core.cfg).await?;
         *body_read = true;
-        if uploads.len() == 1 && spec::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
+        if uploads.len() == 1 && config::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
             let upload = uploads.pop().expect("one upload");
             score::check_media(&upload, &app.core.cfg)?;
             let v = &app.core.cfg.video;

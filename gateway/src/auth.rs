@@ -18,7 +18,7 @@ pub struct Auth {
 
 #[derive(Debug)]
 struct TenantState {
-    spec: spec::Tenant,
+    spec: config::Tenant,
     slots: Option<Arc<Semaphore>>,
 }
 
@@ -32,7 +32,7 @@ pub struct Caller {
 }
 
 impl Auth {
-    pub fn new(tenants: &[spec::Tenant]) -> Self {
+    pub fn new(tenants: &[config::Tenant]) -> Self {
         let mut by_key = HashMap::new();
         for (i, t) in tenants.iter().enumerate() {
             for k in &t.keys {
@@ -111,7 +111,7 @@ mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        Auth::new(&[spec::Tenant {
+        Auth::new(&[config::Tenant {
             name: "acme".into(),
             keys: vec!["k1".into()],
             models: vec!["open_nsfw".into()],

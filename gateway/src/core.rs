@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
+use config::{ModelSpec, ServerConfig};
 use shm::{Ledger, PoolLayout, SharedTensors};
-use spec::{ModelSpec, ServerConfig};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;

@@ -42,7 +42,7 @@ impl AppState {
     /// Creates the shared memory and starts supervising every child. The
     /// handles end once `core.shutdown()` was called and the children are reaped.
     pub fn start(
-        cfg: spec::ServerConfig,
+        cfg: config::ServerConfig,
         bin_dir: std::path::PathBuf,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let auth = Arc::new(Auth::new(&cfg.tenants));
@@ -68,7 +68,7 @@ impl AppState {
 
 /// Serves until SIGTERM or SIGINT, then stops accepting, drains in-flight
 /// requests (up to `server.shutdown_grace_ms`) and stops the children.
-pub async fn run(cfg: spec::ServerConfig) -> anyhow::Result<()> {
+pub async fn run(cfg: config::ServerConfig) -> anyhow::Result<()> {
     let bin_dir = settings::bin_dir(&cfg)?;
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await

@@ -81,7 +81,7 @@ fn ms(d: Duration) -> f64 {
 /// Reads the images of a request: a raw body, or every file of a multipart form.
 /// KiB of the body-buffer budget a request reserves before its body is read:
 /// its Content-Length, or the largest allowed body when it has none.
-pub fn body_reservation(req: &Request, cfg: &spec::ServerConfig) -> u32 {
+pub fn body_reservation(req: &Request, cfg: &config::ServerConfig) -> u32 {
     let largest = cfg.limits.max_body_bytes.max(cfg.video.max_body_bytes) as u64;
     let declared = req
         .headers()
@@ -92,7 +92,10 @@ pub fn body_reservation(req: &Request, cfg: &spec::ServerConfig) -> u32 {
 
 /// A raw body may be a video, so it is read up to the larger of the image
 /// and video limits; `check_media` applies the right one once the kind is known.
-pub async fn read_uploads(req: Request, cfg: &spec::ServerConfig) -> Result<Vec<Upload>, ApiError> {
+pub async fn read_uploads(
+    req: Request,
+    cfg: &config::ServerConfig,
+) -> Result<Vec<Upload>, ApiError> {
     let limits = &cfg.limits;
     let raw_limit = limits.max_body_bytes.max(cfg.video.max_body_bytes);
     let too_large = || {
@@ -198,14 +201,14 @@ fn multipart_error(
 
 /// Refuses an upload that is empty, not a format mmgate decodes, or over its
 /// kind's byte limit, before it costs a worker anything.
-pub fn check_media(u: &Upload, cfg: &spec::ServerConfig) -> Result<spec::MediaKind, ApiError> {
+pub fn check_media(u: &Upload, cfg: &config::ServerConfig) -> Result<config::MediaKind, ApiError> {
     if u.data.is_empty() {
         return Err(ApiError::new(
             Code::UnsupportedMediaType,
             "the body is empty (0 bytes)",
         ));
     }
-    let kind = spec::sniff(&u.data).ok_or_else(|| {
+    let kind = config::sniff(&u.data).ok_or_else(|| {
         ApiError::new(
             Code::UnsupportedMediaType,
             "the body is not a JPEG, PNG, WebP, GIF or BMP image nor an MP4, MOV, WebM or MKV video (checked by its first bytes, not its Content-Type)",

@@ -60,11 +60,11 @@ pub struct ServeArgs {
     /// Backend of every model (overrides every model spec):
     /// `openvino` or `onnxruntime-cpu`.
     #[arg(long, env = "MMGATE_BACKEND", value_parser = parse_backend)]
-    pub backend: Option<spec::Backend>,
+    pub backend: Option<config::Backend>,
     /// OpenVINO precision of every model (overrides every model spec):
     /// `auto`, `bf16` or `f32`.
     #[arg(long, env = "MMGATE_PRECISION", value_parser = parse_precision)]
-    pub precision: Option<spec::PrecisionRequest>,
+    pub precision: Option<config::PrecisionRequest>,
     /// Folder of the `preprocess-worker` and `gpu-executor` binaries.
     #[arg(long, env = "MMGATE_BIN_DIR")]
     pub bin_dir: Option<String>,
@@ -72,8 +72,8 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// Loads the file, applies environment and flags, validates.
-    pub fn config(&self) -> anyhow::Result<spec::ServerConfig> {
-        let mut cfg = spec::ServerConfig::load(&self.config)?;
+    pub fn config(&self) -> anyhow::Result<config::ServerConfig> {
+        let mut cfg = config::ServerConfig::load(&self.config)?;
         let s = &mut cfg.server;
         set(&mut s.listen, self.listen.clone());
         set(&mut s.queue_capacity, self.queue_capacity);
@@ -96,12 +96,12 @@ impl ServeArgs {
     }
 }
 
-fn parse_backend(s: &str) -> Result<spec::Backend, String> {
+fn parse_backend(s: &str) -> Result<config::Backend, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("{s:?} is not a backend; use openvino or onnxruntime-cpu"))
 }
 
-fn parse_precision(s: &str) -> Result<spec::PrecisionRequest, String> {
+fn parse_precision(s: &str) -> Result<config::PrecisionRequest, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
         .map_err(|_| format!("{s:?} is not a precision; use auto, bf16 or f32"))
 }
@@ -132,7 +132,7 @@ fn set<T>(field: &mut T, value: Option<T>) {
 }
 
 /// The config as JSON with API keys replaced, for the start-up log.
-pub fn redacted(cfg: &spec::ServerConfig) -> String {
+pub fn redacted(cfg: &config::ServerConfig) -> String {
     let mut c = cfg.clone();
     for t in &mut c.tenants {
         t.keys = t.keys.iter().map(|_| "***".to_string()).collect();
@@ -145,7 +145,7 @@ pub fn redacted(cfg: &spec::ServerConfig) -> String {
 }
 
 /// Where the child binaries are: `server.bin_dir`, else next to this binary.
-pub fn bin_dir(cfg: &spec::ServerConfig) -> anyhow::Result<PathBuf> {
+pub fn bin_dir(cfg: &config::ServerConfig) -> anyhow::Result<PathBuf> {
     let dir = if cfg.server.bin_dir.is_empty() {
         let exe = std::env::current_exe()?;
         exe.parent().map(Path::to_path_buf).unwrap_or_default()

@@ -203,7 +203,7 @@ impl WorkerThread<'_> {
 /// `start`, `end`, `threshold`), resolved against server and tenant caps.
 pub fn sampling_from_query(
     q: &HashMap<String, String>,
-    v: &spec::VideoLimits,
+    v: &config::VideoLimits,
     tenant_max_frames: u32,
 ) -> Result<(Sampling, f32), ApiError> {
     let bad = |m: String| ApiError::new(Code::BadRequest, m);
@@ -439,7 +439,7 @@ mod tests {
 
     #[test]
     fn sampling_options_resolve_defaults_and_caps() {
-        let v = spec::VideoLimits::default();
+        let v = config::VideoLimits::default();
         let (s, th) = sampling_from_query(&q(&[]), &v, 0).unwrap();
         assert_eq!(
             (s.mode, s.keyframes_only, th),

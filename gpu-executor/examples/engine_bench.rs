@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use config::ModelSpec;
 use gpu_executor::{Backends, Engine, load};
-use spec::ModelSpec;
 
 #[derive(Parser)]
 struct Args {

@@ -5,8 +5,8 @@
 
 use std::path::Path;
 
+use config::{Backend, ModelSpec, OnPrecisionError, Precision, PrecisionCheck};
 use shm::{Calibration, ModelRuntime};
-use spec::{Backend, ModelSpec, OnPrecisionError, Precision, PrecisionCheck};
 
 use crate::openvino_cpu::{self, StreamLayout};
 use crate::{Backends, ExecError, LoadedModel, calibration};

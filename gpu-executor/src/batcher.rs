@@ -16,8 +16,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use config::{BatchingSpec, ModelSpec};
 use shm::{FromExecutor, InferJob, SharedTensors};
-use spec::{BatchingSpec, ModelSpec};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;

@@ -72,7 +72,7 @@ impl Echo {
 }
 
 pub(crate) fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpec {
-    use spec::*;
+    use config::*;
     ModelSpec {
         name: "m".into(),
         file: "m.onnx".into(),

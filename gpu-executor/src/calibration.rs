@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use spec::{Limits, ModelSpec};
+use config::{Limits, ModelSpec};
 
 use crate::{Engine, ExecError, postprocess};
 

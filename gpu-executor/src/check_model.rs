@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use spec::{Backend, ModelSpec, Precision, ServerConfig};
+use config::{Backend, ModelSpec, Precision, ServerConfig};
 
 use crate::calibration::{self, Sample};
 use crate::openvino_cpu::{self, StreamLayout};

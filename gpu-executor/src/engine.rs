@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use config::{Backend, ExecutorSection, ModelSpec, Precision, PrecisionRequest};
 use shm::ModelRuntime;
-use spec::{Backend, ExecutorSection, ModelSpec, Precision, PrecisionRequest};
 
 use crate::ExecError;
 

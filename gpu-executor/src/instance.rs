@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
+use config::Postprocess;
 use shm::{FromExecutor, InferJob, Scores, SharedTensors};
-use spec::Postprocess;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{Engine, postprocess};

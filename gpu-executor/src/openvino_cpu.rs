@@ -17,11 +17,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use config::{ModelSpec, Precision, PrecisionRequest};
 use openvino::{
     CompiledModel, Core, DeviceType, Dimension, ElementType, InferRequest, Node, PartialShape,
     PropertyKey, RwPropertyKey, Shape, Tensor,
 };
-use spec::{ModelSpec, Precision, PrecisionRequest};
 
 use crate::{Engine, ExecError};
 

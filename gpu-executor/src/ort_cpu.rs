@@ -5,11 +5,11 @@
 use std::path::Path;
 use std::sync::{Mutex, OnceLock};
 
+use config::{InputSpec, ModelSpec};
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{Outlet, TensorElementType, TensorRef};
-use spec::{InputSpec, ModelSpec};
 
 use crate::{Engine, ExecError};
 

@@ -2,7 +2,7 @@
 //! `output.postprocess`: as given, softmax over a sample's values, or an
 //! independent sigmoid per value.
 
-use spec::Postprocess;
+use config::Postprocess;
 
 /// Applies `kind` in place to the values of one sample.
 pub fn apply(kind: Postprocess, values: &mut [f32]) {

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use config::ModelSpec;
 use shm::{
     ExecutorInit, FromExecutor, Hello, PROTO_VERSION, SharedTensors, ToExecutor, read_frame,
     write_frame,
 };
-use spec::ModelSpec;
 use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::mpsc;
 

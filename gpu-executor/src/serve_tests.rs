@@ -40,8 +40,8 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
                 engines: vec![Box::new(Doomed) as Box<dyn Engine>],
                 runtime: shm::ModelRuntime {
                     model: "m".into(),
-                    backend: spec::Backend::OnnxruntimeCpu,
-                    precision: spec::Precision::F32,
+                    backend: config::Backend::OnnxruntimeCpu,
+                    precision: config::Precision::F32,
                     device: "test".into(),
                     layout: "one doomed engine".into(),
                     fallbacks: vec![],

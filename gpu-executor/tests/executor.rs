@@ -8,11 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use command_fds::{CommandFdExt, FdMapping};
+use config::{ExecutorSection, ModelSpec};
 use shm::{
     ExecutorInit, FromExecutor, InferJob, ModelRuntime, PROTO_VERSION, PoolLayout, SharedTensors,
     SlotRef, ToExecutor, read_frame, write_frame,
 };
-use spec::{ExecutorSection, ModelSpec};
 
 /// A running executor; killed on drop if a test fails half-way.
 struct Executor {
@@ -137,7 +137,7 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     let spec = small(common::open_nsfw());
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 4);
     let runtime = ex.ready(vec![spec.clone()], common::executor_section());
-    assert_eq!(runtime[0].backend, spec::Backend::Openvino, "{runtime:?}");
+    assert_eq!(runtime[0].backend, config::Backend::Openvino, "{runtime:?}");
 
     let s = slot(0, 1);
     ex.fill(s, &common::sample(&spec, 0));
@@ -251,7 +251,7 @@ fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
 #[test]
 fn missing_runtime_library_is_fatal_and_names_the_path() {
     let mut spec = small(common::open_nsfw());
-    spec.backend = spec::Backend::OnnxruntimeCpu;
+    spec.backend = config::Backend::OnnxruntimeCpu;
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
     let bad = "/nonexistent/libonnxruntime.so.1.32.0";
     let mut section = common::executor_section();
@@ -268,7 +268,7 @@ fn missing_runtime_library_is_fatal_and_names_the_path() {
 #[test]
 fn missing_openvino_library_with_an_explicit_precision_is_fatal_and_names_the_path() {
     let mut spec = small(common::open_nsfw());
-    spec.openvino.precision = spec::PrecisionRequest::F32;
+    spec.openvino.precision = config::PrecisionRequest::F32;
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
     let bad = "/nonexistent/libopenvino_c.so.2641";
     let mut section = common::executor_section();
@@ -287,15 +287,15 @@ fn missing_openvino_library_with_an_explicit_precision_is_fatal_and_names_the_pa
 #[test]
 fn missing_openvino_library_with_auto_falls_back_to_onnx_runtime_and_says_so() {
     let spec = small(common::open_nsfw());
-    assert_eq!(spec.openvino.precision, spec::PrecisionRequest::Auto);
+    assert_eq!(spec.openvino.precision, config::PrecisionRequest::Auto);
     let mut ex = Executor::spawn(std::slice::from_ref(&spec), 2);
     let bad = "/nonexistent/libopenvino_c.so.2641";
     let mut section = common::executor_section();
     section.openvino_library = bad.into();
     let runtime = ex.ready(vec![spec.clone()], section);
     let r = &runtime[0];
-    assert_eq!(r.backend, spec::Backend::OnnxruntimeCpu, "{r:?}");
-    assert_eq!(r.precision, spec::Precision::F32, "{r:?}");
+    assert_eq!(r.backend, config::Backend::OnnxruntimeCpu, "{r:?}");
+    assert_eq!(r.precision, config::Precision::F32, "{r:?}");
     assert!(
         r.fallbacks.len() == 1 && r.fallbacks[0].contains(bad),
         "{r:?}"

@@ -4,12 +4,12 @@
 
 mod common;
 
+use config::{Backend, OnPrecisionError, Precision, PrecisionCheck, PrecisionRequest};
 use gpu_executor::calibration::{self, max_delta};
 use gpu_executor::openvino_cpu::{self, StreamLayout};
 use gpu_executor::{Engine, ExecError, load, load_model};
-use spec::{Backend, OnPrecisionError, Precision, PrecisionCheck, PrecisionRequest};
 
-fn ov(spec: &spec::ModelSpec, precision: Precision) -> openvino_cpu::Loaded {
+fn ov(spec: &config::ModelSpec, precision: Precision) -> openvino_cpu::Loaded {
     openvino_cpu::library(&common::openvino_library()).unwrap();
     openvino_cpu::load(spec, precision, StreamLayout::of(spec), None).unwrap()
 }
@@ -74,7 +74,7 @@ fn batches_and_both_lanes_give_the_single_run_scores() {
     ));
 }
 
-fn with_check(limit: f64, on_error: OnPrecisionError) -> spec::ModelSpec {
+fn with_check(limit: f64, on_error: OnPrecisionError) -> config::ModelSpec {
     let mut spec = common::open_nsfw();
     spec.instances.count = 1;
     spec.openvino.precision = PrecisionRequest::Auto;

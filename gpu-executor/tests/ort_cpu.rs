@@ -4,7 +4,7 @@ mod common;
 
 use gpu_executor::{Backends, Engine, ExecError, load};
 
-fn engine(spec: &spec::ModelSpec) -> Result<Box<dyn Engine>, ExecError> {
+fn engine(spec: &config::ModelSpec) -> Result<Box<dyn Engine>, ExecError> {
     load(spec, &Backends::new(common::ort_library()))
 }
 
@@ -87,7 +87,7 @@ fn wrong_output_name_or_label_count_is_a_clear_load_error() {
 #[test]
 fn wrong_input_shape_is_a_clear_load_error() {
     let mut spec = common::open_nsfw();
-    spec.input.layout = spec::Layout::Nchw;
+    spec.input.layout = config::Layout::Nchw;
     let msg = engine(&spec).err().expect("must fail").to_string();
     assert!(
         msg.contains("[-1, 224, 224, 3]") && msg.contains("[-1, 3, 224, 224]"),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use spec::{Limits, ModelSpec};
+use config::{Limits, ModelSpec};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);

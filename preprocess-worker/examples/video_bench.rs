@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use config::{Limits, ModelSpec};
 use preprocess_worker::video::{self, Control, VideoEnv};
 use shm::{
     FromWorker, Input, InputRegion, PoolLayout, SampleMode, Sampling, SharedTensors, SlotRef,
     VideoJob,
 };
-use spec::{Limits, ModelSpec};
 
 fn main() {
     let mut args = std::env::args().skip(1);

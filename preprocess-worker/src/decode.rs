@@ -4,8 +4,8 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use config::{Limits, MediaKind, PreprocessSpec};
 use image::metadata::Orientation;
-use spec::{Limits, MediaKind, PreprocessSpec};
 
 use crate::pixels::Pixels;
 use crate::{PreprocessError, jpeg, raster};

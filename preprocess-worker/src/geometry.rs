@@ -3,7 +3,7 @@
 //! where padding goes. Pure arithmetic, computed from the full-resolution
 //! size so a DCT-downscaled decode lands on exactly the same geometry.
 
-use spec::{PreprocessSpec, ResizeMode};
+use config::{PreprocessSpec, ResizeMode};
 
 /// The resize and crop of one image.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -104,7 +104,7 @@ fn centre(outer: u32, inner: u32) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spec::{ColorOrder, Filter, Size};
+    use config::{ColorOrder, Filter, Size};
 
     fn spec(mode: ResizeMode, resize: (u32, u32), crop: Option<(u32, u32)>) -> PreprocessSpec {
         PreprocessSpec {

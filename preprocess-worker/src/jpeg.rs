@@ -5,7 +5,7 @@
 
 use std::cell::RefCell;
 
-use spec::{Limits, MediaKind, PreprocessSpec};
+use config::{Limits, MediaKind, PreprocessSpec};
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use crate::decode::Decoded;

@@ -22,7 +22,7 @@ pub mod video;
 
 use std::time::Instant;
 
-use spec::{Limits, ModelSpec};
+use config::{Limits, ModelSpec};
 
 pub use error::PreprocessError;
 
@@ -55,7 +55,7 @@ pub fn preprocess(
         });
     }
     limits::check_bytes(data.len(), limits)?;
-    let kind = spec::sniff(data).ok_or_else(|| PreprocessError::unsupported(data))?;
+    let kind = config::sniff(data).ok_or_else(|| PreprocessError::unsupported(data))?;
     let p = &model.preprocess;
     let decoded = decode::decode(kind, data, p, limits)?;
     check_deadline(deadline, "decode")?;

@@ -1,7 +1,7 @@
 //! Size limits applied from the encoded bytes and the header, before any
 //! pixel is decoded, so a decompression bomb costs milliseconds and no memory.
 
-use spec::Limits;
+use config::Limits;
 
 use crate::PreprocessError;
 

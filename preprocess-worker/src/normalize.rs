@@ -2,7 +2,7 @@
 //! layout and channel order, as `(pixel * scale - mean[c]) / std[c]`, written
 //! straight into the output slot. Padding uses `pad_value`.
 
-use spec::{ColorOrder, InputSpec, Layout, PreprocessSpec};
+use config::{ColorOrder, InputSpec, Layout, PreprocessSpec};
 
 use crate::geometry::Plan;
 use crate::pixels::Pixels;
@@ -78,7 +78,7 @@ fn source_pixel(img: &Pixels, plan: &Plan, row: usize, x: usize) -> Option<usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spec::{DType, Filter, ResizeMode, Size};
+    use config::{DType, Filter, ResizeMode, Size};
 
     fn setup(layout: Layout, order: ColorOrder) -> (InputSpec, PreprocessSpec) {
         let input = InputSpec {

@@ -5,9 +5,9 @@
 
 use std::io::Cursor;
 
+use config::{Limits, MediaKind};
 use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
-use spec::{Limits, MediaKind};
 
 use crate::PreprocessError;
 use crate::decode::Decoded;

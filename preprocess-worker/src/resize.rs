@@ -3,9 +3,9 @@
 
 use std::cell::RefCell;
 
+use config::Filter;
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use spec::Filter;
 
 use crate::PreprocessError;
 use crate::geometry::Plan;

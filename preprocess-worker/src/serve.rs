@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use config::{Limits, ModelSpec};
 use crossbeam_channel::{Receiver, Sender};
 use shm::{
     FromWorker, Hello, Input, InputRegion, Job, JobDone, JobError, JobErrorKind, PROTO_VERSION,
     SharedTensors, ShmError, ToWorker, VideoJob, WorkerInit, read_frame, take_inherited_fd,
     write_frame,
 };
-use spec::{Limits, ModelSpec};
 
 use crate::error::{internal, job_error};
 use crate::preprocess;

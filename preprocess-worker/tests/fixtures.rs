@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use config::{Layout, Limits, ModelSpec, ResizeMode, Size};
 use preprocess_worker::{ImageInfo, PreprocessError, preprocess};
 use shm::JobErrorKind;
-use spec::{Layout, Limits, ModelSpec, ResizeMode, Size};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -8,10 +8,10 @@ mod harness;
 use std::io::ErrorKind;
 use std::time::{Duration, Instant};
 
+use config::Limits;
 use harness::*;
 use preprocess_worker::preprocess;
 use shm::{FromWorker, Input, JobErrorKind, SampleMode, ToWorker};
-use spec::Limits;
 
 fn assert_times(got: &[f64], want: &[f64]) {
     assert_eq!(got.len(), want.len(), "got {got:?}, want {want:?}");

@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::ShmError;
 
 /// Largest frame either side accepts (inline inputs are far below this).
-pub const MAX_FRAME: usize = spec::MAX_FRAME_BYTES;
+pub const MAX_FRAME: usize = config::MAX_FRAME_BYTES;
 
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ShmError> {
     let mut buf = postcard::to_extend(msg, vec![0u8; 4])?;

@@ -2,8 +2,8 @@
 //! carries the job id; the first message each side sends is a hello with the
 //! protocol version.
 
+use config::{Backend, ExecutorSection, Limits, ModelSpec, Precision};
 use serde::{Deserialize, Serialize};
-use spec::{Backend, ExecutorSection, Limits, ModelSpec, Precision};
 
 use crate::{PoolLayout, SlotRef};
 

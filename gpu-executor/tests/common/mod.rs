@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use spec::ModelSpec;
+use config::ModelSpec;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -35,12 +35,12 @@ pub fn openvino_library() -> PathBuf {
 }
 
 /// The real engine libraries, no compiled-model cache.
-pub fn executor_section() -> spec::ExecutorSection {
-    spec::ExecutorSection {
+pub fn executor_section() -> config::ExecutorSection {
+    config::ExecutorSection {
         ort_library: ort_library().display().to_string(),
         openvino_library: openvino_library().display().to_string(),
         cache_dir: String::new(),
-        ..spec::ExecutorSection::default()
+        ..config::ExecutorSection::default()
     }
 }
 

@@ -41,7 +41,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let mut spec = spec::ModelSpec::load(&a.model)?;
+    let mut spec = config::ModelSpec::load(&a.model)?;
     spec.instances.intra_threads = a.intra;
     spec.instances.count = a.threads as u32;
     if let Some(b) = &a.backend {
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     }
     let file = a.file.clone().expect("required unless --model-only");
     let data = std::fs::read(&file)?;
-    let limits = spec::Limits::default();
+    let limits = config::Limits::default();
     let pipeline = |engine: &mut dyn gpu_executor::Engine, buf: &mut Vec<f32>| {
         let deadline = Instant::now() + Duration::from_secs(5);
         preprocess_worker::preprocess(&data, &spec, &limits, deadline, buf).expect("preprocess");
@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
 
 /// Wall time of `n` samples through `threads` engine instances in parallel.
 fn model_only(
-    spec: &spec::ModelSpec,
+    spec: &config::ModelSpec,
     backends: &gpu_executor::Backends,
     threads: usize,
     n: usize,

@@ -7,12 +7,12 @@
 
 use std::time::Instant;
 
+use config::Limits;
 use ffmpeg::Packet;
 use ffmpeg::util::error::EAGAIN;
 use ffmpeg::util::frame::Video as VideoFrame;
 use ffmpeg_next as ffmpeg;
 use shm::Sampling;
-use spec::Limits;
 
 use super::frame::{Converter, check_size};
 use super::sampler::Sampler;

@@ -3,12 +3,12 @@
 //! sample aspect ratio in the same pass; then the stream's display-matrix
 //! rotation is applied, exactly as the ffmpeg CLI auto-rotates.
 
+use config::Limits;
 use ffmpeg::format::Pixel;
 use ffmpeg::software::scaling;
 use ffmpeg::util::frame::Video as VideoFrame;
 use ffmpeg_next as ffmpeg;
 use image::metadata::Orientation;
-use spec::Limits;
 
 use crate::PreprocessError;
 use crate::orient;

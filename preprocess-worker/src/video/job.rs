@@ -5,12 +5,12 @@
 
 use std::time::{Duration, Instant};
 
+use config::{Limits, ModelSpec};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use shm::{
     FromWorker, JobError, JobErrorKind, SharedTensors, ShmError, SlotRef, VideoDone, VideoFrame,
     VideoJob,
 };
-use spec::{Limits, ModelSpec};
 
 use super::decode::{self, FrameSink, RunError, Stop};
 use super::frame;

@@ -12,11 +12,11 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use command_fds::{CommandFdExt, FdMapping};
+use config::{Limits, ModelSpec};
 use shm::{
     FromWorker, Input, InputRegion, PROTO_VERSION, PoolLayout, SampleMode, Sampling, SharedTensors,
     SlotRef, ToWorker, VideoDone, VideoFrame, VideoJob, WorkerInit, read_frame, write_frame,
 };
-use spec::{Limits, ModelSpec};
 
 pub const SLOTS: u32 = 8;
 pub const INPUT_BYTES: usize = 4 << 20;
