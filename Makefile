@@ -1,7 +1,5 @@
 # mmgate: make setup | build | run | test | lint | bench
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
-# For onnxruntime bindings that load the library at run time (e.g. ort's load-dynamic).
-export ORT_DYLIB_PATH ?= $(CURDIR)/.deps/onnxruntime/libonnxruntime.so.1.32.0
 
 .PHONY: setup build run test lint bench
 

@@ -1,11 +1,33 @@
-# Sourced by the benchmark scripts: builds (unless NO_BUILD is set), starts
-# `mmgate serve` on a free port with the default config, waits until it is
-# ready, and stops it on exit. Sets T (binaries), PID and URL. Needs OUT.
+# Sourced by the benchmark scripts. Builds (unless NO_BUILD is set) and sets T
+# (the binaries). start_mmgate NAME [VAR=value…] starts `mmgate serve` with the
+# default config (and those environment overrides) on a free port, waits until
+# it is ready and sets URL_<NAME> and PID_<NAME>; every service started here
+# is stopped on exit. Needs OUT.
 T=${CARGO_TARGET_DIR:-target}/release
 [ -n "${NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
-"$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 >"$OUT/mmgate.out" 2>"$OUT/mmgate.err" &
-PID=$!
-trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null' EXIT
-for _ in $(seq 100); do grep -q listening "$OUT/mmgate.out" 2>/dev/null && break; sleep 0.1; done
-URL=$(sed -n 's/^mmgate listening on //p' "$OUT/mmgate.out")
-for _ in $(seq 600); do curl -fs "$URL/readyz" >/dev/null && break; sleep 0.1; done
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null' EXIT
+
+start_mmgate() {
+  local name=$1; shift
+  env "$@" "$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 \
+    >"$OUT/mmgate-$name.out" 2>"$OUT/mmgate-$name.err" &
+  local pid=$!
+  PIDS+=("$pid")
+  for _ in $(seq 100); do grep -q listening "$OUT/mmgate-$name.out" 2>/dev/null && break; sleep 0.1; done
+  local url
+  url=$(sed -n 's/^mmgate listening on //p' "$OUT/mmgate-$name.out")
+  for _ in $(seq 600); do curl -fs "$url/readyz" >/dev/null && break; sleep 0.1; done
+  printf -v "URL_$name" %s "$url"
+  printf -v "PID_$name" %s "$pid"
+}
+
+# start_alternative NAME ENGINE: the FastAPI + uvicorn service (alternative.sh).
+start_alternative() {
+  local name=$1 engine=$2
+  ALT_ENGINE=$engine bash load-tests/alternative.sh >"$OUT/alt-$name.out" 2>"$OUT/alt-$name.err" &
+  PIDS+=("$!")
+  for _ in $(seq 1800); do grep -q listening "$OUT/alt-$name.out" 2>/dev/null && break; sleep 0.1; done
+  printf -v "URL_$name" %s "$(sed -n 's/^alternative listening on //p' "$OUT/alt-$name.out")"
+  printf -v "PID_$name" %s "$(sed -n 's/^alternative pid //p' "$OUT/alt-$name.out")"
+}

@@ -1,29 +1,55 @@
-"""Prints the medians of a load-tests/run.sh result folder as Markdown."""
+"""Prints the medians of a load-tests/run.sh result folder as Markdown.
+
+Every ratio is paired per round (each system against the ceiling or the
+other system measured in the same round), then the median is taken.
+"""
 import json
 import statistics
 import sys
 from pathlib import Path
 
 out = Path(sys.argv[1])
-ceiling = [json.loads(l) for l in (out / "ceiling.jsonl").read_text().splitlines()]
-mmgate = [json.loads(l) for l in (out / "mmgate.jsonl").read_text().splitlines()]
+rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
 med = statistics.median
 
+
+def pick(system, f, conc=None):
+    r = [x for x in rows if x["system"] == system and x["file"] == f
+         and (conc is None or x["concurrency"] == conc)]
+    return {x["round"]: x for x in r}
+
+
+def paired(a, b, fn):
+    return med(fn(a[k], b[k]) for k in a if k in b)
+
+
 print(f"results: {out}\n")
-print("| image | ceiling img/s (2 thr) | ceiling 1-image p50 ms | conc | mmgate img/s | ratio (paired median) | p50 ms | p99 ms | Δp50 vs ceiling 1-image (paired median) ms | peak tree PSS MiB | errors |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for f in dict.fromkeys(r["file"] for r in ceiling):
-    c = [r for r in ceiling if r["file"] == f]
-    c_tp = med(r["throughput_per_s"] for r in c)
-    c_lat = med(r["single_p50_ms"] for r in c)
-    for conc in sorted({r["concurrency"] for r in mmgate}):
-        m = [r for r in mmgate if r["file"] == f and r["concurrency"] == conc]
-        tp = med(r["throughput_per_s"] for r in m)
-        p50 = med(r["p50_ms"] for r in m)
-        p99 = med(r["p99_ms"] for r in m)
-        pss = max(r["peak_tree_pss_mib"] for r in m)
-        # Side by side: each round's mmgate run against that round's ceiling.
-        ratio = med(r["throughput_per_s"] / x["throughput_per_s"] for r, x in zip(m, c))
-        dp50 = med(r["p50_ms"] - x["single_p50_ms"] for r, x in zip(m, c))
-        err = sum(r["errors"] for r in m)
-        print(f"| {f} | {c_tp:.1f} | {c_lat:.2f} | {conc} | {tp:.1f} | {ratio:.2f} | {p50:.2f} | {p99:.2f} | {dp50:+.2f} | {pss:.0f} | {err} |")
+files = list(dict.fromkeys(r["file"] for r in rows))
+concs = sorted({r["concurrency"] for r in rows if "concurrency" in r})
+print("### Ceilings (one process, every core)\n")
+print("| image | engine | img/s | 1-image p50 ms |")
+print("|---|---|---|---|")
+for f in files:
+    for b in ("openvino", "onnxruntime-cpu"):
+        c = pick(f"ceiling-{b}", f)
+        prec = next(iter(c.values())).get("precision", "")
+        print(f"| {f} | {b} {prec} | {med(x['throughput_per_s'] for x in c.values()):.1f} "
+              f"| {med(x['single_p50_ms'] for x in c.values()):.2f} |")
+print("\n### End to end\n")
+print("| image | conc | mmgate OpenVINO img/s | p50 / p99 ms | mmgate ONNX Runtime img/s | p50 / p99 ms "
+      "| FastAPI + OpenVINO bf16 img/s | p50 / p99 ms | OV ÷ ORT | OV ÷ ceiling-OV | OV ÷ FastAPI "
+      "| OV p50 − ceiling 1-image p50 ms | peak PSS MiB (mmgate OV / FastAPI) | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for f in files:
+    ceil = pick("ceiling-openvino", f)
+    for c in concs:
+        ov, ort, alt = (pick(s, f, c) for s in ("openvino", "onnxruntime", "alternative"))
+        tp = lambda d: med(x["throughput_per_s"] for x in d.values())
+        lat = lambda d: f"{med(x['p50_ms'] for x in d.values()):.1f} / {med(x['p99_ms'] for x in d.values()):.1f}"
+        r = lambda a, b: paired(a, b, lambda x, y: x["throughput_per_s"] / y["throughput_per_s"])
+        dp50 = paired(ov, ceil, lambda x, y: x["p50_ms"] - y["single_p50_ms"])
+        pss = lambda d: max(x["peak_tree_pss_mib"] for x in d.values())
+        err = sum(x["errors"] for d in (ov, ort, alt) for x in d.values())
+        print(f"| {f} | {c} | {tp(ov):.1f} | {lat(ov)} | {tp(ort):.1f} | {lat(ort)} | {tp(alt):.1f} | {lat(alt)} "
+              f"| {r(ov, ort):.2f} | {r(ov, ceil):.2f} | {r(ov, alt):.2f} | {dp50:+.2f} "
+              f"| {pss(ov):.0f} / {pss(alt):.0f} | {err} |")

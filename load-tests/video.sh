@@ -16,6 +16,8 @@ if [ ! -f "$CLIP" ]; then
   mv "$CLIP.part.mp4" "$CLIP"
 fi
 . load-tests/lib.sh
+start_mmgate openvino
+URL=$URL_openvino
 
 now() { date +%s.%N; }
 for round in $(seq "$ROUNDS"); do
