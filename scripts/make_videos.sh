@@ -67,4 +67,9 @@ head -c $((size / 2)) "$TMP/h264.mp4" > "$TMP/truncated.mp4"
 ff -f lavfi -i "testsrc2=duration=10800:size=32x32:rate=1" -c:v libx264 -preset ultrafast \
   -pix_fmt yuv420p -g 300 "$TMP/long.mp4"
 
+# Small upload, huge decode: 200 frames of 4096×4096 (a hostile client's
+# way to occupy a worker), for the tests that videos cannot starve images.
+ff -f lavfi -i "testsrc2=size=4096x4096:rate=25:duration=8" -c:v libx264 -preset ultrafast \
+  -crf 45 -pix_fmt yuv420p -g 250 "$TMP/huge.mp4"
+
 for f in "$TMP"/*; do mv -f "$f" "$OUT/"; done

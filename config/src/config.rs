@@ -14,6 +14,8 @@ pub struct ServerConfig {
     #[serde(default)]
     pub server: ServerSection,
     #[serde(default)]
+    pub http: HttpLimits,
+    #[serde(default)]
     pub limits: Limits,
     #[serde(default)]
     pub workers: WorkerPool,
@@ -62,6 +64,39 @@ impl Default for ServerSection {
     }
 }
 
+/// `[http]`: what one client connection may cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// A request head must be complete this long after the connection
+    /// started waiting for it (also the idle time of a kept-alive
+    /// connection); else the connection is closed.
+    pub header_read_timeout_ms: u64,
+    /// An upload that sends no byte for this long gets 408 `body_timeout`.
+    pub body_idle_timeout_ms: u64,
+    /// Each write of an answer must make progress within this; a client
+    /// that does not read loses the connection.
+    pub write_timeout_ms: u64,
+    /// Open connections at once; more are answered 503
+    /// `too_many_connections` and closed. Lowered at start to fit the
+    /// process's open-file limit (raised to its hard limit first).
+    pub max_connections: usize,
+    /// Header lines in one request head; more = 431.
+    pub max_headers: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 10_000,
+            body_idle_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+            max_connections: 4096,
+            max_headers: 64,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
@@ -76,6 +111,12 @@ pub struct Limits {
     /// Wall-clock budget for decoding and preprocessing one image; a worker
     /// that overruns it is killed and restarted.
     pub decode_deadline_ms: u64,
+    /// Bytes one image decode may allocate: its decoded raster, computed
+    /// from the header (width × height × channels × bytes per sample) and
+    /// refused with 413 before allocating, and the decoders' own allocation
+    /// limit (the `image` crate's `max_alloc`, which also bounds PNG chunks
+    /// such as an inflating iCCP profile).
+    pub max_decode_bytes: u64,
 }
 
 impl Default for Limits {
@@ -86,6 +127,9 @@ impl Default for Limits {
             max_pixels: 40_000_000,
             max_dimension: 16_384,
             decode_deadline_ms: 5_000,
+            // A 40 MP photo as 8-bit RGBA (160 MB) fits; 16-bit RGBA at
+            // 40 MP (320 MB) does not.
+            max_decode_bytes: 256 << 20,
         }
     }
 }
@@ -104,8 +148,16 @@ pub struct VideoLimits {
     pub max_frames: u32,
     /// Most decoded frames per request.
     pub max_decoded_frames: u32,
+    /// Most decoded pixels per request (every decoded frame's width ×
+    /// height, summed): bounds a video's decode work, which frames alone do
+    /// not (a 6320² frame costs 20 of 1080p). Past it the answer is
+    /// `truncated`.
+    pub max_decoded_pixels: u64,
     /// Wall-clock budget for decoding one video.
     pub decode_deadline_ms: u64,
+    /// Share of the preprocess worker threads videos may hold at once; at
+    /// least one thread, and one is always left for images.
+    pub max_worker_share: f64,
     /// Tensor slots one video may hold at once (bounds its share of the pool).
     pub slots_per_request: u32,
     /// Default `threshold` for the aggregate's flagged frame times.
@@ -122,7 +174,11 @@ impl Default for VideoLimits {
             default_fps: 1.0,
             max_frames: 256,
             max_decoded_frames: 20_000,
+            // ≈ 9,600 frames of 1080p: 5 min at 30 fps, ~25 s of decoding
+            // on one core here.
+            max_decoded_pixels: 20_000_000_000,
             decode_deadline_ms: 60_000,
+            max_worker_share: 0.5,
             slots_per_request: 4,
             default_threshold: 0.5,
             decode_threads: 2,

@@ -38,6 +38,13 @@ impl MediaKind {
 
 const QT_ATOMS: [[u8; 4]; 4] = [*b"moov", *b"wide", *b"free", *b"mdat"];
 
+/// ISO-BMFF major brands of still images (HEIF/AVIF): not videos, and not a
+/// format mmgate decodes, so they are unsupported rather than sent to FFmpeg
+/// and answered in the video schema.
+const IMAGE_BRANDS: [[u8; 4]; 7] = [
+    *b"avif", *b"avis", *b"heic", *b"heix", *b"mif1", *b"msf1", *b"heim",
+];
+
 /// The media kind of `data` from its first bytes, if it is one mmgate decodes.
 pub fn sniff(data: &[u8]) -> Option<MediaKind> {
     match data {
@@ -61,6 +68,11 @@ pub fn sniff(data: &[u8]) -> Option<MediaKind> {
         [b'G', b'I', b'F', b'8', b'7' | b'9', b'a', ..] => Some(MediaKind::Gif),
         [b'B', b'M', _, _, _, _, _, _, _, _, _, _, _, _, ..] => Some(MediaKind::Bmp),
         [0x1A, 0x45, 0xDF, 0xA3, ..] => Some(MediaKind::Matroska),
+        [_, _, _, _, b'f', b't', b'y', b'p', a, b, c, d, ..]
+            if IMAGE_BRANDS.contains(&[*a, *b, *c, *d]) =>
+        {
+            None
+        }
         [_, _, _, _, b'f', b't', b'y', b'p', ..] => Some(MediaKind::IsoMedia),
         // QuickTime files may start with other top-level atoms.
         [_, _, _, _, a, b, c, d, ..] if QT_ATOMS.contains(&[*a, *b, *c, *d]) => {
@@ -91,6 +103,9 @@ mod tests {
         assert_eq!(sniff(b"\0\0\0\x20ftypisom"), Some(MediaKind::IsoMedia));
         assert_eq!(sniff(b"\0\0\0\x08wide\0\0"), Some(MediaKind::IsoMedia));
         assert_eq!(sniff(b"\x1a\x45\xdf\xa3\x01"), Some(MediaKind::Matroska));
+        // Still images in an ISO-BMFF box are not videos.
+        assert_eq!(sniff(b"\0\0\0\x1cftypavif\0\0\0\0"), None);
+        assert_eq!(sniff(b"\0\0\0\x18ftypheic\0\0\0\0"), None);
         assert!(MediaKind::Matroska.is_video() && !MediaKind::Png.is_video());
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::AppState;
+use crate::body::{Metered, Reservation};
 use crate::error::{ApiError, Code};
 use crate::score::{self, ScoreResponse};
 use crate::video::{self, VideoResponse};
@@ -90,7 +91,10 @@ async fn get_model(
 fn unknown_model(name: &str) -> ApiError {
     ApiError::new(
         Code::ModelNotFound,
-        format!("model {name:?} does not exist; GET /v1/models lists the models"),
+        format!(
+            "model {:?} does not exist; GET /v1/models lists the models",
+            crate::error::clip(name)
+        ),
     )
 }
 
@@ -223,7 +227,7 @@ async fn score_inner(
 ) -> (String, Result<Scored, ApiError>) {
     let caller = match app.auth.admit(req.headers(), model) {
         Ok(c) => c,
-        Err(e) => return ("unauthenticated".into(), Err(e)),
+        Err((tenant, e)) => return (tenant, Err(e)),
     };
     let tenant = caller.tenant.clone();
     let result = async {
@@ -234,16 +238,13 @@ async fn score_inner(
             ));
         }
         let (idx, _) = app.core.model(model).ok_or_else(|| unknown_model(model))?;
-        let kib = score::body_reservation(&req, &app.core.cfg);
-        let _buffered = app.body_budget.clone().try_acquire_many_owned(kib).map_err(|_| {
-            ApiError::new(
-                Code::QueueFull,
-                format!(
-                    "the gateway is already buffering server.max_inflight_body_bytes = {} bytes of uploads",
-                    app.core.cfg.server.max_inflight_body_bytes
-                ),
-            )
-        })?;
+        // The upload reserves its bytes of the shared budget as they arrive
+        // (held until this request is answered) and times out when idle.
+        let cfg = &app.core.cfg;
+        let reservation =
+            Reservation::new(app.body_budget.clone(), cfg.server.max_inflight_body_bytes);
+        let idle = Duration::from_millis(cfg.http.body_idle_timeout_ms);
+        let req = req.map(|b| axum::body::Body::new(Metered::new(b, reservation.clone(), idle)));
         let query: HashMap<String, String> = req
             .uri()
             .query()

@@ -52,7 +52,9 @@ impl Auth {
 
     /// Checks the key and the tenant's right to call `model`, and takes one
     /// of its concurrency slots.
-    pub fn admit(&self, headers: &HeaderMap, model: &str) -> Result<Caller, ApiError> {
+    /// The caller of a request, or why it is refused, with the tenant label
+    /// that refusal is counted under (`unauthenticated` without a known key).
+    pub fn admit(&self, headers: &HeaderMap, model: &str) -> Result<Caller, (String, ApiError)> {
         if self.tenants.is_empty() {
             return Ok(Caller {
                 tenant: "anonymous".into(),
@@ -60,33 +62,44 @@ impl Auth {
                 _permit: None,
             });
         }
+        let anonymous = |e: ApiError| ("unauthenticated".to_string(), e);
         let key = api_key(headers).ok_or_else(|| {
-            ApiError::new(
+            anonymous(ApiError::new(
                 Code::MissingApiKey,
                 "send an API key as `Authorization: Bearer <key>` or `x-api-key: <key>`",
-            )
+            ))
         })?;
         let t = self
             .by_key
             .get(key)
             .map(|&i| &self.tenants[i])
-            .ok_or_else(|| ApiError::new(Code::InvalidApiKey, "the API key is not known"))?;
+            .ok_or_else(|| {
+                anonymous(ApiError::new(
+                    Code::InvalidApiKey,
+                    "the API key is not known",
+                ))
+            })?;
+        let refused = |e: ApiError| (t.spec.name.clone(), e);
         if !t.spec.may_call(model) {
-            return Err(ApiError::new(
+            return Err(refused(ApiError::new(
                 Code::ModelNotAllowed,
-                format!("tenant {:?} may not call model {model:?}", t.spec.name),
-            ));
+                format!(
+                    "tenant {:?} may not call model {:?}",
+                    t.spec.name,
+                    crate::error::clip(model)
+                ),
+            )));
         }
         let permit = match &t.slots {
             None => None,
             Some(s) => Some(s.clone().try_acquire_owned().map_err(|_| {
-                ApiError::new(
+                refused(ApiError::new(
                     Code::TenantConcurrencyLimit,
                     format!(
                         "tenant {:?} already has {} requests in flight, its max_concurrency",
                         t.spec.name, t.spec.max_concurrency
                     ),
-                )
+                ))
             })?),
         };
         Ok(Caller {
@@ -132,18 +145,23 @@ mod tests {
     #[test]
     fn keys_models_and_concurrency_are_enforced() {
         let a = auth();
-        let code = |r: Result<Caller, ApiError>| r.unwrap_err().code;
+        // The error, and the tenant label it is counted under.
+        let code = |r: Result<Caller, (String, ApiError)>| {
+            let (tenant, e) = r.unwrap_err();
+            (tenant, e.code)
+        };
+        let anon = || "unauthenticated".to_string();
         assert_eq!(
             code(a.admit(&HeaderMap::new(), "open_nsfw")),
-            Code::MissingApiKey
+            (anon(), Code::MissingApiKey)
         );
         assert_eq!(
             code(a.admit(&with("x-api-key", "nope"), "open_nsfw")),
-            Code::InvalidApiKey
+            (anon(), Code::InvalidApiKey)
         );
         assert_eq!(
             code(a.admit(&with("authorization", "Bearer k1"), "other")),
-            Code::ModelNotAllowed
+            ("acme".to_string(), Code::ModelNotAllowed)
         );
         let first = a
             .admit(&with("authorization", "bearer k1"), "open_nsfw")
@@ -151,7 +169,7 @@ mod tests {
         assert_eq!(first.tenant, "acme");
         assert_eq!(
             code(a.admit(&with("x-api-key", "k1"), "open_nsfw")),
-            Code::TenantConcurrencyLimit
+            ("acme".to_string(), Code::TenantConcurrencyLimit)
         );
         drop(first);
         assert!(a.admit(&with("x-api-key", "k1"), "open_nsfw").is_ok());

@@ -7,6 +7,18 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use shm::{JobError, JobErrorKind};
 
+/// Longest client-supplied text (a model name, a file name) that an answer
+/// echoes; longer text is cut there and marked with `…`.
+pub const ECHO_MAX_CHARS: usize = 128;
+
+/// `s` as an answer may echo it: at most [`ECHO_MAX_CHARS`] characters.
+pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(ECHO_MAX_CHARS) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((i, _)) => std::borrow::Cow::Owned(format!("{}…", &s[..i])),
+    }
+}
+
 /// A client-visible failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -34,6 +46,8 @@ pub enum Code {
     UndecodableVideo,
     DecodeDeadlineExceeded,
     TenantConcurrencyLimit,
+    BodyTimeout,
+    UploadBudgetExhausted,
     QueueFull,
     QueueTimeout,
     NotReady,
@@ -114,6 +128,13 @@ impl Code {
                 "tenant_concurrency_limit",
                 "quota",
                 S::TOO_MANY_REQUESTS,
+                Some(1),
+            ),
+            BodyTimeout => ("body_timeout", "invalid_request", S::REQUEST_TIMEOUT, None),
+            UploadBudgetExhausted => (
+                "upload_budget_exhausted",
+                "overloaded",
+                S::SERVICE_UNAVAILABLE,
                 Some(1),
             ),
             QueueFull => ("queue_full", "overloaded", S::SERVICE_UNAVAILABLE, Some(1)),
@@ -227,6 +248,8 @@ mod tests {
             UndecodableVideo,
             DecodeDeadlineExceeded,
             TenantConcurrencyLimit,
+            BodyTimeout,
+            UploadBudgetExhausted,
             QueueFull,
             QueueTimeout,
             NotReady,

@@ -3,11 +3,13 @@
 
 pub mod api;
 pub mod auth;
+pub mod body;
 pub mod children;
 pub(crate) mod conn;
 pub mod core;
 pub mod error;
 pub mod executor;
+pub mod http;
 pub mod metrics;
 pub mod score;
 pub mod settings;
@@ -68,8 +70,9 @@ impl AppState {
 
 /// Serves until SIGTERM or SIGINT, then stops accepting, drains in-flight
 /// requests (up to `server.shutdown_grace_ms`) and stops the children.
-pub async fn run(cfg: config::ServerConfig) -> anyhow::Result<()> {
+pub async fn run(mut cfg: config::ServerConfig) -> anyhow::Result<()> {
     let bin_dir = settings::bin_dir(&cfg)?;
+    fit_connections_to_fd_limit(&mut cfg);
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
@@ -87,14 +90,14 @@ pub async fn run(cfg: config::ServerConfig) -> anyhow::Result<()> {
     });
     let drain_core = core.clone();
     let mut drain = signal.clone();
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let server = http::serve(listener, app(state), core.clone(), async move {
         let _ = drain.wait_for(|s| *s).await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         drain_core.start_draining();
     });
     let mut late = signal.clone();
     tokio::select! {
-        r = server => r?,
+        () = server => {},
         _ = async move {
             let _ = late.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
@@ -110,6 +113,28 @@ pub async fn run(cfg: config::ServerConfig) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Open files kept for everything but client connections: the children's
+/// sockets and memfds, the listener, logs, the shared-memory pools.
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the open-file limit to its hard limit and lowers
+/// `http.max_connections` to what it leaves after the reserve, so a
+/// connection flood cannot take the fds a restarting child needs.
+fn fit_connections_to_fd_limit(cfg: &mut config::ServerConfig) {
+    let nofile = http::raise_nofile_limit();
+    let reserve = RESERVED_FDS + 8 * u64::from(cfg.workers.count);
+    let fit = nofile.saturating_sub(reserve).max(16) as usize;
+    if cfg.http.max_connections > fit {
+        tracing::warn!(
+            nofile,
+            reserve,
+            "http.max_connections lowered from {} to {fit} to fit the open-file limit",
+            cfg.http.max_connections
+        );
+        cfg.http.max_connections = fit;
+    }
 }
 
 async fn wait_for_signal() {

@@ -2,7 +2,8 @@
 //! unit suffixes, bounded label sets (model and tenant names come from config).
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Debug, Clone)]
@@ -16,6 +17,8 @@ pub struct Metrics {
     pub shm_slots: IntGaugeVec,
     pub worker_restarts: IntCounterVec,
     pub children_ready: IntGaugeVec,
+    pub connections: IntCounterVec,
+    pub open_connections: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -77,6 +80,17 @@ impl Metrics {
             &["pool"],
         )
         .expect("valid metric");
+        let connections = IntCounterVec::new(
+            Opts::new(
+                "mmgate_connections_total",
+                "HTTP connections by outcome: accepted, refused (over http.max_connections), accept_error",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        let open_connections =
+            IntGauge::new("mmgate_open_connections", "HTTP connections open now")
+                .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -86,6 +100,8 @@ impl Metrics {
             Box::new(shm_slots.clone()),
             Box::new(worker_restarts.clone()),
             Box::new(children_ready.clone()),
+            Box::new(connections.clone()),
+            Box::new(open_connections.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -99,6 +115,8 @@ impl Metrics {
             shm_slots,
             worker_restarts,
             children_ready,
+            connections,
+            open_connections,
         }
     }
 

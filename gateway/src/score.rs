@@ -79,17 +79,6 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Reads the images of a request: a raw body, or every file of a multipart form.
-/// KiB of the body-buffer budget a request reserves before its body is read:
-/// its Content-Length, or the largest allowed body when it has none.
-pub fn body_reservation(req: &Request, cfg: &config::ServerConfig) -> u32 {
-    let largest = cfg.limits.max_body_bytes.max(cfg.video.max_body_bytes) as u64;
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    (declared.unwrap_or(largest).min(largest).div_ceil(1024)).max(1) as u32
-}
-
 /// A raw body may be a video, so it is read up to the larger of the image
 /// and video limits; `check_media` applies the right one once the kind is known.
 pub async fn read_uploads(
@@ -149,7 +138,11 @@ pub async fn read_uploads(
                 ),
             ));
         }
-        let name = field.file_name().or(field.name()).map(str::to_string);
+        // Echoed in the answer: cut to error::ECHO_MAX_CHARS.
+        let name = field
+            .file_name()
+            .or(field.name())
+            .map(|n| crate::error::clip(n).into_owned());
         let data = field
             .bytes()
             .await
@@ -171,7 +164,9 @@ pub async fn read_uploads(
 
 fn body_error(e: axum::Error, limit: usize) -> ApiError {
     let inner = e.into_inner();
-    if inner.is::<http_body_util::LengthLimitError>() {
+    if let Some(b) = crate::body::BodyError::find(inner.as_ref()) {
+        b.to_api()
+    } else if inner.is::<http_body_util::LengthLimitError>() {
         too_large_raw(limit)
     } else {
         ApiError::new(
@@ -192,7 +187,9 @@ fn multipart_error(
     e: axum::extract::multipart::MultipartError,
     too_large: &dyn Fn() -> ApiError,
 ) -> ApiError {
-    if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+    if let Some(b) = crate::body::BodyError::find(&e) {
+        b.to_api()
+    } else if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         too_large()
     } else {
         ApiError::new(Code::BadRequest, format!("bad multipart body: {e}"))
@@ -244,14 +241,17 @@ pub async fn score_one(
     let core = &app.core;
     let (reply, rx) = oneshot::channel();
     let job = WorkJob::new(core, request_id, model, upload.data, Task::Image(reply));
+    let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
-    // Bounded even when every worker is stuck on long jobs: the queue wait
-    // plus the decode deadline (a worker over it is killed anyway).
+    crate::workers::until_taken(core, &claim, enqueued).await?;
+    // Taken: bounded by what is left of the queue wait (for a slot) plus
+    // the decode deadline (a worker over it is killed anyway).
     let limits = (
         core.cfg.server.queue_timeout_ms,
         core.cfg.limits.decode_deadline_ms,
     );
-    let within = Duration::from_millis(limits.0 + limits.1 + 1_000);
+    let within =
+        Duration::from_millis(limits.0 + limits.1 + 1_000).saturating_sub(enqueued.elapsed());
     let pre = match tokio::time::timeout(within, rx).await {
         Ok(Ok(r)) => r?,
         Ok(Err(_)) => {

@@ -96,6 +96,7 @@ impl WorkerThread<'_> {
             data,
             enqueued,
             pending,
+            claim: _,
         } = upload;
         let VideoTask {
             sampling,
@@ -265,6 +266,7 @@ pub fn sampling_from_query(
         end,
         max_frames,
         max_decoded: v.max_decoded_frames,
+        max_decoded_pixels: v.max_decoded_pixels,
         max_duration: v.max_duration_s,
         deadline_ms: v.decode_deadline_ms,
         decode_threads: v.decode_threads,
@@ -354,8 +356,10 @@ pub async fn score_video(
         window,
         events,
     });
-    app.workers
-        .submit(WorkJob::new(core, request_id, model, data, task))?;
+    let job = WorkJob::new(core, request_id, model, data, task);
+    let (claim, enqueued) = (job.claim(), job.upload.enqueued);
+    app.workers.submit(job)?;
+    crate::workers::until_taken(core, &claim, enqueued).await?;
     let mut inflight = FuturesUnordered::new();
     let mut frames: Vec<(f64, Vec<f32>)> = Vec::new();
     let (mut done, mut open) = (None, true);

@@ -1,17 +1,22 @@
-//! The preprocess worker pool: a bounded job queue shared by all workers, one
-//! supervised process per worker index, and one dispatcher task per worker
-//! thread. A dispatcher takes a job only when its thread is free, leases the
-//! tensor slot, hands the worker the input and keeps the lease until the
-//! worker answered or is confirmed dead, so a slot is never reused while a
-//! process might still write to it.
+//! The preprocess worker pool: bounded job queues shared by all workers (one
+//! for images, one for videos), one supervised process per worker index, and
+//! one dispatcher task per worker thread. A dispatcher takes a job only when
+//! its thread is free, leases the tensor slot, hands the worker the input
+//! and keeps the lease until the worker answered or is confirmed dead, so a
+//! slot is never reused while a process might still write to it.
+//!
+//! Videos may hold at most `video.max_worker_share` of the worker threads
+//! (always leaving one for images), so hostile or long videos cannot starve
+//! image scoring. A job not taken within `server.queue_timeout_ms` is
+//! abandoned by its caller (503 `queue_timeout` at that time) and skipped.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use shm::{FromWorker, Input, InputRegion, Job, JobDone, SlotLease, ToWorker, WorkerInit};
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 use crate::children::{self, StartError};
@@ -36,6 +41,62 @@ pub struct QueuedUpload {
     pub enqueued: Instant,
     /// Counts the job as "in preprocessing" for the batcher's hint.
     pub pending: PendingGuard,
+    /// Taken by a dispatcher, or abandoned by the caller: whichever first.
+    pub claim: Claim,
+}
+
+/// Who a queued job belongs to now: still queued, taken by a worker thread,
+/// or abandoned by its caller after `queue_timeout_ms`.
+#[derive(Debug, Clone, Default)]
+pub struct Claim(Arc<AtomicU8>);
+
+impl Claim {
+    const QUEUED: u8 = 0;
+    const TAKEN: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    fn swap_from_queued(&self, to: u8) -> bool {
+        self.0
+            .compare_exchange(Self::QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// A dispatcher takes the job; false if its caller gave up on it.
+    pub fn take(&self) -> bool {
+        self.swap_from_queued(Self::TAKEN)
+    }
+
+    /// The caller gives up on a job no worker took yet; false if one did.
+    pub fn abandon(&self) -> bool {
+        self.swap_from_queued(Self::ABANDONED)
+    }
+
+    pub fn is_taken(&self) -> bool {
+        self.0.load(Ordering::Acquire) == Self::TAKEN
+    }
+}
+
+/// Waits until a worker thread took the job, or gives up on it with 503
+/// `queue_timeout` once `server.queue_timeout_ms` passed since `enqueued`
+/// (to within 50 ms; the job is then skipped, never decoded).
+pub async fn until_taken(core: &Core, claim: &Claim, enqueued: Instant) -> Result<(), ApiError> {
+    let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        if claim.is_taken() {
+            return Ok(());
+        }
+        if enqueued.elapsed() >= limit && claim.abandon() {
+            return Err(ApiError::new(
+                Code::QueueTimeout,
+                format!(
+                    "no preprocess worker was free within server.queue_timeout_ms = {} ms",
+                    limit.as_millis()
+                ),
+            ));
+        }
+        tick.tick().await;
+    }
 }
 
 impl WorkJob {
@@ -47,8 +108,18 @@ impl WorkJob {
             data,
             enqueued: Instant::now(),
             pending: core.pending_guard(model),
+            claim: Claim::default(),
         };
         Self { upload, task }
+    }
+
+    /// The job's claim, for its caller to abandon it.
+    pub fn claim(&self) -> Claim {
+        self.upload.claim.clone()
+    }
+
+    fn is_video(&self) -> bool {
+        matches!(self.task, Task::Video(_))
     }
 }
 
@@ -79,21 +150,48 @@ pub struct Preprocessed {
 
 #[derive(Debug)]
 pub struct WorkerPool {
-    tx: async_channel::Sender<WorkJob>,
-    rx: async_channel::Receiver<WorkJob>,
+    images: Queue,
+    videos: Queue,
+    /// Worker threads videos may hold at once.
+    video_threads: Arc<Semaphore>,
     ready: Vec<AtomicBool>,
     next_job: AtomicU64,
 }
 
+#[derive(Debug)]
+struct Queue {
+    tx: async_channel::Sender<WorkJob>,
+    rx: async_channel::Receiver<WorkJob>,
+}
+
+impl Queue {
+    fn bounded(n: usize) -> Self {
+        let (tx, rx) = async_channel::bounded(n);
+        Self { tx, rx }
+    }
+}
+
+/// Worker threads videos may hold: `share` of them, at least one, and one
+/// fewer than all when there are two or more (one is kept for images).
+pub fn video_threads(total: u32, share: f64) -> usize {
+    let total = total.max(1) as usize;
+    let by_share = (total as f64 * share.clamp(0.0, 1.0)).floor() as usize;
+    let cap = if total >= 2 { total - 1 } else { 1 };
+    by_share.clamp(1, cap)
+}
+
 impl WorkerPool {
     pub fn new(core: &Core) -> Arc<Self> {
-        let (tx, rx) = async_channel::bounded(core.cfg.server.queue_capacity);
-        let ready = (0..core.cfg.workers.count)
+        let cfg = &core.cfg;
+        let ready = (0..cfg.workers.count)
             .map(|_| AtomicBool::new(false))
             .collect();
+        let threads = cfg.workers.count * cfg.workers.threads;
+        let videos = video_threads(threads, cfg.video.max_worker_share);
         Arc::new(Self {
-            tx,
-            rx,
+            images: Queue::bounded(cfg.server.queue_capacity),
+            videos: Queue::bounded(cfg.server.queue_capacity),
+            video_threads: Arc::new(Semaphore::new(videos)),
             ready,
             next_job: AtomicU64::new(1),
         })
@@ -108,12 +206,17 @@ impl WorkerPool {
                 "no preprocess worker is running (they are starting or restarting)",
             ));
         }
-        self.tx.try_send(job).map_err(|e| match e {
+        let queue = if job.is_video() {
+            &self.videos
+        } else {
+            &self.images
+        };
+        queue.tx.try_send(job).map_err(|e| match e {
             async_channel::TrySendError::Full(_) => ApiError::new(
                 Code::QueueFull,
                 format!(
                     "the preprocess queue is full ({} jobs waiting); retry later",
-                    self.tx.capacity().unwrap_or(0)
+                    queue.tx.capacity().unwrap_or(0)
                 ),
             ),
             async_channel::TrySendError::Closed(_) => {
@@ -123,7 +226,7 @@ impl WorkerPool {
     }
 
     pub fn queued(&self) -> usize {
-        self.tx.len()
+        self.images.tx.len() + self.videos.tx.len()
     }
 
     pub fn ready_count(&self) -> usize {
@@ -139,7 +242,8 @@ impl WorkerPool {
 
     /// Stops taking new jobs; queued ones are still served.
     pub fn close(&self) {
-        self.tx.close();
+        self.images.tx.close();
+        self.videos.tx.close();
     }
 
     /// Supervises worker `index` until shutdown: start, serve, restart.
@@ -234,17 +338,34 @@ impl WorkerPool {
         input: Arc<InputRegion>,
         k: u32,
     ) {
-        loop {
-            let job = tokio::select! {
+        let (mut images_open, mut videos_open) = (true, true);
+        while images_open || videos_open {
+            // A video is taken only with a video thread permit, held while
+            // it runs; images are taken by any free thread.
+            let video = async {
+                let permit = self.video_threads.clone().acquire_owned().await.ok()?;
+                Some((self.videos.rx.recv().await, permit))
+            };
+            let (job, _video_permit) = tokio::select! {
                 biased;
                 _ = conn.dying.cancelled() => return,
-                job = self.rx.recv() => match job {
-                    Ok(job) => job,
-                    Err(_) => return,
+                job = self.images.rx.recv(), if images_open => match job {
+                    Ok(job) => (job, None),
+                    Err(_) => {
+                        images_open = false;
+                        continue;
+                    }
+                },
+                got = video, if videos_open => match got {
+                    Some((Ok(job), permit)) => (job, Some(permit)),
+                    _ => {
+                        videos_open = false;
+                        continue;
+                    }
                 },
             };
-            if job.task.caller_gone() {
-                continue; // the caller went away: skip the decode
+            if job.task.caller_gone() || !job.upload.claim.take() {
+                continue; // the caller went away or gave up: skip the decode
             }
             let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
             let thread = WorkerThread {
@@ -293,6 +414,7 @@ impl WorkerThread<'_> {
             data,
             enqueued,
             pending,
+            claim: _,
         } = upload;
         let lease = match lease_within(self.core, model, enqueued).await {
             Ok(lease) => lease,

@@ -325,18 +325,21 @@ async fn a_hung_executor_times_out_is_replaced_and_frees_the_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buffered_uploads_are_bounded_and_wrong_methods_get_json() {
     let gw = Gateway::start(
-        "[server]\nmax_inflight_body_bytes = 300000\n\
-         [limits]\nmax_body_bytes = 200000\n[video]\nmax_body_bytes = 200000\n",
+        "[server]\nmax_inflight_body_bytes = 600000\n\
+         [limits]\nmax_body_bytes = 500000\n[video]\nmax_body_bytes = 500000\n",
     )
     .await;
-    // A body without Content-Length reserves the largest allowed body; this
-    // one trickles in, holding its reservation.
+    // A chunked body reserves only the bytes it has sent: 300 KB, then it
+    // stalls, holding them.
     let slow = futures::stream::unfold(0, |n| async move {
-        if n == 3 {
-            return None;
+        match n {
+            0 => Some((Ok::<_, std::io::Error>(vec![0xFFu8; 300_000]), 1)),
+            1 => {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                Some((Ok(vec![0xFFu8; 10]), 2))
+            }
+            _ => None,
         }
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        Some((Ok::<_, std::io::Error>(vec![0xFFu8; 10]), n + 1))
     });
     let url = gw.url("/v1/models/open_nsfw/score");
     let first = tokio::spawn(
@@ -345,21 +348,30 @@ async fn buffered_uploads_are_bounded_and_wrong_methods_get_json() {
             .body(reqwest::Body::wrap_stream(slow))
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let more = futures::stream::iter([Ok::<_, std::io::Error>(vec![0xFFu8; 10])]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // What it has not sent blocks nobody.
     let r = gw
-        .client
-        .post(&url)
-        .body(reqwest::Body::wrap_stream(more))
-        .send()
-        .await
-        .unwrap();
-    let r = Reply::read(r).await;
-    assert_eq!((r.status, r.code()), (503, "queue_full"), "{}", r.json);
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "a stalled upload blocked another: {}",
+        r.json
+    );
+    // But its 300 KB count: 400 KB more would pass the 600 KB budget.
+    let r = gw
+        .score("open_nsfw", vec![0xFFu8; 400_000], "image/jpeg")
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "upload_budget_exhausted"),
+        "{}",
+        r.json
+    );
     assert!(r.headers.contains_key("retry-after"));
     let first = Reply::read(first.await.unwrap().unwrap()).await;
     assert_eq!(first.status, 415, "{}", first.json);
-    // Once it is done, the budget is back.
+    // The budget is back.
     let r = gw
         .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
         .await;

@@ -204,8 +204,9 @@ async fn sigkill_of_the_worker_mid_video_is_a_clean_error_without_leaks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_videos_run_at_once_on_two_workers() {
-    let gw = Gateway::start("").await;
+async fn two_videos_run_at_once_within_their_worker_share() {
+    // 2 workers × 2 threads: videos may hold half, i.e. two threads.
+    let gw = Gateway::start("[workers]\nthreads = 2\n").await;
     let window = 4.0; // video.slots_per_request
     let send = || {
         let body = std::fs::read(clip("h264.mp4")).unwrap();
@@ -257,4 +258,69 @@ async fn videos_over_the_duration_or_size_limit_are_413() {
         r.json
     );
     assert_eq!(leased(&gw).await, 0.0);
+}
+
+/// Two uploads that cost a worker seconds each (200 frames of 4096², all
+/// sampled) on the default 2 × 1 pool: videos get one thread, images the
+/// other, so images keep their normal latency; the second video waits its
+/// turn and, past `queue_timeout_ms`, gets 503 at that time, not later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_videos_cannot_starve_images_and_the_queue_timeout_holds() {
+    let gw = Gateway::start("[server]\nqueue_timeout_ms = 1500\n").await;
+    let send = |delay_ms: u64| {
+        let body = std::fs::read(clip("huge.mp4")).unwrap();
+        let req = gw
+            .client
+            .post(gw.url("/v1/models/open_nsfw/score?fps=25"))
+            .body(body)
+            .send();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let t = Instant::now();
+            let r = Reply::read(req.await.unwrap()).await;
+            (r, t.elapsed())
+        })
+    };
+    let (first, second) = (send(0), send(100));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut worst = Duration::ZERO;
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = gw
+            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await;
+        assert_eq!(
+            r.status, 200,
+            "an image failed next to hostile videos: {}",
+            r.json
+        );
+        worst = worst.max(t.elapsed());
+    }
+    println!("slowest image next to two hostile videos: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(1000),
+        "images starved: {worst:?}"
+    );
+    let (second, waited) = second.await.unwrap();
+    let (first, took) = first.await.unwrap();
+    println!(
+        "first video {took:?} ({}), second {waited:?} ({})",
+        first.status, second.status
+    );
+    assert_eq!(first.status, 200, "{}", first.json);
+    // The first held the one video thread past the second's timeout.
+    assert!(
+        took > Duration::from_millis(2500),
+        "the hostile video took only {took:?}"
+    );
+    assert_eq!(
+        (second.status, second.code()),
+        (503, "queue_timeout"),
+        "{}",
+        second.json
+    );
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_millis(2000),
+        "queue_timeout_ms = 1500 answered after {waited:?}"
+    );
 }

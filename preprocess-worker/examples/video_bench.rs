@@ -77,6 +77,7 @@ fn main() {
             end: None,
             max_frames: 100_000,
             max_decoded: 10_000_000,
+            max_decoded_pixels: u64::MAX,
             max_duration: 1e9,
             deadline_ms: 3_600_000,
             decode_threads: threads,

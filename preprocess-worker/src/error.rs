@@ -31,6 +31,17 @@ pub enum PreprocessError {
     },
     #[error("decoding would need more memory than the limit allows: {0}")]
     MemoryLimit(String),
+    #[error(
+        "decoding this {width}×{height} image needs {:.0} MiB; limits.max_decode_bytes is {:.0} MiB",
+        *bytes as f64 / 1048576.0,
+        *limit as f64 / 1048576.0
+    )]
+    DecodeTooLarge {
+        width: u32,
+        height: u32,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("the decode deadline passed after the {stage} stage")]
     Deadline { stage: &'static str },
     #[error("output tensor has {got} elements; the model input needs {expected}")]
@@ -79,6 +90,7 @@ impl PreprocessError {
             | Self::DimensionTooLarge { .. }
             | Self::TooManyPixels { .. }
             | Self::MemoryLimit(_)
+            | Self::DecodeTooLarge { .. }
             | Self::VideoTooLong { .. }
             | Self::VideoFrameTooLarge { .. } => JobErrorKind::TooLarge,
             Self::EmptyImage { .. }

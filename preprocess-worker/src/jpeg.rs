@@ -9,7 +9,7 @@ use config::{Limits, MediaKind, PreprocessSpec};
 use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
 
 use crate::decode::Decoded;
-use crate::limits::check_dimensions;
+use crate::limits::{check_decode_bytes, check_dimensions};
 use crate::pixels::{Pixels, cmyk_to_rgb};
 use crate::{PreprocessError, geometry, orient, raster};
 
@@ -26,21 +26,18 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<Decompressor>> = const { RefCell::new(None) };
 }
 
-/// libjpeg warnings after which the decoded pixels are complete and usable
-/// (PIL ignores them too). "Premature end of JPEG file" is not among them: a
-/// truncated JPEG is refused, as PIL refuses it.
-const BENIGN_WARNINGS: &[&str] = &[
-    "Corrupt JPEG data",
-    "Inconsistent progression sequence",
-    "Warning: unknown JFIF revision",
-    "Unknown Adobe color transform",
-    "Invalid SOS parameters for sequential JPEG",
-    "Application transferred too many scanlines",
-];
-
+/// The one libjpeg warning after which the decoded pixels are proven
+/// complete: stray bytes between two segments ("Corrupt JPEG data: N
+/// extraneous bytes before marker 0xd9"), which libjpeg skips. Every other
+/// warning refuses the image, above all "premature end of data segment": the
+/// entropy data ended early and the rest of the picture is padding, which a
+/// moderation service must not score (an `FF D9` appended after the cut
+/// does not make it whole).
 fn is_benign(e: &turbojpeg::Error) -> bool {
     match e {
-        turbojpeg::Error::TurboJpegError(msg) => BENIGN_WARNINGS.iter().any(|w| msg.contains(w)),
+        turbojpeg::Error::TurboJpegError(msg) => {
+            msg.starts_with("Corrupt JPEG data:") && msg.contains("extraneous bytes before marker")
+        }
         _ => false,
     }
 }
@@ -65,7 +62,14 @@ pub(crate) fn decode(
             *slot = Some(d);
         }
         let tj = slot.as_mut().expect("initialised above");
-        decode_with(tj, data, p, limits)
+        let result = decode_with(tj, data, p, limits);
+        if result.is_err() {
+            // libjpeg-turbo's handle keeps state from a failed decode (its
+            // scaling and header), which once failed the next, valid image
+            // on this thread: never reuse it after an error.
+            *slot = None;
+        }
+        result
     })
 }
 
@@ -104,6 +108,8 @@ fn decode_with(
     };
     tj.set_scaling_factor(factor).map_err(undecodable)?;
     let scaled = header.scaled(factor);
+    let bytes = scaled.width as u64 * scaled.height as u64 * bpp as u64;
+    check_decode_bytes(width, height, bytes, limits)?;
     let mut buf = vec![0u8; scaled.width * scaled.height * bpp];
     let image = Image {
         pixels: &mut buf[..],
@@ -171,10 +177,13 @@ mod tests {
     }
 
     #[test]
-    fn only_known_warnings_are_benign() {
+    fn only_extraneous_bytes_are_benign() {
         let w = |m: &str| turbojpeg::Error::TurboJpegError(m.into());
         assert!(is_benign(&w(
             "Corrupt JPEG data: 3 extraneous bytes before marker 0xd9"
+        )));
+        assert!(!is_benign(&w(
+            "Corrupt JPEG data: premature end of data segment"
         )));
         assert!(!is_benign(&w("Premature end of JPEG file")));
         assert!(!is_benign(&w("Not a JPEG file: starts with 0x00 0x00")));

@@ -5,10 +5,6 @@ use config::Limits;
 
 use crate::PreprocessError;
 
-/// Headroom on top of the largest legal decoded image for the image crate's
-/// own allocation guard (decoder buffers, palette expansion).
-const ALLOC_HEADROOM: u64 = 64 << 20;
-
 /// Refuses an encoded input larger than the body limit.
 pub(crate) fn check_bytes(len: usize, limits: &Limits) -> Result<(), PreprocessError> {
     if len > limits.max_body_bytes {
@@ -46,18 +42,33 @@ pub(crate) fn check_dimensions(
     Ok(())
 }
 
-/// The image crate's limits: the same dimension cap, and an allocation cap
-/// large enough for the biggest legal image at 16-bit RGBA, as a second guard.
+/// Refuses a decode whose raster alone (from the header) would exceed
+/// `max_decode_bytes`, before anything is allocated.
+pub(crate) fn check_decode_bytes(
+    width: u32,
+    height: u32,
+    bytes: u64,
+    limits: &Limits,
+) -> Result<(), PreprocessError> {
+    if bytes > limits.max_decode_bytes {
+        return Err(PreprocessError::DecodeTooLarge {
+            width,
+            height,
+            bytes,
+            limit: limits.max_decode_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// The image crate's limits: the same dimension cap, and `max_decode_bytes`
+/// as its allocation cap (every buffer it and its decoders allocate, PNG
+/// chunks included).
 pub(crate) fn image_limits(limits: &Limits) -> image::Limits {
     let mut l = image::Limits::default();
     l.max_image_width = Some(limits.max_dimension);
     l.max_image_height = Some(limits.max_dimension);
-    l.max_alloc = Some(
-        limits
-            .max_pixels
-            .saturating_mul(8)
-            .saturating_add(ALLOC_HEADROOM),
-    );
+    l.max_alloc = Some(limits.max_decode_bytes);
     l
 }
 

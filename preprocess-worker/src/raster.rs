@@ -11,7 +11,7 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 
 use crate::PreprocessError;
 use crate::decode::Decoded;
-use crate::limits::{check_dimensions, image_limits};
+use crate::limits::{check_decode_bytes, check_dimensions, image_limits};
 use crate::pixels::Pixels;
 
 fn format(kind: MediaKind) -> Result<ImageFormat, PreprocessError> {
@@ -65,6 +65,7 @@ pub(crate) fn decode(
     };
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height, limits)?;
+    check_decode_bytes(width, height, decoder.total_bytes(), limits)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
     let image = DynamicImage::from_decoder(decoder).map_err(|e| map_err(kind, e))?;
     if (image.width(), image.height()) != (width, height) {

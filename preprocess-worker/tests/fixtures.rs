@@ -188,3 +188,39 @@ fn dct_scaling_stays_close_to_the_full_decode() {
     let d = mean_abs_diff(&a, &b);
     assert!(d > 0.0 && d < 1.0, "mean abs diff {d}");
 }
+
+/// `limits.max_decode_bytes` refuses a decode from its header, before the
+/// raster is allocated, at exactly its raster size: 16-bit samples count
+/// twice, a JPEG is charged at its DCT-scaled size.
+#[test]
+fn decode_memory_is_capped_from_the_header() {
+    let model = open_nsfw();
+    let run_with = |name: &str, max_decode_bytes: u64| {
+        let limits = Limits {
+            max_decode_bytes,
+            ..Limits::default()
+        };
+        let mut out = vec![0f32; model.input.elements()];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        preprocess(
+            &fixture("images", name),
+            &model,
+            &limits,
+            deadline,
+            &mut out,
+        )
+    };
+    for (name, raster) in [
+        ("astronaut_16bit.png", 256 * 256 * 3 * 2),
+        ("coffee.jpg", 600 * 400 * 3),
+        ("astronaut_1536.jpg", 768 * 768 * 3),
+    ] {
+        let err = run_with(name, raster - 1).unwrap_err();
+        assert_eq!(err.kind(), JobErrorKind::TooLarge, "{name}: {err}");
+        assert!(
+            err.to_string().contains("max_decode_bytes"),
+            "{name}: {err}"
+        );
+        run_with(name, raster + 4096).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}

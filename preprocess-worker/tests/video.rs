@@ -45,7 +45,9 @@ fn fps_samples_the_first_frame_at_or_after_each_whole_second() {
     let run = w.run(&clip("h264.mp4"), sampling(SampleMode::Fps(1.0)));
     assert_times(&run.times(), &seconds(0..10));
     let d = run.done();
-    assert_eq!((d.frames_decoded, d.frames_sampled), (250, 10));
+    // Decoding stops at the last sample (t = 9 s, frame 226): no target is
+    // left before the 10 s end.
+    assert_eq!((d.frames_decoded, d.frames_sampled), (226, 10));
     assert!(d.complete && !d.truncated, "{d:?}");
     assert_eq!((d.width, d.height, d.codec.as_str()), (320, 240, "h264"));
     assert!((d.duration - 10.0).abs() < 0.01, "{d:?}");
@@ -362,4 +364,27 @@ fn corrupted_clips_never_crash_or_hang_the_worker() {
             );
         }
     }
+}
+
+#[test]
+fn decoding_stops_once_no_further_sample_can_be_taken_and_pixels_are_capped() {
+    let mut w = Worker::start();
+    // One target at 0 s, the next at 1000 s of a 10 s clip: nothing more to
+    // decode after the first frame.
+    let run = w.run(&clip("h264.mp4"), sampling(SampleMode::Fps(0.001)));
+    assert_times(&run.times(), &[0.0]);
+    let d = run.done();
+    assert!(
+        d.frames_decoded <= 2,
+        "decoded {} frames after its only sample",
+        d.frames_decoded
+    );
+    assert!(d.complete && !d.truncated, "{d:?}");
+    // Decoded pixels bound the work: 20 frames of 320×240.
+    let mut s = sampling(SampleMode::Fps(25.0));
+    s.max_decoded_pixels = 20 * 320 * 240;
+    let run = w.run(&clip("h264.mp4"), s);
+    let d = run.done();
+    assert_eq!((d.frames_decoded, d.frames_sampled), (20, 20), "{d:?}");
+    assert!(d.truncated, "{d:?}");
 }

@@ -84,6 +84,9 @@ pub struct Sampling {
     pub max_frames: u32,
     /// Cap on decoded frames.
     pub max_decoded: u32,
+    /// Cap on decoded pixels (the sum of every decoded frame's width ×
+    /// height): what a video's decode really costs.
+    pub max_decoded_pixels: u64,
     /// Longest accepted duration in seconds (from the container header).
     pub max_duration: f64,
     /// Wall-clock budget for the whole video.

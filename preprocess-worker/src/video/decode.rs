@@ -99,6 +99,8 @@ struct Loop<'a> {
     out: Outcome,
     decode_errors: u32,
     damaged: bool,
+    /// Width × height of every frame decoded so far.
+    decoded_pixels: u64,
 }
 
 /// Why the loop ended early (`None` from `step` = keep going).
@@ -134,6 +136,7 @@ pub(crate) fn run(
         out: Outcome::default(),
         decode_errors: 0,
         damaged: false,
+        decoded_pixels: 0,
     };
     let end = l.demux();
     l.finish(end)
@@ -233,6 +236,9 @@ impl Loop<'_> {
 
     fn on_frame(&mut self, frame: &VideoFrame) -> Option<End> {
         self.out.frames_decoded += 1;
+        self.decoded_pixels = self
+            .decoded_pixels
+            .saturating_add(u64::from(frame.width()) * u64::from(frame.height()));
         if frame.is_corrupt() {
             self.damaged = true;
         }
@@ -261,10 +267,12 @@ impl Loop<'_> {
         {
             return Some(end);
         }
-        if self.sampler.finished_after(t) {
+        if self.sampler.finished_after(t) || !self.sampler.more_before(self.src.stream_duration) {
             return Some(End::Done);
         }
-        if self.out.frames_decoded >= self.s.max_decoded {
+        if self.out.frames_decoded >= self.s.max_decoded
+            || self.decoded_pixels >= self.s.max_decoded_pixels
+        {
             return Some(End::Cap);
         }
         None

@@ -9,6 +9,9 @@ use shm::SampleMode;
 /// spacing: absorbs the rounding of time bases like 1/90000 or 1001/30000.
 const EPS: f64 = 1e-6;
 
+/// Seconds a stream may run past its stated duration and still be sampled.
+const DURATION_SLACK: f64 = 1.0;
+
 /// Decides, frame by frame in presentation order, which ones to sample.
 #[derive(Debug, Clone)]
 pub(crate) struct Sampler {
@@ -91,6 +94,14 @@ impl Sampler {
         }
     }
 
+    /// Whether a further frame could be sampled in a stream that says it
+    /// ends at `stream_end` (trusted to within [`DURATION_SLACK`]): when not,
+    /// decoding stops, instead of running to the end (or a cap) for nothing,
+    /// as `fps=0.001` once did.
+    pub fn more_before(&self, stream_end: Option<f64>) -> bool {
+        self.more_after(stream_end.map(|e| e + DURATION_SLACK))
+    }
+
     fn done(&self) -> bool {
         self.targets.is_some_and(|n| self.next >= n)
     }
@@ -163,6 +174,19 @@ mod tests {
             t,
         );
         assert_eq!(got.len(), 100);
+    }
+
+    #[test]
+    fn no_more_samples_past_the_stated_duration_plus_slack() {
+        let mut s = Sampler::new(SampleMode::Fps(0.001), 0.0, None);
+        assert!(s.more_before(Some(10.0)));
+        assert!(s.offer(0.0));
+        assert!(!s.more_before(Some(10.0)), "next target is at 1000 s");
+        assert!(s.more_before(None), "an unknown duration never stops it");
+        let mut s = Sampler::new(SampleMode::Fps(1.0), 0.0, None);
+        assert!(s.offer(9.0));
+        assert!(s.more_before(Some(10.0)), "10 s is within the slack");
+        assert!(!s.more_before(Some(8.5)));
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub fn sampling(mode: SampleMode) -> Sampling {
         end: None,
         max_frames: 1000,
         max_decoded: 100_000,
+        max_decoded_pixels: u64::MAX,
         max_duration: 4.0 * 3600.0,
         deadline_ms: 60_000,
         decode_threads: 1,

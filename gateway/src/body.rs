@@ -1,0 +1,213 @@
+//! Request bodies as they really arrive. An upload reserves its share of
+//! `server.max_inflight_body_bytes` byte by byte as it comes in, never what
+//! it merely declares, so silent `Content-Length: 268435456` connections or
+//! slow chunked uploads reserve nothing they have not sent; and an upload
+//! that sends nothing for `http.body_idle_timeout_ms` ends with 408.
+//! The reservation is held until the request's answer is built.
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+use crate::error::{ApiError, Code};
+
+/// Why a body stopped being read.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BodyError {
+    #[error("the upload sent no data for {0} ms (http.body_idle_timeout_ms)")]
+    Idle(u64),
+    #[error(
+        "the gateway is already buffering server.max_inflight_body_bytes = {0} bytes of uploads"
+    )]
+    Budget(usize),
+}
+
+impl BodyError {
+    pub fn to_api(&self) -> ApiError {
+        let code = match self {
+            BodyError::Idle(_) => Code::BodyTimeout,
+            BodyError::Budget(_) => Code::UploadBudgetExhausted,
+        };
+        ApiError::new(code, self.to_string())
+    }
+
+    /// The `BodyError` somewhere in `e`'s source chain.
+    pub fn find<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+        let mut cur = Some(e);
+        while let Some(err) = cur {
+            if let Some(b) = err.downcast_ref::<BodyError>() {
+                return Some(b);
+            }
+            cur = err.source();
+        }
+        None
+    }
+}
+
+/// One request's reservation of the shared upload budget (in KiB units).
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<Semaphore>,
+    total_bytes: usize,
+    held: Mutex<(usize, Option<OwnedSemaphorePermit>)>,
+}
+
+impl Reservation {
+    /// `budget` counts KiB; `total_bytes` is its size in bytes, for messages.
+    pub fn new(budget: Arc<Semaphore>, total_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            budget,
+            total_bytes,
+            held: Mutex::new((0, None)),
+        })
+    }
+
+    /// Reserves up to `bytes` read so far (rounded up to KiB).
+    fn cover(&self, bytes: usize) -> Result<(), BodyError> {
+        let want = bytes.div_ceil(1024);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if want <= held.0 {
+            return Ok(());
+        }
+        let more = u32::try_from(want - held.0).map_err(|_| BodyError::Budget(self.total_bytes))?;
+        let permit = self
+            .budget
+            .clone()
+            .try_acquire_many_owned(more)
+            .map_err(|_| BodyError::Budget(self.total_bytes))?;
+        match &mut held.1 {
+            Some(p) => p.merge(permit),
+            None => held.1 = Some(permit),
+        }
+        held.0 = want;
+        Ok(())
+    }
+
+    /// Bytes reserved now (a multiple of 1024).
+    pub fn reserved_bytes(&self) -> usize {
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).0 * 1024
+    }
+}
+
+/// A body that reserves its bytes as they arrive and times out when idle.
+pub struct Metered<B> {
+    inner: B,
+    reservation: Arc<Reservation>,
+    read: usize,
+    idle: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, reservation: Arc<Reservation>, idle: Duration) -> Self {
+        Self {
+            inner,
+            reservation,
+            read: 0,
+            idle,
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                ready!(this.timer.as_mut().poll(cx));
+                let ms = this.idle.as_millis() as u64;
+                Poll::Ready(Some(Err(Box::new(BodyError::Idle(ms)))))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = Instant::now() + this.idle;
+                this.timer.as_mut().reset(deadline);
+                if let Some(data) = frame.data_ref() {
+                    this.read += data.len();
+                    if let Err(e) = this.reservation.cover(this.read) {
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::{BodyExt, StreamBody};
+
+    use super::*;
+
+    fn chunks(n: usize, size: usize) -> impl Body<Data = Bytes, Error = std::io::Error> + Unpin {
+        let frames =
+            (0..n).map(move |_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![7u8; size]))));
+        StreamBody::new(futures::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn a_body_reserves_what_it_sent_and_frees_it_on_drop() {
+        let budget = Arc::new(Semaphore::new(100));
+        let r = Reservation::new(budget.clone(), 100 * 1024);
+        let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5));
+        let data = body.collect().await.unwrap().to_bytes();
+        assert_eq!(data.len(), 10_000);
+        assert_eq!(r.reserved_bytes(), 10 * 1024);
+        assert_eq!(budget.available_permits(), 90);
+        drop(r);
+        assert_eq!(budget.available_permits(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_budget_fails_with_budget_exhausted() {
+        let budget = Arc::new(Semaphore::new(4));
+        let r = Reservation::new(budget.clone(), 4 * 1024);
+        let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5));
+        let err = body.collect().await.unwrap_err();
+        let e = BodyError::find(err.as_ref()).expect("a BodyError");
+        assert!(matches!(e, BodyError::Budget(_)), "{e}");
+        assert_eq!(e.to_api().code, Code::UploadBudgetExhausted);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_body_times_out() {
+        let budget = Arc::new(Semaphore::new(100));
+        let r = Reservation::new(budget, 100 * 1024);
+        let silent = StreamBody::new(futures::stream::pending::<
+            Result<Frame<Bytes>, std::io::Error>,
+        >());
+        let body = Metered::new(silent, r.clone(), Duration::from_millis(500));
+        let err = body.collect().await.unwrap_err();
+        let e = BodyError::find(err.as_ref()).unwrap();
+        assert!(matches!(e, BodyError::Idle(500)), "{e}");
+        assert_eq!(r.reserved_bytes(), 0, "nothing sent, nothing reserved");
+    }
+}

@@ -1,0 +1,244 @@
+//! The HTTP/1 server: hyper with a timer and caps, so that a client cannot
+//! hold the gateway's connections, memory or shutdown for free.
+//!
+//! - a request head (and the wait for it on a kept-alive connection) must
+//!   arrive within `http.header_read_timeout_ms`: slowloris heads and idle
+//!   connections are closed;
+//! - every write must make progress within `http.write_timeout_ms`: a client
+//!   that never reads its answer loses the connection, and the answer's
+//!   memory with it;
+//! - at most `http.max_connections` are open; past that a connection is
+//!   answered 503 `too_many_connections` (JSON, `Connection: close`) and
+//!   closed, before any of its bytes are read;
+//! - on shutdown, idle and half-sent connections close at once, in-flight
+//!   requests are drained.
+//!
+//! Body reading (idle timeout, byte budget) is in `body.rs`.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::task::TaskTracker;
+
+use crate::core::Core;
+
+/// The canned answer to a connection over `http.max_connections`.
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\n\
+retry-after: 1\r\n\
+connection: close\r\n\
+content-length: 128\r\n\r\n\
+{\"error\":{\"code\":\"too_many_connections\",\"type\":\"overloaded\",\"message\":\"the gateway has too many open connections; retry later\"}}";
+
+/// Accepts and serves connections until `shutdown` resolves, then closes
+/// the listener and drains: returns when every connection has ended.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    core: Arc<Core>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let limits = core.cfg.http.clone();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .max_headers(limits.max_headers);
+    let write_timeout = Duration::from_millis(limits.write_timeout_ms);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off instead of spinning;
+                    // the connections already open go on.
+                    core.metrics.connections.with_label_values(&["accept_error"]).inc();
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            core.metrics
+                .connections
+                .with_label_values(&["refused"])
+                .inc();
+            tracker.spawn(refuse(stream, write_timeout));
+            continue;
+        };
+        core.metrics
+            .connections
+            .with_label_values(&["accepted"])
+            .inc();
+        let _ = stream.set_nodelay(true);
+        let mut io = TimeoutStream::new(stream);
+        io.set_write_timeout(Some(write_timeout));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let service = TowerToHyperService::new(Tracked {
+            inner: app.clone(),
+            busy: busy.clone(),
+        });
+        let conn = builder.serve_connection(TokioIo::new(Box::pin(io)), service);
+        let open = core.metrics.open_connections.clone();
+        let stop = stop.clone();
+        open.inc();
+        tracker.spawn(async move {
+            if let Err(e) = drive(conn, busy, stop).await {
+                tracing::debug!("connection ended: {e}");
+            }
+            open.dec();
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// How long a connection with no request in progress may take to finish
+/// on shutdown (writing the end of an answer) before it is dropped: a
+/// half-sent request head must not hold the drain.
+const IDLE_DRAIN: Duration = Duration::from_millis(500);
+
+/// Serves one connection; on shutdown, lets a request in progress finish
+/// (hyper's graceful shutdown: no keep-alive after it), and drops the
+/// connection once nothing is in progress.
+async fn drive<C>(
+    conn: C,
+    busy: Arc<AtomicUsize>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>> + GracefulConn,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => return r,
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    conn.as_mut().graceful();
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            () = tokio::time::sleep(IDLE_DRAIN) => {
+                if busy.load(Ordering::Acquire) == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// hyper's HTTP/1 connection, seen through what `drive` needs of it.
+trait GracefulConn {
+    fn graceful(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConn for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+{
+    fn graceful(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// The app, counting the requests in progress on one connection.
+#[derive(Clone)]
+struct Tracked {
+    inner: Router,
+    busy: Arc<AtomicUsize>,
+}
+
+impl tower::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let busy = self.busy.clone();
+        busy.fetch_add(1, Ordering::AcqRel);
+        let req = req.map(axum::body::Body::new);
+        let fut = tower::Service::call(&mut self.inner.clone(), req);
+        Box::pin(async move {
+            let r = fut.await;
+            busy.fetch_sub(1, Ordering::AcqRel);
+            r
+        })
+    }
+}
+
+/// Answers 503 and closes, without reading the request.
+async fn refuse(mut stream: TcpStream, within: Duration) {
+    let _ = tokio::time::timeout(within, async {
+        let _ = stream.write_all(TOO_MANY).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Raises the soft limit on open files to the hard limit, and returns the
+/// limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise RLIMIT_NOFILE from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            tracing::warn!("cannot read RLIMIT_NOFILE: {e}");
+            1024
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_canned_answer_has_the_right_length_and_is_json() {
+        let text = std::str::from_utf8(TOO_MANY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"]["code"], "too_many_connections");
+    }
+}

@@ -1,0 +1,234 @@
+//! Clients that attack the HTTP layer rather than the decoders: slow or
+//! half-sent heads, idle and surplus connections, silent uploads, answers
+//! nobody reads, oversized echoes. Each may cost only its own connection.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const FAST_HTTP: &str = "[http]\nheader_read_timeout_ms = 1000\nbody_idle_timeout_ms = 1000\n";
+
+async fn connect(gw: &Gateway) -> TcpStream {
+    TcpStream::connect(&gw.addr).await.expect("connect")
+}
+
+/// Reads until EOF or error; what was read, and how long until the end.
+async fn read_to_end(s: &mut TcpStream, within: Duration) -> (String, Option<Duration>) {
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let end = tokio::time::timeout(within, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    (
+        String::from_utf8_lossy(&buf).into_owned(),
+        end.ok().map(|()| t.elapsed()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_head_is_cut_off_at_the_header_timeout() {
+    let gw = Gateway::start(FAST_HTTP).await;
+    let mut s = connect(&gw).await;
+    let head = b"POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let t = Instant::now();
+    // One byte every 200 ms, forever: only the header timeout ends it.
+    let mut closed = None;
+    for (i, b) in head.iter().chain(std::iter::repeat(&b'a')).enumerate() {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = Some(t.elapsed());
+            break;
+        }
+        if i > 40 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if t.elapsed() > Duration::from_secs(6) {
+            break;
+        }
+        let mut probe = [0u8; 1];
+        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut probe)).await
+        {
+            closed = Some(t.elapsed());
+            break;
+        }
+    }
+    let closed = closed.expect("a slowloris head was held open for 6 s");
+    assert!(
+        closed < Duration::from_millis(2500),
+        "closed after {closed:?}"
+    );
+    // Everyone else is served meanwhile and after.
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_surplus_ones_get_json_503() {
+    let gw = Gateway::start(&format!("{FAST_HTTP}max_connections = 20\n")).await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(connect(&gw).await);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The 21st is refused at once, with JSON and Connection: close.
+    let mut extra = connect(&gw).await;
+    let (answer, ended) = read_to_end(&mut extra, Duration::from_secs(2)).await;
+    assert!(ended.is_some(), "the surplus connection stayed open");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"]["code"], "too_many_connections");
+    assert!(gw.metric("mmgate_connections_total", "refused").await >= 1.0);
+    // The idle ones are closed by the header timeout, freeing their places.
+    for s in &mut idle {
+        let (_, ended) = read_to_end(s, Duration::from_secs(3)).await;
+        assert!(
+            ended.is_some(),
+            "an idle connection was kept past the timeout"
+        );
+    }
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_uploads_reserve_nothing_block_nobody_and_time_out_with_408() {
+    let gw = Gateway::start(&format!(
+        "{FAST_HTTP}[server]\nmax_inflight_body_bytes = 536870912\n"
+    ))
+    .await;
+    // Four uploads declaring 256 MiB, and four chunked ones, none sending a
+    // body byte: under the old declared-size reservation (a chunked body
+    // counted as the largest allowed, 256 MiB), two of them took the whole
+    // 512 MiB budget.
+    let mut silent = Vec::new();
+    for i in 0..8 {
+        let mut s = connect(&gw).await;
+        let framing = if i % 2 == 0 {
+            "Content-Length: 268435456"
+        } else {
+            "Transfer-Encoding: chunked"
+        };
+        let head = format!(
+            "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\nContent-Type: video/mp4\r\n{framing}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        silent.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "silent uploads blocked an upload: {}",
+        r.json
+    );
+    // Each silent upload ends with a JSON 408 after the body idle timeout.
+    for s in &mut silent {
+        let (answer, ended) = read_to_end(s, Duration::from_secs(4)).await;
+        assert!(ended.is_some(), "a silent upload was held open");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("\"body_timeout\""), "{answer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echoed_names_are_clipped_and_403_is_counted_under_the_tenant() {
+    let gw =
+        Gateway::start("[[tenants]]\nname = \"acme\"\nkeys = [\"k-acme\"]\nmodels = [\"other\"]\n")
+            .await;
+    let long = "m".repeat(60_000);
+    let r = gw
+        .client
+        .post(gw.url(&format!("/v1/models/{long}/score")))
+        .header("x-api-key", "k-acme")
+        .body(fixture("images/coffee.jpg"))
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!(r.status, 403, "{}", r.json);
+    let msg = r.json["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.len() < 400,
+        "the 60 KB name was echoed: {} bytes",
+        msg.len()
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.lines().any(|l| l.starts_with("mmgate_requests_total")
+            && l.contains("tenant=\"acme\"")
+            && l.contains("code=\"403\"")),
+        "403 not counted under tenant acme:\n{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multipart_file_names_are_echoed_clipped() {
+    let gw = Gateway::start("").await;
+    let long = "n".repeat(1_900_000);
+    let mut form = reqwest::multipart::Form::new();
+    for _ in 0..4 {
+        form = form.part(
+            "image",
+            reqwest::multipart::Part::bytes(fixture("images/coffee.jpg")).file_name(long.clone()),
+        );
+    }
+    let r = gw
+        .client
+        .post(gw.url("/v1/models/open_nsfw/score"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let answer = r.json.to_string();
+    assert!(answer.len() < 8_000, "answer is {} bytes", answer.len());
+    let name = r.json["results"][0]["name"].as_str().unwrap();
+    assert!(name.ends_with('…') && name.chars().count() == 129, "{name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_sent_head_does_not_stretch_the_drain() {
+    let mut gw = Gateway::start("").await;
+    let mut s = connect(&gw).await;
+    s.write_all(b"POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t = Instant::now();
+    kill(Pid::from_raw(gw.pid() as i32), Signal::SIGTERM).unwrap();
+    let status = tokio::task::block_in_place(|| gw.child.wait()).unwrap();
+    assert!(status.success(), "{status:?}");
+    // The test config's grace is 10 s; an idle or half-sent head must not
+    // hold the drain for it.
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "drain took {:?}",
+        t.elapsed()
+    );
+}
