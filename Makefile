@@ -1,7 +1,7 @@
-# mmgate: make setup | build | run | test | lint | bench
+# mmgate: make setup | build | run | test | lint | bench | soak
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: setup build run test lint bench
+.PHONY: setup build run test lint bench soak
 
 setup:
 	bash scripts/setup.sh
@@ -24,3 +24,6 @@ lint:
 
 bench: build
 	bash load-tests/run.sh && bash load-tests/video.sh
+
+soak: build
+	bash load-tests/soak.sh

@@ -74,6 +74,10 @@ pub struct HttpLimits {
     pub header_read_timeout_ms: u64,
     /// An upload that sends no byte for this long gets 408 `body_timeout`.
     pub body_idle_timeout_ms: u64,
+    /// Once `body_idle_timeout_ms` has passed, an upload must average at
+    /// least this many bytes per second (else 408 `body_timeout`), so a
+    /// trickle cannot hold a connection and its budget; 0 = no minimum.
+    pub min_body_rate_bytes_per_s: u64,
     /// Each write of an answer must make progress within this; a client
     /// that does not read loses the connection.
     pub write_timeout_ms: u64,
@@ -90,6 +94,7 @@ impl Default for HttpLimits {
         Self {
             header_read_timeout_ms: 10_000,
             body_idle_timeout_ms: 10_000,
+            min_body_rate_bytes_per_s: 16 << 10,
             write_timeout_ms: 10_000,
             max_connections: 4096,
             max_headers: 64,
@@ -331,6 +336,7 @@ impl ServerConfig {
         for m in &self.models {
             m.validate()?;
         }
+        self.validate_hardening()?;
         let w = &self.workers;
         if w.count == 0 || w.count > 256 || w.threads == 0 || w.threads > 64 {
             return Err(invalid(format!(
@@ -407,5 +413,41 @@ impl ServerConfig {
     /// Size of each worker's shared-memory input region slot (one per thread).
     pub fn input_slot_bytes(&self) -> usize {
         self.limits.max_body_bytes.max(self.video.max_body_bytes)
+    }
+}
+
+impl ServerConfig {
+    /// The limits that defend against hostile clients must be usable: a 0
+    /// would refuse every connection, cut every upload or every video.
+    fn validate_hardening(&self) -> Result<(), SpecError> {
+        let h = &self.http;
+        for (name, ms) in [
+            ("http.header_read_timeout_ms", h.header_read_timeout_ms),
+            ("http.body_idle_timeout_ms", h.body_idle_timeout_ms),
+            ("http.write_timeout_ms", h.write_timeout_ms),
+        ] {
+            if ms < 100 {
+                return Err(invalid(format!("{name} is {ms}; it must be at least 100")));
+            }
+        }
+        if h.max_connections == 0 || h.max_headers == 0 {
+            return Err(invalid(
+                "http.max_connections and http.max_headers must be at least 1",
+            ));
+        }
+        let v = &self.video;
+        if v.max_decoded_pixels == 0 {
+            return Err(invalid("video.max_decoded_pixels must be at least 1"));
+        }
+        if !(v.max_worker_share > 0.0 && v.max_worker_share <= 1.0) {
+            return Err(invalid(format!(
+                "video.max_worker_share is {}; it must be in (0, 1]",
+                v.max_worker_share
+            )));
+        }
+        if self.limits.max_decode_bytes == 0 {
+            return Err(invalid("limits.max_decode_bytes must be at least 1"));
+        }
+        Ok(())
     }
 }

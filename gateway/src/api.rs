@@ -244,7 +244,9 @@ async fn score_inner(
         let reservation =
             Reservation::new(app.body_budget.clone(), cfg.server.max_inflight_body_bytes);
         let idle = Duration::from_millis(cfg.http.body_idle_timeout_ms);
-        let req = req.map(|b| axum::body::Body::new(Metered::new(b, reservation.clone(), idle)));
+        let rate = cfg.http.min_body_rate_bytes_per_s;
+        let req =
+            req.map(|b| axum::body::Body::new(Metered::new(b, reservation.clone(), idle, rate)));
         let query: HashMap<String, String> = req
             .uri()
             .query()

@@ -1,9 +1,12 @@
 //! Request bodies as they really arrive. An upload reserves its share of
 //! `server.max_inflight_body_bytes` byte by byte as it comes in, never what
 //! it merely declares, so silent `Content-Length: 268435456` connections or
-//! slow chunked uploads reserve nothing they have not sent; and an upload
-//! that sends nothing for `http.body_idle_timeout_ms` ends with 408.
-//! The reservation is held until the request's answer is built.
+//! slow chunked uploads reserve nothing they have not sent. An upload that
+//! sends nothing for `http.body_idle_timeout_ms` while we wait for it, or
+//! that averages under `http.min_body_rate_bytes_per_s` once that long has
+//! passed, ends with 408: a trickle cannot hold a connection, a tenant's
+//! slot or the budget. The reservation is held until the request's answer
+//! is built.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -23,6 +26,8 @@ use crate::error::{ApiError, Code};
 pub enum BodyError {
     #[error("the upload sent no data for {0} ms (http.body_idle_timeout_ms)")]
     Idle(u64),
+    #[error("the upload averaged {0} bytes/s; http.min_body_rate_bytes_per_s is {1}")]
+    TooSlow(u64, u64),
     #[error(
         "the gateway is already buffering server.max_inflight_body_bytes = {0} bytes of uploads"
     )]
@@ -32,7 +37,7 @@ pub enum BodyError {
 impl BodyError {
     pub fn to_api(&self) -> ApiError {
         let code = match self {
-            BodyError::Idle(_) => Code::BodyTimeout,
+            BodyError::Idle(_) | BodyError::TooSlow(..) => Code::BodyTimeout,
             BodyError::Budget(_) => Code::UploadBudgetExhausted,
         };
         ApiError::new(code, self.to_string())
@@ -102,18 +107,41 @@ pub struct Metered<B> {
     reservation: Arc<Reservation>,
     read: usize,
     idle: Duration,
+    /// Bytes per second the upload must average once `idle` has passed.
+    min_rate: u64,
+    started: Instant,
     timer: Pin<Box<Sleep>>,
+    /// A poll is waiting for the next frame: the idle clock runs only then,
+    /// so a handler that pauses between frames is not charged for it.
+    waiting: bool,
 }
 
 impl<B> Metered<B> {
-    pub fn new(inner: B, reservation: Arc<Reservation>, idle: Duration) -> Self {
+    pub fn new(inner: B, reservation: Arc<Reservation>, idle: Duration, min_rate: u64) -> Self {
         Self {
             inner,
             reservation,
             read: 0,
             idle,
+            min_rate,
+            started: Instant::now(),
             timer: Box::pin(tokio::time::sleep(idle)),
+            waiting: false,
         }
+    }
+
+    /// Refuses an upload slower than `min_rate` on average, after a grace
+    /// of `idle` from its start.
+    fn check_rate(&self) -> Result<(), BodyError> {
+        let secs = self.started.elapsed().as_secs_f64();
+        if self.min_rate == 0 || secs < self.idle.as_secs_f64() {
+            return Ok(());
+        }
+        let rate = (self.read as f64 / secs) as u64;
+        if rate < self.min_rate {
+            return Err(BodyError::TooSlow(rate, self.min_rate));
+        }
+        Ok(())
     }
 }
 
@@ -130,6 +158,11 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
+        if !this.waiting {
+            this.waiting = true;
+            let deadline = Instant::now() + this.idle;
+            this.timer.as_mut().reset(deadline);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
                 ready!(this.timer.as_mut().poll(cx));
@@ -137,11 +170,14 @@ where
                 Poll::Ready(Some(Err(Box::new(BodyError::Idle(ms)))))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                let deadline = Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.waiting = false;
                 if let Some(data) = frame.data_ref() {
                     this.read += data.len();
-                    if let Err(e) = this.reservation.cover(this.read) {
+                    let checked = this
+                        .reservation
+                        .cover(this.read)
+                        .and_then(|()| this.check_rate());
+                    if let Err(e) = checked {
                         return Poll::Ready(Some(Err(Box::new(e))));
                     }
                 }
@@ -177,7 +213,7 @@ mod tests {
     async fn a_body_reserves_what_it_sent_and_frees_it_on_drop() {
         let budget = Arc::new(Semaphore::new(100));
         let r = Reservation::new(budget.clone(), 100 * 1024);
-        let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5));
+        let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5), 1);
         let data = body.collect().await.unwrap().to_bytes();
         assert_eq!(data.len(), 10_000);
         assert_eq!(r.reserved_bytes(), 10 * 1024);
@@ -190,7 +226,7 @@ mod tests {
     async fn a_body_over_the_budget_fails_with_budget_exhausted() {
         let budget = Arc::new(Semaphore::new(4));
         let r = Reservation::new(budget.clone(), 4 * 1024);
-        let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5));
+        let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5), 1);
         let err = body.collect().await.unwrap_err();
         let e = BodyError::find(err.as_ref()).expect("a BodyError");
         assert!(matches!(e, BodyError::Budget(_)), "{e}");
@@ -204,10 +240,34 @@ mod tests {
         let silent = StreamBody::new(futures::stream::pending::<
             Result<Frame<Bytes>, std::io::Error>,
         >());
-        let body = Metered::new(silent, r.clone(), Duration::from_millis(500));
+        let body = Metered::new(silent, r.clone(), Duration::from_millis(500), 1);
         let err = body.collect().await.unwrap_err();
         let e = BodyError::find(err.as_ref()).unwrap();
         assert!(matches!(e, BodyError::Idle(500)), "{e}");
         assert_eq!(r.reserved_bytes(), 0, "nothing sent, nothing reserved");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_under_the_minimum_rate_is_cut_off() {
+        let budget = Arc::new(Semaphore::new(100));
+        let r = Reservation::new(budget, 100 * 1024);
+        // One byte every 400 ms: never idle for 500 ms, but 2.5 bytes/s.
+        let trickle = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Some((
+                Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x"))),
+                (),
+            ))
+        });
+        let body = Metered::new(
+            StreamBody::new(Box::pin(trickle)),
+            r,
+            Duration::from_millis(500),
+            100,
+        );
+        let err = body.collect().await.unwrap_err();
+        let e = BodyError::find(err.as_ref()).unwrap();
+        assert!(matches!(e, BodyError::TooSlow(2, 100)), "{e}");
+        assert_eq!(e.to_api().code, Code::BodyTimeout);
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
@@ -197,11 +197,18 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
     }
 }
 
-/// Answers 503 and closes, without reading the request.
+/// Answers 503 and closes without serving the request; what the client
+/// already sent is read and dropped for a moment, so that closing does not
+/// reset the connection before the client has read the answer.
 async fn refuse(mut stream: TcpStream, within: Duration) {
     let _ = tokio::time::timeout(within, async {
         let _ = stream.write_all(TOO_MANY).await;
         let _ = stream.shutdown().await;
+    })
+    .await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(200), async {
+        while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
 }

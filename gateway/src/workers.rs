@@ -46,33 +46,60 @@ pub struct QueuedUpload {
 }
 
 /// Who a queued job belongs to now: still queued, taken by a worker thread,
-/// or abandoned by its caller after `queue_timeout_ms`.
+/// or abandoned by its caller after `queue_timeout_ms`. It holds the upload
+/// while queued, so an abandoned job frees its bytes at once instead of
+/// keeping them in the queue, outside the upload budget, until a dispatcher
+/// gets to it.
 #[derive(Debug, Clone, Default)]
-pub struct Claim(Arc<AtomicU8>);
+pub struct Claim {
+    state: Arc<AtomicU8>,
+    data: Arc<std::sync::Mutex<Option<Bytes>>>,
+}
 
 impl Claim {
     const QUEUED: u8 = 0;
     const TAKEN: u8 = 1;
     const ABANDONED: u8 = 2;
 
+    fn holding(data: Bytes) -> Self {
+        Self {
+            state: Arc::default(),
+            data: Arc::new(std::sync::Mutex::new(Some(data))),
+        }
+    }
+
     fn swap_from_queued(&self, to: u8) -> bool {
-        self.0
+        self.state
             .compare_exchange(Self::QUEUED, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 
-    /// A dispatcher takes the job; false if its caller gave up on it.
-    pub fn take(&self) -> bool {
-        self.swap_from_queued(Self::TAKEN)
+    fn payload(&self) -> Option<Bytes> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    /// The caller gives up on a job no worker took yet; false if one did.
+    /// A dispatcher takes the job and its upload; `None` if its caller
+    /// gave up on it.
+    pub fn take(&self) -> Option<Bytes> {
+        if self.swap_from_queued(Self::TAKEN) {
+            self.payload()
+        } else {
+            None
+        }
+    }
+
+    /// The caller gives up on a job no worker took yet, dropping its
+    /// upload; false if one took it.
     pub fn abandon(&self) -> bool {
-        self.swap_from_queued(Self::ABANDONED)
+        let abandoned = self.swap_from_queued(Self::ABANDONED);
+        if abandoned {
+            drop(self.payload());
+        }
+        abandoned
     }
 
     pub fn is_taken(&self) -> bool {
-        self.0.load(Ordering::Acquire) == Self::TAKEN
+        self.state.load(Ordering::Acquire) == Self::TAKEN
     }
 }
 
@@ -105,10 +132,11 @@ impl WorkJob {
         let upload = QueuedUpload {
             request_id: request_id.to_string(),
             model,
-            data,
+            // Held by the claim while queued; set when a dispatcher takes it.
+            data: Bytes::new(),
             enqueued: Instant::now(),
             pending: core.pending_guard(model),
-            claim: Claim::default(),
+            claim: Claim::holding(data),
         };
         Self { upload, task }
     }
@@ -346,7 +374,7 @@ impl WorkerPool {
                 let permit = self.video_threads.clone().acquire_owned().await.ok()?;
                 Some((self.videos.rx.recv().await, permit))
             };
-            let (job, _video_permit) = tokio::select! {
+            let (mut job, _video_permit) = tokio::select! {
                 biased;
                 _ = conn.dying.cancelled() => return,
                 job = self.images.rx.recv(), if images_open => match job {
@@ -364,9 +392,14 @@ impl WorkerPool {
                     }
                 },
             };
-            if job.task.caller_gone() || !job.upload.claim.take() {
-                continue; // the caller went away or gave up: skip the decode
+            if job.task.caller_gone() {
+                job.upload.claim.abandon();
+                continue; // the caller went away: skip the decode
             }
+            let Some(data) = job.upload.claim.take() else {
+                continue; // the caller gave up waiting: skip the decode
+            };
+            job.upload.data = data;
             let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
             let thread = WorkerThread {
                 core: &core,
@@ -513,5 +546,38 @@ impl Held {
             _leases: leases,
             _reply: Box::new(reply),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abandoned_job_drops_its_upload_and_cannot_be_taken() {
+        let data = Bytes::from(vec![7u8; 1 << 20]);
+        let claim = Claim::holding(data.clone());
+        assert!(!data.is_unique(), "the claim holds the upload");
+        assert!(claim.abandon());
+        assert!(data.is_unique(), "abandoning freed the upload");
+        assert_eq!(claim.take(), None);
+        assert!(!claim.abandon());
+
+        let claim = Claim::holding(data.clone());
+        assert_eq!(claim.take().as_deref().map(<[u8]>::len), Some(1 << 20));
+        assert!(
+            claim.is_taken() && !claim.abandon(),
+            "a taken job is not abandoned"
+        );
+    }
+
+    #[test]
+    fn videos_get_their_share_but_never_every_thread() {
+        assert_eq!(video_threads(1, 0.5), 1);
+        assert_eq!(video_threads(2, 0.5), 1);
+        assert_eq!(video_threads(2, 1.0), 1);
+        assert_eq!(video_threads(4, 0.5), 2);
+        assert_eq!(video_threads(8, 0.25), 2);
+        assert_eq!(video_threads(8, 0.0), 1);
     }
 }

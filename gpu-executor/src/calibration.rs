@@ -76,14 +76,18 @@ pub fn score(
 }
 
 /// `ln(p / (1 - p))`, with `p` kept off 0 and 1 so a saturated score stays
-/// finite.
+/// finite (NaN stays NaN).
 pub fn logodds(p: f32) -> f64 {
     let p = f64::from(p).clamp(1e-7, 1.0 - 1e-7);
     (p / (1.0 - p)).ln()
 }
 
-/// Largest |Δ log-odds| over the labels of two score vectors.
+/// Largest |Δ log-odds| over the labels of two score vectors; infinite when
+/// a score is not a finite number (a broken engine never passes a check).
 pub fn max_delta(a: &[f32], b: &[f32]) -> f64 {
+    if a.len() != b.len() || a.iter().chain(b).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
     a.iter()
         .zip(b)
         .map(|(&x, &y)| (logodds(x) - logodds(y)).abs())
@@ -157,5 +161,7 @@ mod tests {
         let d = max_delta(&a, &b);
         assert!((d - (0.6f64 / 0.4).ln()).abs() < 1e-6, "{d}");
         assert_eq!(max_delta(&a, &a), 0.0);
+        assert_eq!(max_delta(&a, &[f32::NAN, 0.5]), f64::INFINITY);
+        assert_eq!(max_delta(&a, &[0.5]), f64::INFINITY);
     }
 }

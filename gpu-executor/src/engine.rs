@@ -97,6 +97,25 @@ impl Backends {
     }
 }
 
+/// A runtime library's path made absolute (against the working directory,
+/// which is what the config meant), checked to be a file; the error names
+/// the library, the path and the setting that chooses it.
+pub(crate) fn library_path(
+    library: &'static str,
+    path: &Path,
+    setting: &str,
+) -> Result<PathBuf, ExecError> {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if path.is_file() {
+        return Ok(path);
+    }
+    Err(ExecError::RuntimeLibrary {
+        library,
+        path,
+        message: format!("no such file (run `make setup`, or set {setting})"),
+    })
+}
+
 fn file_sha256(path: &Path) -> std::io::Result<String> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
@@ -141,8 +160,18 @@ pub fn load_model(
     let mut fallbacks = Vec::new();
     let mut loaded = match spec.backend {
         Backend::OnnxruntimeCpu => ort_instances(spec, backends)?,
-        Backend::Openvino => match crate::openvino_cpu::library(backends.openvino_library()) {
-            Ok(()) => crate::backend_openvino::instances(spec, backends, &mut fallbacks)?,
+        Backend::Openvino => match crate::openvino_cpu::library(backends.openvino_library())
+            .and_then(|()| crate::backend_openvino::instances(spec, backends, &mut fallbacks))
+        {
+            Ok(loaded) => loaded,
+            // A precision verdict (refused by the check, or bf16 asked of a
+            // CPU without it) is the spec's decision, not a broken library.
+            Err(e @ (ExecError::PrecisionCheck { .. } | ExecError::Precision { .. })) => {
+                return Err(e);
+            }
+            // Any other OpenVINO failure under `auto` (library, plugin or
+            // frontend missing, compile error): ONNX Runtime serves instead,
+            // and reports a model that is really broken itself.
             Err(e) if spec.openvino.precision == PrecisionRequest::Auto => {
                 let line = format!("{e}; precision is auto, so onnxruntime-cpu (f32) runs instead");
                 tracing::warn!(model = %spec.name, "{line}");

@@ -34,18 +34,14 @@ pub fn library(path: &Path) -> Result<(), ExecError> {
     if *loaded {
         return Ok(());
     }
-    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let lib_err = |message: String| ExecError::RuntimeLibrary {
-        library: "OpenVINO",
-        path: path.clone(),
-        message,
-    };
-    if !path.is_file() {
-        return Err(lib_err(
-            "no such file (run `make setup`, or set executor.openvino_library)".into(),
-        ));
-    }
-    openvino_sys::library::load_from(path.clone()).map_err(lib_err)?;
+    let path = crate::engine::library_path("OpenVINO", path, "executor.openvino_library")?;
+    openvino_sys::library::load_from(path.clone()).map_err(|message| {
+        ExecError::RuntimeLibrary {
+            library: "OpenVINO",
+            path,
+            message,
+        }
+    })?;
     *loaded = true;
     Ok(())
 }
@@ -191,7 +187,18 @@ fn compile(core: &mut Core, c: &Compile) -> Result<CompiledModel, ExecError> {
         (RwPropertyKey::NumStreams, streams.as_str()),
         (RwPropertyKey::InferenceNumThreads, threads.as_str()),
     ];
-    let cache = c.cache_dir.map(|d| d.display().to_string());
+    // OpenVINO keys its cache by the model and the CPU only, not by
+    // precision or streams: one folder per compilation setting.
+    let cache = c.cache_dir.map(|d| {
+        d.join(format!(
+            "{}-s{}-t{}",
+            c.precision.as_str(),
+            c.streams,
+            c.threads
+        ))
+        .display()
+        .to_string()
+    });
     if let Some(dir) = &cache {
         props.push((RwPropertyKey::CacheDir, dir.as_str()));
     }
@@ -305,7 +312,7 @@ impl Request {
             let shape = Shape::new(&dims).map_err(ov_err("input shape"))?;
             let tensor = Tensor::new(ElementType::F32, &shape).map_err(ov_err("input tensor"))?;
             self.request
-                .set_input_tensor(&tensor)
+                .set_tensor(&m.input_name, &tensor)
                 .map_err(ov_err("binding the input"))?;
             self.tensor = Some((batch, tensor));
         }
@@ -334,6 +341,7 @@ impl Request {
 /// What every instance of one compiled model shares.
 struct Shared {
     model: String,
+    input_name: String,
     input_shape: [usize; 4],
     elements: usize,
     outputs: usize,
@@ -434,6 +442,7 @@ pub fn load(
     compiled.push(Mutex::new(main));
     let shared = Arc::new(Shared {
         model: spec.name.clone(),
+        input_name: spec.input.name.clone(),
         input_shape: spec.input.batch_shape(1),
         elements: spec.input.elements(),
         outputs: spec.output.labels.len(),
@@ -527,7 +536,13 @@ impl OpenvinoCpu {
         let first = m.busy.fetch_add(1, Ordering::AcqRel) == 0;
         let _busy = Busy(&m.busy);
         let lane = match (alone && first, &m.lane) {
-            (true, Some(lane)) => lane.try_lock().ok(),
+            (true, Some(lane)) => match lane.try_lock() {
+                Ok(g) => Some(g),
+                // A panic mid-run leaves the request usable (its tensor is
+                // rebound on the next run); do not lose the lane for good.
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            },
             _ => None,
         };
         let result = match lane {

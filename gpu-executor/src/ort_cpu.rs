@@ -28,17 +28,12 @@ pub fn environment(library: &Path) -> Result<Environment, ExecError> {
     }
     // ort resolves a relative path against the executable's folder first;
     // make the caller's meaning (the working directory) explicit instead.
-    let path = std::path::absolute(library).unwrap_or_else(|_| library.to_path_buf());
+    let path = crate::engine::library_path("ONNX Runtime", library, "executor.ort_library")?;
     let lib_err = |message: String| ExecError::RuntimeLibrary {
         library: "ONNX Runtime",
         path: path.clone(),
         message,
     };
-    if !path.is_file() {
-        return Err(lib_err(
-            "no such file (run `make setup`, or set the gateway's ONNX Runtime path)".into(),
-        ));
-    }
     let env = ort::init_from(&path)
         .map_err(|e| lib_err(e.to_string()))?
         .with_name("mmgate")

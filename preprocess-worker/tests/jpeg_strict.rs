@@ -3,27 +3,17 @@
 //! forgiven, and a broken JPEG never changes how the next image on the same
 //! thread decodes.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use config::{Limits, ModelSpec};
+mod harness;
+
+use config::Limits;
+use harness::image;
 use preprocess_worker::{PreprocessError, preprocess};
 use shm::JobErrorKind;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn open_nsfw() -> ModelSpec {
-    ModelSpec::load(&root().join("configs/models/open_nsfw.toml")).unwrap()
-}
-
-fn image(name: &str) -> Vec<u8> {
-    std::fs::read(root().join("tests/fixtures/images").join(name)).unwrap()
-}
-
 fn run(data: &[u8]) -> Result<Vec<f32>, PreprocessError> {
-    let model = open_nsfw();
+    let model = harness::model();
     let mut out = vec![f32::NAN; model.input.elements()];
     let deadline = Instant::now() + Duration::from_secs(30);
     preprocess(data, &model, &Limits::default(), deadline, &mut out)?;

@@ -4,25 +4,15 @@
 //! the decode deadline, and never change the answer for a valid image
 //! decoded next on the same thread.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use config::{Limits, ModelSpec};
+mod harness;
+
+use config::Limits;
+use harness::image;
 use preprocess_worker::preprocess;
 use proptest::prelude::*;
 use shm::JobErrorKind;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model() -> ModelSpec {
-    ModelSpec::load(&root().join("configs/models/open_nsfw.toml")).unwrap()
-}
-
-fn image(name: &str) -> Vec<u8> {
-    std::fs::read(root().join("tests/fixtures/images").join(name)).unwrap()
-}
 
 const SOURCES: [&str; 5] = [
     "coffee.jpg",
@@ -96,7 +86,7 @@ proptest! {
         source in 0usize..SOURCES.len(),
         m in mutation(),
     ) {
-        let model = model();
+        let model = harness::model();
         let limits = Limits::default();
         let valid = image("coffee_640.jpg");
         let mut want = vec![0f32; model.input.elements()];

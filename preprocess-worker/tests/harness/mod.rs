@@ -25,6 +25,11 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A fixture photo's bytes.
+pub fn image(name: &str) -> Vec<u8> {
+    std::fs::read(root().join("tests/fixtures/images").join(name)).unwrap()
+}
+
 pub fn model() -> ModelSpec {
     ModelSpec::load(&root().join("configs/models/open_nsfw.toml")).unwrap()
 }
