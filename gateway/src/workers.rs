@@ -371,7 +371,7 @@ impl WorkerPool {
             // A video is taken only with a video thread permit, held while
             // it runs; images are taken by any free thread.
             let video = async {
-                let permit = self.video_threads.clone().acquire_owned().await.ok()?;
+                let permit = self.video_permit(&core).await?;
                 Some((self.videos.rx.recv().await, permit))
             };
             let (mut job, _video_permit) = tokio::select! {
@@ -414,6 +414,28 @@ impl WorkerPool {
                 let _held = held;
                 std::future::pending::<()>().await;
             }
+        }
+    }
+}
+
+impl WorkerPool {
+    /// A permit to run a video, once taking one leaves a live thread for
+    /// images: the share is of the configured threads, but while a worker
+    /// restarts fewer are alive, and the last live thread is never given to
+    /// a video (unless the pool has a single thread in all).
+    async fn video_permit(&self, core: &Core) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let cfg = &core.cfg.workers;
+        let configured = (cfg.count * cfg.threads) as usize;
+        let share = video_threads(configured as u32, core.cfg.video.max_worker_share);
+        loop {
+            let permit = self.video_threads.clone().acquire_owned().await.ok()?;
+            let live = self.ready_count() * cfg.threads as usize;
+            let videos_running = share - self.video_threads.available_permits();
+            if configured == 1 || videos_running < live {
+                return Some(permit);
+            }
+            drop(permit);
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
