@@ -9,7 +9,8 @@
 //!   memory with it;
 //! - at most `http.max_connections` are open; past that a connection is
 //!   answered 503 `too_many_connections` (JSON, `Connection: close`) and
-//!   closed, before any of its bytes are read;
+//!   closed, before any of its bytes are read (at most 64 such answers at
+//!   once: past that, a flood is closed unanswered and costs no fd);
 //! - on shutdown, idle and half-sent connections close at once, in-flight
 //!   requests are drained.
 //!
@@ -49,6 +50,7 @@ pub async fn serve(
 ) {
     let limits = core.cfg.http.clone();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let tracker = TaskTracker::new();
     let (stop_tx, stop) = watch::channel(false);
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -79,7 +81,14 @@ pub async fn serve(
                 .connections
                 .with_label_values(&["refused"])
                 .inc();
-            tracker.spawn(refuse(stream, write_timeout));
+            // Answering costs the fd for a moment; past MAX_REFUSING at once
+            // a flood is closed unanswered, so it cannot hold fds.
+            if let Ok(r) = refusing.clone().try_acquire_owned() {
+                tracker.spawn(async move {
+                    refuse(stream, write_timeout).await;
+                    drop(r);
+                });
+            }
             continue;
         };
         core.metrics
@@ -111,6 +120,9 @@ pub async fn serve(
     tracker.close();
     tracker.wait().await;
 }
+
+/// Surplus connections answered 503 at once; more are closed unanswered.
+const MAX_REFUSING: usize = 64;
 
 /// How long a connection with no request in progress may take to finish
 /// on shutdown (writing the end of an answer) before it is dropped: a

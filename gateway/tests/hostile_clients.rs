@@ -236,3 +236,44 @@ async fn a_half_sent_head_does_not_stretch_the_drain() {
         t.elapsed()
     );
 }
+
+/// A flood of surplus connections that never read: refusing them must not
+/// cost an fd each for long, or the flood takes the fds a restarting child
+/// needs. At most a small, fixed number are being answered at once; the
+/// rest are closed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_surplus_connections_costs_a_bounded_number_of_fds() {
+    let gw = Gateway::start(&format!("{FAST_HTTP}max_connections = 4\n")).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(connect(&gw).await);
+    }
+    // 400 more, each sending a request head and never reading.
+    for _ in 0..400 {
+        let mut s = connect(&gw).await;
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+        held.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let during = fds();
+    println!("gateway fds: {before} before, {during} with 404 connections open");
+    assert!(
+        during < before + 4 + 80,
+        "refusing 400 connections held {} fds",
+        during - before
+    );
+    drop(held);
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
