@@ -67,6 +67,29 @@ async fn post(
     Ok((status, json))
 }
 
+/// The tally key of one answer: `judge` says whether an answer is right
+/// (`Some(Ok)`), wrong (`Some(Err(why))`) or not its to judge (`None`); a
+/// 5xx of a killed or restarting child is counted apart, anything else is
+/// unexpected.
+fn outcome(
+    kind: &str,
+    r: Result<(u16, serde_json::Value), String>,
+    judge: impl Fn(u16, &serde_json::Value) -> Option<Result<(), String>>,
+) -> String {
+    match r {
+        Err(e) => format!("{kind} TRANSPORT {e}"),
+        Ok((s, j)) => match judge(s, &j) {
+            Some(Ok(())) if (400..500).contains(&s) => format!("{kind} 4xx"),
+            Some(Ok(())) => format!("{kind} ok"),
+            Some(Err(why)) => format!("{kind} WRONG {why}"),
+            None if s >= 500 && KILL_CODES.contains(&code(&j).as_str()) => {
+                format!("{kind} {s} {}", code(&j))
+            }
+            None => format!("{kind} UNEXPECTED {s} {}", code(&j)),
+        },
+    }
+}
+
 fn code(j: &serde_json::Value) -> String {
     j["error"]["code"].as_str().unwrap_or("?").to_string()
 }
@@ -133,22 +156,15 @@ async fn main() -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let (name, data) = &images[i % images.len()];
                 i += 1;
-                let key = match post(&c, &url, data.clone()).await {
-                    Ok((200, j)) => {
-                        let got = j["results"][0]["scores"]["nsfw"].as_f64().unwrap_or(-1.0);
-                        // Lane or stream, batch 1 or 4: bf16 kernels differ slightly.
-                        if (got - want[name]).abs() <= 2e-3 {
-                            "image ok".into()
-                        } else {
-                            format!("image WRONG {name} {got} vs {}", want[name])
-                        }
+                let key = outcome("image", post(&c, &url, data.clone()).await, |s, j| {
+                    let got = j["results"][0]["scores"]["nsfw"].as_f64().unwrap_or(-1.0);
+                    // Lane or stream, batch 1 or 4: bf16 kernels differ slightly.
+                    match s {
+                        200 if (got - want[name]).abs() <= 2e-3 => Some(Ok(())),
+                        200 => Some(Err(format!("{name} {got} vs {}", want[name]))),
+                        _ => None,
                     }
-                    Ok((s, j)) if s >= 500 && KILL_CODES.contains(&code(&j).as_str()) => {
-                        format!("image {s} {}", code(&j))
-                    }
-                    Ok((s, j)) => format!("image UNEXPECTED {s} {}", code(&j)),
-                    Err(e) => format!("image TRANSPORT {e}"),
-                };
+                });
                 tally.add(key);
             }
         });
@@ -157,15 +173,12 @@ async fn main() -> anyhow::Result<()> {
         let (c, url, tally, stop) = (c.clone(), score.clone(), tally.clone(), stop.clone());
         tasks.spawn(async move {
             while !stop.load(Ordering::Relaxed) {
-                let key = match post(&c, &format!("{url}?fps=1"), video.clone()).await {
-                    Ok((200, j)) if j["frames_sampled"] == 10 => "video ok".into(),
-                    Ok((200, j)) => format!("video WRONG {}", j["frames_sampled"]),
-                    Ok((s, j)) if s >= 500 && KILL_CODES.contains(&code(&j).as_str()) => {
-                        format!("video {s} {}", code(&j))
-                    }
-                    Ok((s, j)) => format!("video UNEXPECTED {s} {}", code(&j)),
-                    Err(e) => format!("video TRANSPORT {e}"),
-                };
+                let r = post(&c, &format!("{url}?fps=1"), video.clone()).await;
+                let key = outcome("video", r, |s, j| match s {
+                    200 if j["frames_sampled"] == 10 => Some(Ok(())),
+                    200 => Some(Err(j["frames_sampled"].to_string())),
+                    _ => None,
+                });
                 tally.add(key);
             }
         });
@@ -184,13 +197,13 @@ async fn main() -> anyhow::Result<()> {
                     continue;
                 }
                 let (name, data) = &hostile[i % hostile.len()];
-                let key = match post(&c, &url, data.clone()).await {
-                    Ok((s, _)) if (400..500).contains(&s) => "hostile 4xx".into(),
-                    Ok((s, j)) if s >= 500 && KILL_CODES.contains(&code(&j).as_str()) => {
-                        format!("hostile {s} {}", code(&j))
-                    }
-                    Ok((s, j)) => format!("hostile UNEXPECTED {name} {s} {}", code(&j)),
-                    Err(e) => format!("hostile TRANSPORT {e}"),
+                let key = outcome("hostile", post(&c, &url, data.clone()).await, |s, _| {
+                    (400..500).contains(&s).then_some(Ok(()))
+                });
+                let key = if key.contains("UNEXPECTED") {
+                    format!("{key} ({name})")
+                } else {
+                    key
                 };
                 tally.add(key);
             }
