@@ -97,6 +97,18 @@ impl Executor {
             .expect("executor closed the socket")
     }
 
+    /// Fills `slot` with `data`, sends job `job_id` for it (nothing else
+    /// pending) and returns the executor's answer.
+    fn infer(&mut self, job_id: u64, slot: SlotRef, data: &[f32]) -> FromExecutor {
+        self.fill(slot, data);
+        self.send(ToExecutor::Infer(InferJob {
+            job_id,
+            slot,
+            pending: 0,
+        }));
+        self.recv()
+    }
+
     /// Leases `slot` under `generation` as the gateway would, and fills it.
     fn fill(&self, slot: SlotRef, data: &[f32]) {
         self.pool.stamp(slot).unwrap();
@@ -301,14 +313,10 @@ fn missing_openvino_library_with_auto_falls_back_to_onnx_runtime_and_says_so() {
         "{r:?}"
     );
     // And it serves.
-    let s = slot(0, 1);
-    ex.fill(s, &common::sample(&spec, 0));
-    ex.send(ToExecutor::Infer(InferJob {
-        job_id: 1,
-        slot: s,
-        pending: 0,
-    }));
-    assert!(matches!(ex.recv(), FromExecutor::Scores(_)));
+    assert!(matches!(
+        ex.infer(1, slot(0, 1), &common::sample(&spec, 0)),
+        FromExecutor::Scores(_)
+    ));
     assert_eq!(ex.exit_status().code(), Some(0));
 }
 
