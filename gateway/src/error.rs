@@ -36,6 +36,8 @@ pub enum Code {
     MethodNotAllowed,
     ModelNotFound,
     BadRequest,
+    HeadersTooLarge,
+    UriTooLong,
     NoImages,
     TooManyImages,
     PayloadTooLarge,
@@ -48,6 +50,7 @@ pub enum Code {
     TenantConcurrencyLimit,
     BodyTimeout,
     UploadBudgetExhausted,
+    TooManyConnections,
     QueueFull,
     QueueTimeout,
     NotReady,
@@ -75,6 +78,13 @@ impl Code {
             ),
             ModelNotFound => ("model_not_found", "invalid_request", S::NOT_FOUND, None),
             BadRequest => ("bad_request", "invalid_request", S::BAD_REQUEST, None),
+            HeadersTooLarge => (
+                "headers_too_large",
+                "invalid_request",
+                S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                None,
+            ),
+            UriTooLong => ("uri_too_long", "invalid_request", S::URI_TOO_LONG, None),
             NoImages => ("no_images", "invalid_request", S::BAD_REQUEST, None),
             TooManyImages => (
                 "too_many_images",
@@ -133,6 +143,12 @@ impl Code {
             BodyTimeout => ("body_timeout", "invalid_request", S::REQUEST_TIMEOUT, None),
             UploadBudgetExhausted => (
                 "upload_budget_exhausted",
+                "overloaded",
+                S::SERVICE_UNAVAILABLE,
+                Some(1),
+            ),
+            TooManyConnections => (
+                "too_many_connections",
                 "overloaded",
                 S::SERVICE_UNAVAILABLE,
                 Some(1),
@@ -210,11 +226,39 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON body every error answer carries.
+    fn body(&self) -> serde_json::Value {
+        let (code, kind, _, _) = self.code.row();
+        json!({"error": {"code": code, "type": kind, "message": self.message}})
+    }
+
+    /// The whole HTTP/1.1 answer as bytes, for the connection layer, which
+    /// answers before or instead of hyper: the same JSON body and
+    /// `Retry-After` as [`IntoResponse`], and `Connection: close`.
+    pub fn to_http1_closing(&self) -> Vec<u8> {
+        let (_, _, status, retry) = self.code.row();
+        let body = self.body().to_string();
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        );
+        if let Some(secs) = retry {
+            head.push_str(&format!("retry-after: {secs}\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (code, kind, status, retry) = self.code.row();
-        let body = json!({"error": {"code": code, "type": kind, "message": self.message}});
-        let mut resp = (status, axum::Json(body)).into_response();
+        let (_, _, status, retry) = self.code.row();
+        let mut resp = (status, axum::Json(self.body())).into_response();
         if let Some(secs) = retry {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
@@ -238,6 +282,8 @@ mod tests {
             MethodNotAllowed,
             ModelNotFound,
             BadRequest,
+            HeadersTooLarge,
+            UriTooLong,
             NoImages,
             TooManyImages,
             PayloadTooLarge,
@@ -250,6 +296,7 @@ mod tests {
             TenantConcurrencyLimit,
             BodyTimeout,
             UploadBudgetExhausted,
+            TooManyConnections,
             QueueFull,
             QueueTimeout,
             NotReady,

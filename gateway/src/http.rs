@@ -31,14 +31,8 @@ use tokio_io_timeout::TimeoutStream;
 use tokio_util::task::TaskTracker;
 
 use crate::core::Core;
-
-/// The canned answer to a connection over `http.max_connections`.
-const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\n\
-retry-after: 1\r\n\
-connection: close\r\n\
-content-length: 128\r\n\r\n\
-{\"error\":{\"code\":\"too_many_connections\",\"type\":\"overloaded\",\"message\":\"the gateway has too many open connections; retry later\"}}";
+use crate::error::{ApiError, Code};
+use crate::parse_errors::JsonParseErrors;
 
 /// Accepts and serves connections until `shutdown` resolves, then closes
 /// the listener and drains: returns when every connection has ended.
@@ -59,6 +53,7 @@ pub async fn serve(
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
         .max_headers(limits.max_headers);
     let write_timeout = Duration::from_millis(limits.write_timeout_ms);
+    let too_many: Arc<[u8]> = too_many_connections().into();
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -84,8 +79,9 @@ pub async fn serve(
             // Answering costs the fd for a moment; past MAX_REFUSING at once
             // a flood is closed unanswered, so it cannot hold fds.
             if let Ok(r) = refusing.clone().try_acquire_owned() {
+                let answer = too_many.clone();
                 tracker.spawn(async move {
-                    refuse(stream, write_timeout).await;
+                    refuse(stream, &answer, write_timeout).await;
                     drop(r);
                 });
             }
@@ -103,7 +99,8 @@ pub async fn serve(
             inner: app.clone(),
             busy: busy.clone(),
         });
-        let conn = builder.serve_connection(TokioIo::new(Box::pin(io)), service);
+        let io = JsonParseErrors::new(Box::pin(io), limits.max_headers);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
         let open = core.metrics.open_connections.clone();
         let stop = stop.clone();
         open.inc();
@@ -209,12 +206,21 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
     }
 }
 
+/// The answer to a connection over `http.max_connections`.
+fn too_many_connections() -> Vec<u8> {
+    ApiError::new(
+        Code::TooManyConnections,
+        "the gateway has too many open connections; retry later",
+    )
+    .to_http1_closing()
+}
+
 /// Answers 503 and closes without serving the request; what the client
 /// already sent is read and dropped for a moment, so that closing does not
 /// reset the connection before the client has read the answer.
-async fn refuse(mut stream: TcpStream, within: Duration) {
+async fn refuse(mut stream: TcpStream, answer: &[u8], within: Duration) {
     let _ = tokio::time::timeout(within, async {
-        let _ = stream.write_all(TOO_MANY).await;
+        let _ = stream.write_all(answer).await;
         let _ = stream.shutdown().await;
     })
     .await;
@@ -251,7 +257,8 @@ mod tests {
 
     #[test]
     fn the_canned_answer_has_the_right_length_and_is_json() {
-        let text = std::str::from_utf8(TOO_MANY).unwrap();
+        let answer = too_many_connections();
+        let text = std::str::from_utf8(&answer).unwrap();
         let (head, body) = text.split_once("\r\n\r\n").unwrap();
         assert!(
             head.contains(&format!("content-length: {}", body.len())),
@@ -259,5 +266,11 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"]["code"], "too_many_connections");
+        assert!(
+            head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("connection: close\r\n"), "{head}");
+        assert!(head.ends_with("\r\nretry-after: 1"), "{head}");
     }
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod executor;
 pub mod http;
 pub mod metrics;
+pub(crate) mod parse_errors;
 pub mod score;
 pub mod settings;
 pub mod video;

@@ -277,3 +277,64 @@ async fn a_flood_of_surplus_connections_costs_a_bounded_number_of_fds() {
         .await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
+
+/// Requests hyper itself rejects before the app sees them (a malformed
+/// request line, too many headers, a URI past 64 KiB, a head past the
+/// buffer) are answered in the same JSON error schema as every other
+/// error, with a stable code, and the connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hyper_rejects_get_json_errors() {
+    let gw = Gateway::start("").await;
+    let many_headers: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases = [
+        ("GARBAGE\r\n\r\n".to_string(), 400, "bad_request"),
+        (
+            "GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n".to_string(),
+            400,
+            "bad_request",
+        ),
+        (
+            format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n"),
+            431,
+            "headers_too_large",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "u".repeat(70_000)),
+            414,
+            "uri_too_long",
+        ),
+        (
+            format!(
+                "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(500_000)
+            ),
+            431,
+            "headers_too_large",
+        ),
+    ];
+    for (raw, status, code) in cases {
+        let mut s = connect(&gw).await;
+        let _ = s.write_all(raw.as_bytes()).await;
+        let (answer, end) = read_to_end(&mut s, Duration::from_secs(5)).await;
+        assert!(end.is_some(), "connection left open after {status}");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .unwrap_or_else(|| panic!("no answer for {status}: {answer:?}"));
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains("content-type: application/json"), "{head}");
+        assert!(
+            lower.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        assert!(lower.contains("connection: close"), "{head}");
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+        assert_eq!(v["error"]["code"], code, "{body}");
+    }
+    // The gateway still serves.
+    let r = gw
+        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}

@@ -1,0 +1,180 @@
+//! hyper answers a request head it cannot parse (400), one with too many
+//! or too large headers (431) or a URI past 64 KiB (414) itself, with an
+//! empty body, before the app sees it. mmgate promises a JSON error with a
+//! stable code for every failure, so the connection's writer recognises
+//! those canned answers (the only ones with `content-length: 0`: every
+//! answer of the app carries a body) and writes the same failure from the
+//! error table instead. hyper closes the connection after them.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::{ApiError, Code};
+
+/// hyper's default read buffer, the most a request head may take.
+const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
+/// The longest request target hyper accepts.
+const MAX_URI_BYTES: usize = 65_534;
+
+/// A connection whose writes of hyper's parse-error answers become JSON.
+pub(crate) struct JsonParseErrors<T> {
+    inner: T,
+    max_headers: usize,
+    /// The JSON answer being written in place of hyper's.
+    replacing: Option<Replacement>,
+}
+
+struct Replacement {
+    bytes: Vec<u8>,
+    written: usize,
+    /// How much of hyper's buffer the replacement stands for (its head).
+    consumed: usize,
+}
+
+impl<T> JsonParseErrors<T> {
+    pub(crate) fn new(inner: T, max_headers: usize) -> Self {
+        Self {
+            inner,
+            max_headers,
+            replacing: None,
+        }
+    }
+
+    /// The JSON answer for `buf` if it starts with one of hyper's canned
+    /// parse-error answers.
+    fn replacement_for(&self, buf: &[u8]) -> Option<Replacement> {
+        let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+        let err = match rest.get(..4)? {
+            b"400 " => ApiError::new(
+                Code::BadRequest,
+                "the request head is not valid HTTP/1.1 (request line or a header line)",
+            ),
+            b"431 " => ApiError::new(
+                Code::HeadersTooLarge,
+                format!(
+                    "the request head is over the limit of {} headers or {} KiB",
+                    self.max_headers,
+                    MAX_HEAD_BYTES / 1024
+                ),
+            ),
+            b"414 " => ApiError::new(
+                Code::UriTooLong,
+                format!("the request target is longer than {MAX_URI_BYTES} bytes"),
+            ),
+            _ => return None,
+        };
+        let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        let head = buf[..end].to_ascii_lowercase();
+        let empty = head
+            .windows(b"\r\ncontent-length: 0\r\n".len())
+            .any(|w| w == b"\r\ncontent-length: 0\r\n");
+        empty.then(|| Replacement {
+            bytes: err.to_http1_closing(),
+            written: 0,
+            consumed: end,
+        })
+    }
+
+    /// Writes the replacement (started for `first`, hyper's buffer) and
+    /// reports hyper's head as written; `None` if `first` is not one.
+    fn poll_replace(
+        &mut self,
+        cx: &mut Context<'_>,
+        first: &[u8],
+    ) -> Option<Poll<io::Result<usize>>>
+    where
+        T: AsyncWrite + Unpin,
+    {
+        if self.replacing.is_none() {
+            self.replacing = Some(self.replacement_for(first)?);
+        }
+        let r = self.replacing.as_mut()?;
+        while r.written < r.bytes.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &r.bytes[r.written..]) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Ready(Ok(0)) => {
+                    return Some(Poll::Ready(Err(io::ErrorKind::WriteZero.into())));
+                }
+                Poll::Ready(Ok(n)) => r.written += n,
+            }
+        }
+        let consumed = r.consumed;
+        self.replacing = None;
+        Some(Poll::Ready(Ok(consumed)))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for JsonParseErrors<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(p) = self.poll_replace(cx, buf) {
+            return p;
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let first = bufs.iter().find(|b| !b.is_empty()).map(|b| &**b);
+        if let Some(first) = first
+            && let Some(p) = self.poll_replace(cx, first)
+        {
+            return p;
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_empty_canned_answers_are_replaced() {
+        let w = JsonParseErrors::new((), 64);
+        let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
+        let r = w.replacement_for(hyper).unwrap();
+        assert_eq!(r.consumed, hyper.len());
+        let text = String::from_utf8(r.bytes).unwrap();
+        assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+        assert!(text.contains("\"headers_too_large\""), "{text}");
+        // The app's own answers always carry a body.
+        let app = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 80\r\n\r\n{";
+        assert!(w.replacement_for(app).is_none());
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        assert!(w.replacement_for(ok).is_none());
+    }
+}
