@@ -45,8 +45,9 @@ pub struct ServerSection {
     pub shutdown_grace_ms: u64,
     /// Folder of the child binaries; empty = next to the `mmgate` binary.
     pub bin_dir: String,
-    /// Request bodies the gateway buffers at once, in bytes (a body without
-    /// Content-Length counts as the largest allowed); over it = 503.
+    /// Bytes of request bodies being received and of answers not yet
+    /// written that the gateway holds at once (reserved as bytes arrive);
+    /// over it = 503.
     pub max_inflight_body_bytes: usize,
 }
 

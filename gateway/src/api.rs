@@ -1,9 +1,11 @@
 //! Routes and handlers. `app(state)` is a pure builder so tests can drive it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -13,7 +15,7 @@ use axum::{Json, Router};
 use serde_json::json;
 
 use crate::AppState;
-use crate::body::{Metered, Reservation};
+use crate::body::{Held, Metered, Reservation};
 use crate::error::{ApiError, Code};
 use crate::score::{self, ScoreResponse};
 use crate::video::{self, VideoResponse};
@@ -132,6 +134,7 @@ async fn metrics(State(app): State<AppState>) -> Response {
     m.queue_depth
         .with_label_values(&["preprocess"])
         .set(app.workers.queued() as i64);
+    m.buffered_bytes.set(app.body_budget.held_bytes() as i64);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.render(),
@@ -173,7 +176,11 @@ async fn score(
     let started = Instant::now();
     let rid = request_id(req.headers());
     let mut body_read = false;
-    let (tenant, outcome) = score_inner(&app, &model, &rid, req, &mut body_read).await;
+    // The upload reserves its bytes of the shared budget as they arrive;
+    // the answer's bytes take their place until the answer is written.
+    let reservation = app.body_budget.reserve();
+    let (tenant, outcome) =
+        score_inner(&app, &model, &rid, req, &reservation, &mut body_read).await;
     let core = &app.core;
     let known = core.model(&model).is_some();
     let label = if known { model.as_str() } else { "unknown" };
@@ -214,7 +221,10 @@ async fn score(
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
-    resp
+    let (parts, body) = resp.into_parts();
+    let size = http_body::Body::size_hint(&body);
+    reservation.settle(size.exact().unwrap_or(size.lower()) as usize);
+    Response::from_parts(parts, Body::new(Held::new(body, reservation)))
 }
 
 /// Returns the tenant label for metrics and the outcome.
@@ -223,6 +233,7 @@ async fn score_inner(
     model: &str,
     rid: &str,
     req: Request,
+    reservation: &Arc<Reservation>,
     body_read: &mut bool,
 ) -> (String, Result<Scored, ApiError>) {
     let caller = match app.auth.admit(req.headers(), model) {
@@ -238,11 +249,8 @@ async fn score_inner(
             ));
         }
         let (idx, _) = app.core.model(model).ok_or_else(|| unknown_model(model))?;
-        // The upload reserves its bytes of the shared budget as they arrive
-        // (held until this request is answered) and times out when idle.
+        // The upload times out when idle.
         let cfg = &app.core.cfg;
-        let reservation =
-            Reservation::new(app.body_budget.clone(), cfg.server.max_inflight_body_bytes);
         let idle = Duration::from_millis(cfg.http.body_idle_timeout_ms);
         let rate = cfg.http.min_body_rate_bytes_per_s;
         let req =

@@ -5,8 +5,9 @@
 //! sends nothing for `http.body_idle_timeout_ms` while we wait for it, or
 //! that averages under `http.min_body_rate_bytes_per_s` once that long has
 //! passed, ends with 408: a trickle cannot hold a connection, a tenant's
-//! slot or the budget. The reservation is held until the request's answer
-//! is built.
+//! slot or the budget. Once the answer is built the reservation is settled
+//! to the answer's size and held by the answer's body until hyper has
+//! written it or the connection is gone: answers nobody reads count too.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -56,6 +57,37 @@ impl BodyError {
     }
 }
 
+/// `server.max_inflight_body_bytes`: the bytes of uploads being received
+/// and of answers not yet written that the gateway holds at once.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    /// One permit per KiB.
+    kib: Arc<Semaphore>,
+    total_kib: usize,
+    total_bytes: usize,
+}
+
+impl Budget {
+    pub fn new(total_bytes: usize) -> Self {
+        let total_kib = (total_bytes / 1024).min(Semaphore::MAX_PERMITS);
+        Self {
+            kib: Arc::new(Semaphore::new(total_kib)),
+            total_kib,
+            total_bytes,
+        }
+    }
+
+    /// An empty reservation, which grows as a body arrives.
+    pub fn reserve(&self) -> Arc<Reservation> {
+        Reservation::new(self.kib.clone(), self.total_bytes)
+    }
+
+    /// Bytes reserved now, by all requests.
+    pub fn held_bytes(&self) -> usize {
+        (self.total_kib - self.kib.available_permits()) * 1024
+    }
+}
+
 /// One request's reservation of the shared upload budget (in KiB units).
 #[derive(Debug)]
 pub struct Reservation {
@@ -93,6 +125,26 @@ impl Reservation {
         }
         held.0 = want;
         Ok(())
+    }
+
+    /// Sets the reservation to `bytes` (rounded up to KiB), what the
+    /// request holds from now on: the upload is gone once the answer is
+    /// built, and the answer's bytes take its place. The reservation only
+    /// shrinks or grows into what is free: an answer is never refused
+    /// after its work is done (answers are small: echoes are clipped).
+    pub fn settle(&self, bytes: usize) {
+        let want = bytes.div_ceil(1024);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if want < held.0 {
+            let surplus = held.0 - want;
+            if let Some(p) = &mut held.1 {
+                drop(p.split(surplus));
+            }
+            held.0 = want;
+        } else if want > held.0 {
+            drop(held);
+            let _ = self.cover(bytes);
+        }
     }
 
     /// Bytes reserved now (a multiple of 1024).
@@ -197,6 +249,42 @@ where
     }
 }
 
+/// An answer's body, holding its request's reservation until hyper has
+/// written it (or the connection is gone).
+pub struct Held<B> {
+    inner: B,
+    _reservation: Arc<Reservation>,
+}
+
+impl<B> Held<B> {
+    pub fn new(inner: B, reservation: Arc<Reservation>) -> Self {
+        Self {
+            inner,
+            _reservation: reservation,
+        }
+    }
+}
+
+impl<B: Body + Unpin> Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::{BodyExt, StreamBody};
@@ -220,6 +308,33 @@ mod tests {
         assert_eq!(budget.available_permits(), 90);
         drop(r);
         assert_eq!(budget.available_permits(), 100);
+    }
+
+    #[tokio::test]
+    async fn an_answer_holds_its_settled_bytes_until_it_is_dropped() {
+        let budget = Budget::new(100 * 1024);
+        let r = budget.reserve();
+        let body = Metered::new(chunks(40, 1000), r.clone(), Duration::from_secs(5), 1);
+        body.collect().await.unwrap();
+        assert_eq!(budget.held_bytes(), 40 * 1024);
+        // The upload is gone; the answer (3 KiB) takes its place.
+        r.settle(2_500);
+        assert_eq!(budget.held_bytes(), 3 * 1024);
+        let answer = Held::new(http_body_util::Full::new(Bytes::from(vec![1u8; 2_500])), r);
+        assert_eq!(budget.held_bytes(), 3 * 1024);
+        // Growing takes only what is free.
+        let other = budget.reserve();
+        other.settle(200 * 1024);
+        assert_eq!(
+            budget.held_bytes(),
+            3 * 1024,
+            "an impossible growth takes nothing"
+        );
+        other.settle(10 * 1024);
+        assert_eq!(budget.held_bytes(), 13 * 1024);
+        drop(other);
+        drop(answer);
+        assert_eq!(budget.held_bytes(), 0);
     }
 
     #[tokio::test]

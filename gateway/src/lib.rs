@@ -37,8 +37,9 @@ pub struct AppState {
     pub workers: Arc<WorkerPool>,
     pub executor: Arc<Executor>,
     pub auth: Arc<Auth>,
-    /// KiB of request bodies being buffered (`server.max_inflight_body_bytes`).
-    pub body_budget: Arc<tokio::sync::Semaphore>,
+    /// Uploads being received and answers not yet written
+    /// (`server.max_inflight_body_bytes`).
+    pub body_budget: body::Budget,
 }
 
 impl AppState {
@@ -49,8 +50,7 @@ impl AppState {
         bin_dir: std::path::PathBuf,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let auth = Arc::new(Auth::new(&cfg.tenants));
-        let kib = (cfg.server.max_inflight_body_bytes / 1024).min(u32::MAX as usize >> 3);
-        let body_budget = Arc::new(tokio::sync::Semaphore::new(kib));
+        let body_budget = body::Budget::new(cfg.server.max_inflight_body_bytes);
         let core = Core::new(cfg, bin_dir)?;
         let workers = WorkerPool::new(&core);
         let executor = Arc::new(Executor::default());

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub children_ready: IntGaugeVec,
     pub connections: IntCounterVec,
     pub open_connections: IntGauge,
+    pub buffered_bytes: IntGauge,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -91,6 +92,11 @@ impl Metrics {
         let open_connections =
             IntGauge::new("mmgate_open_connections", "HTTP connections open now")
                 .expect("valid metric");
+        let buffered_bytes = IntGauge::new(
+            "mmgate_buffered_bytes",
+            "Bytes of uploads being received and answers not yet written (server.max_inflight_body_bytes)",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -102,6 +108,7 @@ impl Metrics {
             Box::new(children_ready.clone()),
             Box::new(connections.clone()),
             Box::new(open_connections.clone()),
+            Box::new(buffered_bytes.clone()),
         ] {
             registry.register(c).expect("unique metric");
         }
@@ -117,6 +124,7 @@ impl Metrics {
             children_ready,
             connections,
             open_connections,
+            buffered_bytes,
         }
     }
 

@@ -338,3 +338,123 @@ async fn requests_hyper_rejects_get_json_errors() {
         .await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
+
+/// VmRSS of a process, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+/// 30 clients pipeline requests whose answers are as large as answers get
+/// (16 parts, each echoing a long file name) and never read a byte. The
+/// gateway holds what it buffers for them within its budget, its memory
+/// stays flat, a good client is served meanwhile, and every byte held for
+/// them is released once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
+    const BUDGET: u64 = 32 << 20;
+    let gw = Gateway::start(&format!(
+        "[server]\nmax_inflight_body_bytes = {BUDGET}\n\
+         [limits]\nmax_body_bytes = 4194304\n[video]\nmax_body_bytes = 4194304\n"
+    ))
+    .await;
+    let pid = gw.pid();
+    // Warm up: the first requests size the allocator's pools.
+    for _ in 0..3 {
+        let r = gw
+            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    let before = rss(pid);
+    let gif = fixture("images/no_time_for_that_tiny.gif");
+    let name = "n".repeat(120_000);
+    let mut body = Vec::new();
+    for _ in 0..16 {
+        body.extend_from_slice(
+            format!(
+                "--XX\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\n\
+                 Content-Type: image/gif\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&gif);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"--XX--\r\n");
+    let head = format!(
+        "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\n\
+         Content-Type: multipart/form-data; boundary=XX\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut request = head.into_bytes();
+    request.extend_from_slice(&body);
+    let request = std::sync::Arc::new(request);
+    // Each client pipelines 3 requests (about 2 MB each) and never reads.
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        let s = connect(&gw).await;
+        let req = request.clone();
+        clients.push(tokio::spawn(async move {
+            let mut s = s;
+            for _ in 0..3 {
+                if s.write_all(&req).await.is_err() {
+                    break;
+                }
+            }
+            s
+        }));
+    }
+    // While they push, a good client is served and the gateway's memory
+    // and buffered bytes stay within the budget.
+    let mut peak_rss = 0;
+    let mut peak_buffered = 0.0f64;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(8) {
+        let r = gw
+            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        peak_rss = peak_rss.max(rss(pid));
+        peak_buffered = peak_buffered.max(gw.metric("mmgate_buffered_bytes", "").await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "peak buffered {peak_buffered} bytes, RSS {} → peak {} MiB",
+        before >> 20,
+        peak_rss >> 20
+    );
+    assert!(
+        peak_buffered > 0.0 && peak_buffered <= BUDGET as f64,
+        "buffered {peak_buffered} bytes, budget {BUDGET}"
+    );
+    let growth = peak_rss.saturating_sub(before);
+    assert!(
+        growth < BUDGET + (16 << 20),
+        "gateway RSS grew by {} MiB (budget {} MiB)",
+        growth >> 20,
+        BUDGET >> 20
+    );
+    let mut sockets = Vec::new();
+    for c in clients {
+        sockets.push(c.await.unwrap());
+    }
+    drop(sockets);
+    let t = Instant::now();
+    loop {
+        let held = gw.metric("mmgate_buffered_bytes", "").await;
+        if held == 0.0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{held} bytes still held after the clients left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
