@@ -249,23 +249,24 @@ where
     }
 }
 
-/// An answer's body, holding its request's reservation until hyper has
-/// written it (or the connection is gone).
-pub struct Held<B> {
+/// An answer's body, holding `G` (its request's reservation, the
+/// connection's count of requests in progress) until hyper has written it
+/// or the connection is gone.
+pub struct Held<B, G> {
     inner: B,
-    _reservation: Arc<Reservation>,
+    _guard: G,
 }
 
-impl<B> Held<B> {
-    pub fn new(inner: B, reservation: Arc<Reservation>) -> Self {
+impl<B, G> Held<B, G> {
+    pub fn new(inner: B, guard: G) -> Self {
         Self {
             inner,
-            _reservation: reservation,
+            _guard: guard,
         }
     }
 }
 
-impl<B: Body + Unpin> Body for Held<B> {
+impl<B: Body + Unpin, G: Unpin> Body for Held<B, G> {
     type Data = B::Data;
     type Error = B::Error;
 

@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::task::TaskTracker;
 
+use crate::body::Held;
 use crate::core::Core;
 use crate::error::{ApiError, Code};
 use crate::parse_errors::JsonParseErrors;
@@ -179,7 +180,11 @@ struct Tracked {
     busy: Arc<AtomicUsize>,
 }
 
-impl tower::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
+impl<B> tower::Service<hyper::Request<B>> for Tracked
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
     type Response = axum::response::Response;
     type Error = std::convert::Infallible;
     type Future = std::pin::Pin<
@@ -193,16 +198,31 @@ impl tower::Service<hyper::Request<hyper::body::Incoming>> for Tracked {
         std::task::Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
-        let busy = self.busy.clone();
-        busy.fetch_add(1, Ordering::AcqRel);
+    fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        let busy = Busy::new(self.busy.clone());
         let req = req.map(axum::body::Body::new);
         let fut = tower::Service::call(&mut self.inner.clone(), req);
         Box::pin(async move {
-            let r = fut.await;
-            busy.fetch_sub(1, Ordering::AcqRel);
-            r
+            // In progress until the answer's body is written or dropped.
+            let r = fut.await?;
+            Ok(r.map(|b| axum::body::Body::new(Held::new(b, busy))))
         })
+    }
+}
+
+/// One request in progress on a connection, until dropped.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(count: Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -254,6 +274,34 @@ pub fn raise_nofile_limit() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request is in progress until its answer's body is written: the
+    /// drain must not drop a connection that is still writing an answer.
+    #[tokio::test]
+    async fn a_request_is_busy_until_its_answer_body_is_gone() {
+        use axum::routing::get;
+        let app = Router::new().route(
+            "/",
+            get(|| async {
+                // An answer whose body never ends.
+                axum::body::Body::from_stream(futures::stream::pending::<
+                    Result<bytes::Bytes, std::io::Error>,
+                >())
+            }),
+        );
+        let busy = Arc::new(AtomicUsize::new(0));
+        let mut svc = Tracked {
+            inner: app,
+            busy: busy.clone(),
+        };
+        let req = axum::http::Request::get("/")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = tower::Service::call(&mut svc, req).await.unwrap();
+        assert_eq!(busy.load(Ordering::Acquire), 1, "answer not yet written");
+        drop(resp);
+        assert_eq!(busy.load(Ordering::Acquire), 0);
+    }
 
     #[test]
     fn the_canned_answer_has_the_right_length_and_is_json() {
