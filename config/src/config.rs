@@ -118,7 +118,8 @@ pub struct Limits {
     /// that overruns it is killed and restarted.
     pub decode_deadline_ms: u64,
     /// Bytes one image decode may allocate: its decoded raster, computed
-    /// from the header (width × height × channels × bytes per sample) and
+    /// from the header (width × height × channels × bytes per sample; for a
+    /// progressive JPEG also libjpeg's whole-image coefficient buffer) and
     /// refused with 413 before allocating, and the decoders' own allocation
     /// limit (the `image` crate's `max_alloc`, which also bounds PNG chunks
     /// such as an inflating iCCP profile).

@@ -46,6 +46,29 @@ fn undecodable(e: impl ToString) -> PreprocessError {
     PreprocessError::undecodable(MediaKind::Jpeg.name(), e)
 }
 
+/// Bytes of the whole-image buffer of DCT coefficients that libjpeg keeps
+/// for a progressive JPEG (each scan refines every block, so every block
+/// is held until the last one), whatever the output scaling: 2 bytes per
+/// coefficient, 64 per 8×8 block of each component at its sampling. A
+/// sequential JPEG is decoded a row of blocks at a time: 0.
+fn coefficient_bytes(h: &turbojpeg::DecompressHeader) -> u64 {
+    use turbojpeg::Subsamp;
+    if !h.is_progressive {
+        return 0;
+    }
+    // Blocks per 16×16 luma area, summed over components (an upper bound
+    // for the sampling factors turbojpeg does not name).
+    let blocks_per_mcu: u64 = match (h.colorspace, h.subsamp) {
+        (Colorspace::CMYK | Colorspace::YCCK, _) => 16,
+        (_, Subsamp::Gray) => 4,
+        (_, Subsamp::Sub2x2 | Subsamp::Sub4x1 | Subsamp::Sub1x4) => 6,
+        (_, Subsamp::Sub2x1 | Subsamp::Sub1x2) => 8,
+        _ => 12,
+    };
+    let mcus = (h.width as u64).div_ceil(16) * (h.height as u64).div_ceil(16);
+    mcus * blocks_per_mcu * 64 * 2
+}
+
 /// Decodes a JPEG, downscaled in the DCT domain where `p` allows it.
 pub(crate) fn decode(
     data: &[u8],
@@ -108,8 +131,8 @@ fn decode_with(
     };
     tj.set_scaling_factor(factor).map_err(undecodable)?;
     let scaled = header.scaled(factor);
-    let bytes = scaled.width as u64 * scaled.height as u64 * bpp as u64;
-    check_decode_bytes(width, height, bytes, limits)?;
+    let raster = scaled.width as u64 * scaled.height as u64 * bpp as u64;
+    check_decode_bytes(width, height, raster + coefficient_bytes(&header), limits)?;
     let mut buf = vec![0u8; scaled.width * scaled.height * bpp];
     let image = Image {
         pixels: &mut buf[..],

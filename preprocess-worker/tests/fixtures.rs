@@ -224,3 +224,56 @@ fn decode_memory_is_capped_from_the_header() {
         run_with(name, raster + 4096).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// A progressive JPEG makes libjpeg hold every DCT coefficient of the whole
+/// image (2 bytes per coefficient) until its last scan, however small the
+/// DCT-scaled output: the cap counts that buffer, so a progressive file is
+/// refused where the same picture, sequential, fits.
+#[test]
+fn a_progressive_jpeg_is_charged_for_its_coefficient_buffer() {
+    use turbojpeg::{Compressor, Image, PixelFormat, Subsamp};
+    let model = open_nsfw();
+    let rgb = image::load_from_memory(&fixture("images", "astronaut_1536.jpg"))
+        .unwrap()
+        .to_rgb8();
+    let encode = |progressive: bool| {
+        let mut c = Compressor::new().unwrap();
+        c.set_subsamp(Subsamp::None).unwrap();
+        c.set_quality(90).unwrap();
+        c.set_progressive(progressive).unwrap();
+        let img = Image {
+            pixels: rgb.as_raw().as_slice(),
+            width: 1536,
+            pitch: 1536 * 3,
+            height: 1536,
+            format: PixelFormat::RGB,
+        };
+        c.compress_to_vec(img).unwrap()
+    };
+    let run = |data: &[u8], max_decode_bytes: u64| {
+        let limits = Limits {
+            max_decode_bytes,
+            ..Limits::default()
+        };
+        let mut out = vec![0f32; model.input.elements()];
+        preprocess(
+            data,
+            &model,
+            &limits,
+            Instant::now() + Duration::from_secs(30),
+            &mut out,
+        )
+    };
+    // DCT-scaled to 768², the output raster is 1.7 MiB; the coefficients
+    // of 1536² at 4:4:4 are 96² MCUs × 12 blocks × 128 bytes = 13.5 MiB.
+    let raster = 768 * 768 * 3;
+    let coefficients = 96 * 96 * 12 * 128;
+    let (sequential, progressive) = (encode(false), encode(true));
+    run(&sequential, raster + 4096).expect("a sequential JPEG needs its raster only");
+    let err = run(&progressive, raster + 4096).unwrap_err();
+    assert_eq!(err.kind(), JobErrorKind::TooLarge, "{err}");
+    assert!(err.to_string().contains("max_decode_bytes"), "{err}");
+    run(&progressive, raster + coefficients + 4096).expect("fits with its coefficients");
+    let err = run(&progressive, raster + coefficients - 1).unwrap_err();
+    assert_eq!(err.kind(), JobErrorKind::TooLarge, "{err}");
+}
