@@ -388,3 +388,32 @@ fn decoding_stops_once_no_further_sample_can_be_taken_and_pixels_are_capped() {
     assert_eq!((d.frames_decoded, d.frames_sampled), (20, 20), "{d:?}");
     assert!(d.truncated, "{d:?}");
 }
+
+/// A file whose headers say 1 s but whose samples run 10 s must not have
+/// 9 s scored by nobody: sampling goes on past the stated end, the answer
+/// gives the real duration, and the real duration meets `max_duration`.
+#[test]
+fn a_stated_duration_shorter_than_the_stream_is_not_trusted() {
+    let mut w = Worker::start();
+    let clip = made_clip("understated.mp4");
+    let run = w.run(&clip, sampling(SampleMode::Fps(1.0)));
+    assert_times(&run.times(), &seconds(0..10));
+    let d = run.done();
+    assert!(d.complete && !d.truncated, "{d:?}");
+    assert!(d.duration > 9.9, "reported duration {}", d.duration);
+    // Count targets were spread over the stated second: what followed was
+    // not sampled, and the answer says so.
+    let d = w.run(&clip, sampling(SampleMode::Count(4))).done().clone();
+    assert_eq!(d.frames_sampled, 4, "{d:?}");
+    assert!(d.truncated, "{d:?}");
+    // A request end past the stated duration is sampled to that end.
+    let mut s = sampling(SampleMode::Fps(1.0));
+    s.end = Some(7.5);
+    assert_times(&w.run(&clip, s).times(), &seconds(0..8));
+    // The real duration is held to max_duration while decoding.
+    let mut s = sampling(SampleMode::Fps(1.0));
+    s.max_duration = 5.0;
+    let run = w.run(&clip, s);
+    assert_times(&run.times(), &seconds(0..6));
+    assert!(run.done().truncated, "{:?}", run.done());
+}

@@ -15,7 +15,7 @@ use ffmpeg_next as ffmpeg;
 use shm::Sampling;
 
 use super::frame::{Converter, check_size};
-use super::sampler::Sampler;
+use super::sampler::{DURATION_SLACK, Sampler};
 use super::source::{Opened, Skips};
 use crate::PreprocessError;
 use crate::pixels::Pixels;
@@ -262,13 +262,17 @@ impl Loop<'_> {
             (sar.numerator(), sar.denominator()),
         );
         (self.out.width, self.out.height) = (w, h);
+        if self.s.max_duration > 0.0 && t > self.s.max_duration {
+            // Only a file whose stated duration was untrue gets here.
+            return Some(End::Cap);
+        }
         if self.sampler.offer(t)
             && let Some(end) = self.sample(frame, t, (w, h))
         {
             return Some(end);
         }
         if self.sampler.finished_after(t) || !self.sampler.more_before(self.src.stream_duration) {
-            return Some(End::Done);
+            return self.at_stated_end(t);
         }
         if self.out.frames_decoded >= self.s.max_decoded
             || self.decoded_pixels >= self.s.max_decoded_pixels
@@ -276,6 +280,47 @@ impl Loop<'_> {
             return Some(End::Cap);
         }
         None
+    }
+
+    /// Sampling reached the end of its range at a frame shown at `t`. When
+    /// that end is the stream's stated duration rather than the request's
+    /// end, the packets after it are read to check it: a file that says
+    /// 1 s and holds 10 would otherwise have 9 s scored by nobody. If the
+    /// stream runs on, sampling goes on from the last frame to the
+    /// request's end (the decoder seeks back to its keyframe; frames
+    /// already offered are not sampled again), with the real duration held
+    /// to `max_duration`; `Count` targets spread over the stated duration
+    /// cannot follow, so that answer ends truncated.
+    fn at_stated_end(&mut self, t: f64) -> Option<End> {
+        let request_end = self.s.end.unwrap_or(f64::INFINITY);
+        let stated = self
+            .src
+            .stream_duration
+            .filter(|&d| d + DURATION_SLACK < request_end);
+        // The request's own range is done: its end, or every target of a
+        // `Count` spread over it.
+        let request_done = t >= request_end || (self.s.end.is_some() && self.sampler.done());
+        let Some(stated) = stated.filter(|_| !request_done) else {
+            return Some(End::Done);
+        };
+        match self.src.runs_past(stated + DURATION_SLACK, self.deadline) {
+            None => {
+                self.out.deadline_hit = true;
+                Some(End::Cap)
+            }
+            Some(false) => Some(End::Done),
+            Some(true) => {
+                tracing::debug!(stated, "the video runs past its stated duration");
+                self.src.stream_duration = None;
+                if self.s.end.is_none() && self.sampler.spread() {
+                    self.out.truncated = true;
+                    return Some(End::Done);
+                }
+                self.sampler.extend_end(request_end);
+                self.src.seek_before(self.out.last_t.unwrap_or(0.0));
+                None
+            }
+        }
     }
 
     /// Converts a frame `w`×`h` as displayed and hands it to the sink.

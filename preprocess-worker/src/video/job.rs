@@ -180,7 +180,8 @@ fn sample(
         job_id: job.job_id,
         frames_decoded: out.frames_decoded,
         frames_sampled: out.frames_sampled,
-        duration: src.duration.or(out.last_t).unwrap_or(0.0),
+        // The stated duration, unless the frames ran longer.
+        duration: src.duration.unwrap_or(0.0).max(out.last_t.unwrap_or(0.0)),
         complete: out.complete,
         truncated: out.truncated,
         width: out.width,

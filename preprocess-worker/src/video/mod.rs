@@ -16,7 +16,13 @@
 //!   are taken in presentation order; the frame rate is never used, so
 //!   variable frame rate needs nothing special.
 //! - Only frames with `start ≤ t < end` can be sampled (`end` = the request's
-//!   end, else the video stream's duration, else open).
+//!   end, else the video stream's duration, else open). A stated duration
+//!   is not trusted: where it would end sampling, the packets after it are
+//!   read (not decoded), and if the stream runs more than 1 s past it,
+//!   sampling goes on from the last frame (seeking back to its keyframe) to
+//!   the request's end or the stream's, the real duration held to
+//!   `max_duration`; `Count` targets spread over the stated duration end
+//!   `truncated`.
 //! - `Fps(f)`: targets are `start + k/f`, k = 0, 1, …. A frame is sampled when
 //!   `t ≥` the next target; the next target is then the first `start + k/f`
 //!   strictly greater than `t`. So no frame is sampled twice and a target

@@ -10,7 +10,7 @@ use shm::SampleMode;
 const EPS: f64 = 1e-6;
 
 /// Seconds a stream may run past its stated duration and still be sampled.
-const DURATION_SLACK: f64 = 1.0;
+pub(crate) const DURATION_SLACK: f64 = 1.0;
 
 /// Decides, frame by frame in presentation order, which ones to sample.
 #[derive(Debug, Clone)]
@@ -102,7 +102,21 @@ impl Sampler {
         self.more_after(stream_end.map(|e| e + DURATION_SLACK))
     }
 
-    fn done(&self) -> bool {
+    /// Whether the targets are spread over the range (`Count`): they cannot
+    /// follow a range that turns out longer than stated.
+    pub fn spread(&self) -> bool {
+        self.targets.is_some() && self.rate.is_some()
+    }
+
+    /// Sampling goes on to `end` (exclusive; infinite = open): the stream
+    /// runs past the end it stated. Not for targets spread over the stated
+    /// range.
+    pub fn extend_end(&mut self, end: f64) {
+        self.end = self.end.max(end);
+    }
+
+    /// Every `Count` target was served.
+    pub fn done(&self) -> bool {
         self.targets.is_some_and(|n| self.next >= n)
     }
 }

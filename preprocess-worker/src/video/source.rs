@@ -199,6 +199,33 @@ impl Opened {
         pts_seconds(pts, self.start_pts, self.time_base)
     }
 
+    /// Whether the video stream has a packet shown after `t` seconds, read
+    /// on from the current position without decoding (cheap: the packets
+    /// of a whole file take milliseconds). `None` once `deadline` passes.
+    /// Used to check a stated duration before trusting it.
+    pub fn runs_past(&mut self, t: f64, deadline: Instant) -> Option<bool> {
+        let mut bad = 0;
+        loop {
+            if Instant::now() > deadline {
+                return None;
+            }
+            let mut packet = ffmpeg::Packet::empty();
+            match packet.read(&mut self.input) {
+                Ok(()) => {}
+                Err(ffmpeg::Error::InvalidData) if bad < 64 => {
+                    bad += 1;
+                    continue;
+                }
+                Err(ffmpeg::Error::Exit) => return None,
+                Err(_) => return Some(false),
+            }
+            let shown = packet.pts().or(packet.dts()).and_then(|p| self.seconds(p));
+            if packet.stream() == self.stream && shown.is_some_and(|s| s > t) {
+                return Some(true);
+            }
+        }
+    }
+
     /// Seeks to the keyframe at or before `t` seconds of presentation time.
     /// On failure the position is back at the start (never somewhere else).
     pub fn seek_before(&mut self, t: f64) -> bool {

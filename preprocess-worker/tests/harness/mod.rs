@@ -278,16 +278,49 @@ fn h264(size: &str, seconds: u32, filter: &str, format: &str, out: &std::path::P
     ]);
 }
 
+/// Rewrites an MP4's stated durations (mvhd, tkhd, mdhd; version 0 boxes,
+/// as ffmpeg writes them) to 1 s and turns its edit list into a `free`
+/// box, so the samples themselves still run to their real end.
+fn understate_mp4(mp4: &mut [u8]) {
+    let find = |mp4: &[u8], fourcc: &[u8; 4]| {
+        mp4.windows(4)
+            .position(|w| w == fourcc)
+            .unwrap_or_else(|| panic!("no {} box", String::from_utf8_lossy(fourcc)))
+            + 4
+    };
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
+    let mvhd = find(mp4, b"mvhd");
+    assert_eq!(mp4[mvhd], 0, "mvhd version");
+    let movie_scale = be32(mp4, mvhd + 12);
+    mp4[mvhd + 16..mvhd + 20].copy_from_slice(&movie_scale.to_be_bytes());
+    let tkhd = find(mp4, b"tkhd");
+    assert_eq!(mp4[tkhd], 0, "tkhd version");
+    mp4[tkhd + 20..tkhd + 24].copy_from_slice(&movie_scale.to_be_bytes());
+    let mdhd = find(mp4, b"mdhd");
+    assert_eq!(mp4[mdhd], 0, "mdhd version");
+    let media_scale = be32(mp4, mdhd + 12);
+    mp4[mdhd + 16..mdhd + 20].copy_from_slice(&media_scale.to_be_bytes());
+    let edts = find(mp4, b"edts");
+    mp4[edts - 4..edts].copy_from_slice(b"free");
+}
+
 /// Clips made on the fly, for what `make_videos.sh` does not cover:
 /// `sar16.mp4` (320×240 stored, 16:1 sample aspect ratio: 5120×240 shown)
-/// and `grow.mkv` (320×240 for 1 s, then 1280×720 for 1 s; the header says
-/// 320×240).
+/// `grow.mkv` (320×240 for 1 s, then 1280×720 for 1 s; the header says
+/// 320×240) and `understated.mp4` (10 s of frames whose movie, track and
+/// media headers say 1 s, with no edit list).
 pub fn made_clip(name: &str) -> Vec<u8> {
     let dir = std::env::temp_dir().join(format!("mmgate-made-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join(name);
     match name {
         "sar16.mp4" => h264("320x240", 1, "setsar=16", "mp4", &out),
+        "understated.mp4" => {
+            h264("320x240", 10, "null", "mp4", &out);
+            let mut mp4 = std::fs::read(&out).unwrap();
+            understate_mp4(&mut mp4);
+            std::fs::write(&out, mp4).unwrap();
+        }
         "grow.mkv" => {
             let (a, b) = (dir.join("small.h264"), dir.join("large.h264"));
             h264("320x240", 1, "null", "h264", &a);
