@@ -183,6 +183,8 @@ pub struct WorkerPool {
     /// Worker threads videos may hold at once.
     video_threads: Arc<Semaphore>,
     ready: Vec<AtomicBool>,
+    /// Notified whenever a worker becomes ready or is lost.
+    live_changed: tokio::sync::Notify,
     next_job: AtomicU64,
 }
 
@@ -221,6 +223,7 @@ impl WorkerPool {
             videos: Queue::bounded(cfg.server.queue_capacity),
             video_threads: Arc::new(Semaphore::new(videos)),
             ready,
+            live_changed: tokio::sync::Notify::new(),
             next_job: AtomicU64::new(1),
         })
     }
@@ -322,7 +325,7 @@ impl WorkerPool {
                 (self.clone(), core.clone(), conn.clone(), input.clone());
             dispatchers.spawn(async move { pool.dispatch(core, conn, input, k).await });
         }
-        self.ready[index as usize].store(true, Ordering::Relaxed);
+        self.set_ready(index, true);
         core.metrics
             .children_ready
             .with_label_values(&["preprocess"])
@@ -340,7 +343,7 @@ impl WorkerPool {
             _ = core.shutting_down() => "shutdown",
         };
         conn.kill(); // its dispatchers stop taking jobs now
-        self.ready[index as usize].store(false, Ordering::Relaxed);
+        self.set_ready(index, false);
         core.metrics
             .children_ready
             .with_label_values(&["preprocess"])
@@ -370,10 +373,7 @@ impl WorkerPool {
         while images_open || videos_open {
             // A video is taken only with a video thread permit, held while
             // it runs; images are taken by any free thread.
-            let video = async {
-                let permit = self.video_permit(&core).await?;
-                Some((self.videos.rx.recv().await, permit))
-            };
+            let video = self.next_video(&core);
             let (mut job, _video_permit) = tokio::select! {
                 biased;
                 _ = conn.dying.cancelled() => return,
@@ -419,23 +419,47 @@ impl WorkerPool {
 }
 
 impl WorkerPool {
-    /// A permit to run a video, once taking one leaves a live thread for
-    /// images: the share is of the configured threads, but while a worker
-    /// restarts fewer are alive, and the last live thread is never given to
-    /// a video (unless the pool has a single thread in all).
-    async fn video_permit(&self, core: &Core) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    fn set_ready(&self, index: u32, ready: bool) {
+        self.ready[index as usize].store(ready, Ordering::Relaxed);
+        self.live_changed.notify_waiters();
+    }
+
+    /// The next video and a permit to run it, taken only while that leaves
+    /// a live thread for images: the share is of the configured threads,
+    /// but while a worker restarts fewer are alive, and the last live
+    /// thread is never given to a video (unless the pool has a single
+    /// thread in all). The rule is checked again whenever a worker comes
+    /// or goes while this thread waits for a video: a permit granted while
+    /// both workers lived must not take the last thread once one is dead.
+    async fn next_video(
+        &self,
+        core: &Core,
+    ) -> Option<(
+        Result<WorkJob, async_channel::RecvError>,
+        tokio::sync::OwnedSemaphorePermit,
+    )> {
         let cfg = &core.cfg.workers;
         let configured = (cfg.count * cfg.threads) as usize;
         let share = video_threads(configured as u32, core.cfg.video.max_worker_share);
         loop {
+            let changed = self.live_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let permit = self.video_threads.clone().acquire_owned().await.ok()?;
             let live = self.ready_count() * cfg.threads as usize;
             let videos_running = share - self.video_threads.available_permits();
             if configured == 1 || videos_running < live {
-                return Some(permit);
+                // recv is cancel-safe: a video is only taken when returned.
+                tokio::select! {
+                    job = self.videos.rx.recv() => return Some((job, permit)),
+                    () = &mut changed => continue,
+                }
             }
             drop(permit);
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = &mut changed => {}
+            }
         }
     }
 }

@@ -324,3 +324,74 @@ async fn hostile_videos_cannot_starve_images_and_the_queue_timeout_holds() {
         "queue_timeout_ms = 1500 answered after {waited:?}"
     );
 }
+
+/// While a worker is down (here held down by its restart backoff), fewer
+/// threads are alive than configured: a video must still leave a live
+/// thread to images. On the default 2 × 1 pool with one worker down, a
+/// costly video waits for the restart, and images keep their latency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_leaves_the_last_live_thread_to_images_while_a_worker_restarts() {
+    let gw = Gateway::start("").await;
+    let ready = || gw.metric("mmgate_children_ready", "pool=\"preprocess\"");
+    // Kill the same worker slot as soon as each replacement is up: the
+    // backoff doubles from 100 ms, so the sixth restart waits 3.2 s.
+    let first = gw.children("preprocess-work");
+    let (mut victim, other) = (first[0], first[1]);
+    let mut killed = Vec::new();
+    for round in 0..6 {
+        kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+        killed.push(victim);
+        if round == 5 {
+            break;
+        }
+        let t = Instant::now();
+        victim = loop {
+            let fresh: Vec<u32> = gw
+                .children("preprocess-work")
+                .into_iter()
+                .filter(|p| *p != other && !killed.contains(p))
+                .collect();
+            if let [p] = fresh[..]
+                && ready().await == 2.0
+            {
+                break p;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "no restart");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+    }
+    let t = Instant::now();
+    while ready().await != 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the death went unseen"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let down_since = Instant::now();
+    // A video that costs its thread seconds, sent while one thread lives.
+    let body = std::fs::read(clip("huge.mp4")).unwrap();
+    let video = tokio::spawn(
+        gw.client
+            .post(gw.url("/v1/models/open_nsfw/score?fps=25"))
+            .body(body)
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut worst = Duration::ZERO;
+    while down_since.elapsed() < Duration::from_millis(2500) {
+        let t = Instant::now();
+        let r = gw
+            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        worst = worst.max(t.elapsed());
+    }
+    println!("slowest image while a worker was down: {worst:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "the video took the last live thread: an image waited {worst:?}"
+    );
+    let r = Reply::read(video.await.unwrap().unwrap()).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
