@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{ModelSpec, SpecError, invalid};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     #[serde(default)]
@@ -258,6 +258,11 @@ pub struct Tenant {
     /// Cap on sampled video frames per request; 0 = the server's cap.
     #[serde(default)]
     pub max_video_frames: u32,
+    /// Bytes of this tenant's uploads being received and answers not yet
+    /// written, its share of `server.max_inflight_body_bytes`; 0 = half of
+    /// it (at least the largest body limit). Over it = 429.
+    #[serde(default)]
+    pub max_inflight_body_bytes: usize,
 }
 
 fn all_models() -> Vec<String> {
@@ -267,6 +272,22 @@ fn all_models() -> Vec<String> {
 impl Tenant {
     pub fn may_call(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
+    }
+}
+
+impl ServerConfig {
+    /// The largest body any request may send (image or video).
+    pub fn largest_body_bytes(&self) -> usize {
+        self.limits.max_body_bytes.max(self.video.max_body_bytes)
+    }
+
+    /// `tenant`'s share of the buffer budget, its own or the default: half
+    /// of `server.max_inflight_body_bytes`, at least the largest body.
+    pub fn tenant_body_budget(&self, tenant: &Tenant) -> usize {
+        match tenant.max_inflight_body_bytes {
+            0 => (self.server.max_inflight_body_bytes / 2).max(self.largest_body_bytes()),
+            n => n,
+        }
     }
 }
 
@@ -379,7 +400,7 @@ impl ServerConfig {
                 v.slots_per_request
             )));
         }
-        let largest = self.limits.max_body_bytes.max(self.video.max_body_bytes);
+        let largest = self.largest_body_bytes();
         if self.server.max_inflight_body_bytes < largest {
             return Err(invalid(format!(
                 "server.max_inflight_body_bytes ({}) must be at least the largest body limit ({largest})",
@@ -388,6 +409,15 @@ impl ServerConfig {
         }
         if self.server.queue_capacity == 0 {
             return Err(invalid("server.queue_capacity must be > 0"));
+        }
+        for t in &self.tenants {
+            let share = self.tenant_body_budget(t);
+            if share < largest || share > self.server.max_inflight_body_bytes {
+                return Err(invalid(format!(
+                    "tenant {:?}: max_inflight_body_bytes ({share}) must be between the largest body limit ({largest}) and server.max_inflight_body_bytes ({})",
+                    t.name, self.server.max_inflight_body_bytes
+                )));
+            }
         }
         let mut keys: Vec<&str> = self
             .tenants
@@ -414,7 +444,7 @@ impl ServerConfig {
 
     /// Size of each worker's shared-memory input region slot (one per thread).
     pub fn input_slot_bytes(&self) -> usize {
-        self.limits.max_body_bytes.max(self.video.max_body_bytes)
+        self.largest_body_bytes()
     }
 }
 

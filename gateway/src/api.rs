@@ -241,6 +241,11 @@ async fn score_inner(
         Err((tenant, e)) => return (tenant, Err(e)),
     };
     let tenant = caller.tenant.clone();
+    if let Some(share) = &caller.budget
+        && let Err(e) = reservation.charge_tenant(share.clone())
+    {
+        return (tenant, Err(e.to_api()));
+    }
     let result = async {
         if app.core.is_draining() {
             return Err(ApiError::new(

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use axum::http::HeaderMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::body::Budget;
 use crate::error::{ApiError, Code};
 
 #[derive(Debug)]
@@ -20,6 +21,8 @@ pub struct Auth {
 struct TenantState {
     spec: config::Tenant,
     slots: Option<Arc<Semaphore>>,
+    /// Its share of the buffer budget.
+    budget: Budget,
 }
 
 /// An admitted caller; holds its tenant's concurrency permit.
@@ -28,23 +31,27 @@ pub struct Caller {
     pub tenant: String,
     /// The tenant's cap on sampled video frames; 0 = the server's.
     pub max_video_frames: u32,
+    /// The tenant's share of the buffer budget; `None` without tenants.
+    pub budget: Option<Budget>,
     _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Auth {
-    pub fn new(tenants: &[config::Tenant]) -> Self {
+    pub fn new(cfg: &config::ServerConfig) -> Self {
         let mut by_key = HashMap::new();
-        for (i, t) in tenants.iter().enumerate() {
+        for (i, t) in cfg.tenants.iter().enumerate() {
             for k in &t.keys {
                 by_key.insert(k.clone(), i);
             }
         }
-        let tenants = tenants
+        let tenants = cfg
+            .tenants
             .iter()
             .map(|t| TenantState {
                 spec: t.clone(),
                 slots: (t.max_concurrency > 0)
                     .then(|| Arc::new(Semaphore::new(t.max_concurrency as usize))),
+                budget: Budget::for_tenant(cfg.tenant_body_budget(t), &t.name),
             })
             .collect();
         Self { by_key, tenants }
@@ -59,6 +66,7 @@ impl Auth {
             return Ok(Caller {
                 tenant: "anonymous".into(),
                 max_video_frames: 0,
+                budget: None,
                 _permit: None,
             });
         }
@@ -105,6 +113,7 @@ impl Auth {
         Ok(Caller {
             tenant: t.spec.name.clone(),
             max_video_frames: t.spec.max_video_frames,
+            budget: Some(t.budget.clone()),
             _permit: permit,
         })
     }
@@ -124,13 +133,17 @@ mod tests {
     use super::*;
 
     fn auth() -> Auth {
-        Auth::new(&[config::Tenant {
-            name: "acme".into(),
-            keys: vec!["k1".into()],
-            models: vec!["open_nsfw".into()],
-            max_concurrency: 1,
-            max_video_frames: 0,
-        }])
+        Auth::new(&config::ServerConfig {
+            tenants: vec![config::Tenant {
+                name: "acme".into(),
+                keys: vec!["k1".into()],
+                models: vec!["open_nsfw".into()],
+                max_concurrency: 1,
+                max_video_frames: 0,
+                max_inflight_body_bytes: 0,
+            }],
+            ..Default::default()
+        })
     }
 
     fn with(h: &str, v: &str) -> HeaderMap {
@@ -177,7 +190,7 @@ mod tests {
 
     #[test]
     fn no_tenants_means_anonymous() {
-        let a = Auth::new(&[]);
+        let a = Auth::new(&config::ServerConfig::default());
         assert_eq!(a.admit(&HeaderMap::new(), "x").unwrap().tenant, "anonymous");
     }
 }

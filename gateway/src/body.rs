@@ -30,9 +30,13 @@ pub enum BodyError {
     #[error("the upload averaged {0} bytes/s; http.min_body_rate_bytes_per_s is {1}")]
     TooSlow(u64, u64),
     #[error(
-        "the gateway is already buffering server.max_inflight_body_bytes = {0} bytes of uploads"
+        "the gateway is already buffering server.max_inflight_body_bytes = {0} bytes of uploads and answers"
     )]
     Budget(usize),
+    #[error(
+        "tenant {0:?} already has its max_inflight_body_bytes = {1} bytes of uploads and answers buffered"
+    )]
+    TenantBudget(String, usize),
 }
 
 impl BodyError {
@@ -40,6 +44,7 @@ impl BodyError {
         let code = match self {
             BodyError::Idle(_) | BodyError::TooSlow(..) => Code::BodyTimeout,
             BodyError::Budget(_) => Code::UploadBudgetExhausted,
+            BodyError::TenantBudget(..) => Code::TenantUploadBudgetExhausted,
         };
         ApiError::new(code, self.to_string())
     }
@@ -57,14 +62,17 @@ impl BodyError {
     }
 }
 
-/// `server.max_inflight_body_bytes`: the bytes of uploads being received
-/// and of answers not yet written that the gateway holds at once.
+/// A budget of bytes held at once: uploads being received and answers not
+/// yet written. The server's (`server.max_inflight_body_bytes`) bounds the
+/// gateway; each tenant's share of it keeps one tenant from taking it all.
 #[derive(Debug, Clone)]
 pub struct Budget {
     /// One permit per KiB.
     kib: Arc<Semaphore>,
     total_kib: usize,
     total_bytes: usize,
+    /// The tenant whose share this is; `None` for the server's budget.
+    tenant: Option<String>,
 }
 
 impl Budget {
@@ -74,56 +82,105 @@ impl Budget {
             kib: Arc::new(Semaphore::new(total_kib)),
             total_kib,
             total_bytes,
+            tenant: None,
         }
     }
 
-    /// An empty reservation, which grows as a body arrives.
+    /// `tenant`'s share of the server's budget.
+    pub fn for_tenant(total_bytes: usize, tenant: &str) -> Self {
+        Self {
+            tenant: Some(tenant.to_string()),
+            ..Self::new(total_bytes)
+        }
+    }
+
+    /// An empty reservation of the server's budget, which grows as a body
+    /// arrives.
     pub fn reserve(&self) -> Arc<Reservation> {
-        Reservation::new(self.kib.clone(), self.total_bytes)
+        Arc::new(Reservation {
+            server: self.clone(),
+            tenant: std::sync::OnceLock::new(),
+            held: Mutex::new(Holding::default()),
+        })
     }
 
     /// Bytes reserved now, by all requests.
     pub fn held_bytes(&self) -> usize {
         (self.total_kib - self.kib.available_permits()) * 1024
     }
+
+    fn take(&self, kib: usize) -> Result<OwnedSemaphorePermit, BodyError> {
+        u32::try_from(kib)
+            .ok()
+            .and_then(|n| self.kib.clone().try_acquire_many_owned(n).ok())
+            .ok_or_else(|| match &self.tenant {
+                None => BodyError::Budget(self.total_bytes),
+                Some(t) => BodyError::TenantBudget(t.clone(), self.total_bytes),
+            })
+    }
 }
 
-/// One request's reservation of the shared upload budget (in KiB units).
+/// One request's reservation: the same KiB of the server's budget and, once
+/// its tenant is known, of the tenant's share.
 #[derive(Debug)]
 pub struct Reservation {
-    budget: Arc<Semaphore>,
-    total_bytes: usize,
-    held: Mutex<(usize, Option<OwnedSemaphorePermit>)>,
+    server: Budget,
+    tenant: std::sync::OnceLock<Budget>,
+    held: Mutex<Holding>,
+}
+
+#[derive(Debug, Default)]
+struct Holding {
+    kib: usize,
+    server: Option<OwnedSemaphorePermit>,
+    tenant: Option<OwnedSemaphorePermit>,
+}
+
+impl Holding {
+    fn add(slot: &mut Option<OwnedSemaphorePermit>, p: OwnedSemaphorePermit) {
+        match slot {
+            Some(held) => held.merge(p),
+            None => *slot = Some(p),
+        }
+    }
+
+    fn release(&mut self, kib: usize) {
+        for p in [&mut self.server, &mut self.tenant].into_iter().flatten() {
+            drop(p.split(kib));
+        }
+        self.kib -= kib;
+    }
 }
 
 impl Reservation {
-    /// `budget` counts KiB; `total_bytes` is its size in bytes, for messages.
-    pub fn new(budget: Arc<Semaphore>, total_bytes: usize) -> Arc<Self> {
-        Arc::new(Self {
-            budget,
-            total_bytes,
-            held: Mutex::new((0, None)),
-        })
+    /// Charges this request to `tenant`'s share too, from now on (it is
+    /// called before the body is read, when nothing is held yet).
+    pub fn charge_tenant(&self, tenant: Budget) -> Result<(), BodyError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.kib > 0 {
+            let p = tenant.take(held.kib)?;
+            Holding::add(&mut held.tenant, p);
+        }
+        let _ = self.tenant.set(tenant);
+        Ok(())
     }
 
-    /// Reserves up to `bytes` read so far (rounded up to KiB).
+    /// Reserves up to `bytes` read so far (rounded up to KiB): the tenant's
+    /// share first, then the server's.
     fn cover(&self, bytes: usize) -> Result<(), BodyError> {
         let want = bytes.div_ceil(1024);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if want <= held.0 {
+        if want <= held.kib {
             return Ok(());
         }
-        let more = u32::try_from(want - held.0).map_err(|_| BodyError::Budget(self.total_bytes))?;
-        let permit = self
-            .budget
-            .clone()
-            .try_acquire_many_owned(more)
-            .map_err(|_| BodyError::Budget(self.total_bytes))?;
-        match &mut held.1 {
-            Some(p) => p.merge(permit),
-            None => held.1 = Some(permit),
+        let more = want - held.kib;
+        let tenant = self.tenant.get().map(|t| t.take(more)).transpose()?;
+        let server = self.server.take(more)?;
+        Holding::add(&mut held.server, server);
+        if let Some(p) = tenant {
+            Holding::add(&mut held.tenant, p);
         }
-        held.0 = want;
+        held.kib = want;
         Ok(())
     }
 
@@ -135,13 +192,10 @@ impl Reservation {
     pub fn settle(&self, bytes: usize) {
         let want = bytes.div_ceil(1024);
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if want < held.0 {
-            let surplus = held.0 - want;
-            if let Some(p) = &mut held.1 {
-                drop(p.split(surplus));
-            }
-            held.0 = want;
-        } else if want > held.0 {
+        if want < held.kib {
+            let surplus = held.kib - want;
+            held.release(surplus);
+        } else if want > held.kib {
             drop(held);
             let _ = self.cover(bytes);
         }
@@ -149,7 +203,7 @@ impl Reservation {
 
     /// Bytes reserved now (a multiple of 1024).
     pub fn reserved_bytes(&self) -> usize {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).0 * 1024
+        self.held.lock().unwrap_or_else(|e| e.into_inner()).kib * 1024
     }
 }
 
@@ -300,15 +354,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_reserves_what_it_sent_and_frees_it_on_drop() {
-        let budget = Arc::new(Semaphore::new(100));
-        let r = Reservation::new(budget.clone(), 100 * 1024);
+        let budget = Budget::new(100 * 1024);
+        let r = budget.reserve();
         let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5), 1);
         let data = body.collect().await.unwrap().to_bytes();
         assert_eq!(data.len(), 10_000);
         assert_eq!(r.reserved_bytes(), 10 * 1024);
-        assert_eq!(budget.available_permits(), 90);
+        assert_eq!(budget.held_bytes(), 10 * 1024);
         drop(r);
-        assert_eq!(budget.available_permits(), 100);
+        assert_eq!(budget.held_bytes(), 0);
     }
 
     #[tokio::test]
@@ -340,8 +394,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_over_the_budget_fails_with_budget_exhausted() {
-        let budget = Arc::new(Semaphore::new(4));
-        let r = Reservation::new(budget.clone(), 4 * 1024);
+        let budget = Budget::new(4 * 1024);
+        let r = budget.reserve();
         let body = Metered::new(chunks(10, 1000), r.clone(), Duration::from_secs(5), 1);
         let err = body.collect().await.unwrap_err();
         let e = BodyError::find(err.as_ref()).expect("a BodyError");
@@ -349,10 +403,46 @@ mod tests {
         assert_eq!(e.to_api().code, Code::UploadBudgetExhausted);
     }
 
+    #[tokio::test]
+    async fn a_tenant_is_held_to_its_share_and_others_keep_the_rest() {
+        let server = Budget::new(100 * 1024);
+        let share = Budget::for_tenant(30 * 1024, "acme");
+        let upload = |r: &Arc<Reservation>, kib: usize| {
+            Metered::new(chunks(kib, 1024), r.clone(), Duration::from_secs(5), 1).collect()
+        };
+        let a1 = server.reserve();
+        a1.charge_tenant(share.clone()).unwrap();
+        upload(&a1, 20).await.unwrap();
+        let a2 = server.reserve();
+        a2.charge_tenant(share.clone()).unwrap();
+        let err = upload(&a2, 20).await.unwrap_err();
+        let e = BodyError::find(err.as_ref()).unwrap();
+        assert!(
+            matches!(e, BodyError::TenantBudget(t, _) if t == "acme"),
+            "{e}"
+        );
+        assert_eq!(e.to_api().code, Code::TenantUploadBudgetExhausted);
+        // The failed upload gave back what it held, in both budgets.
+        drop(a2);
+        assert_eq!(
+            (server.held_bytes(), share.held_bytes()),
+            (20 * 1024, 20 * 1024)
+        );
+        // Another tenant still has the rest of the server's budget.
+        let b = server.reserve();
+        b.charge_tenant(Budget::for_tenant(100 * 1024, "other"))
+            .unwrap();
+        upload(&b, 80).await.unwrap();
+        // Settling shrinks both.
+        a1.settle(1024);
+        assert_eq!((server.held_bytes(), share.held_bytes()), (81 * 1024, 1024));
+        drop((a1, b));
+        assert_eq!((server.held_bytes(), share.held_bytes()), (0, 0));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_silent_body_times_out() {
-        let budget = Arc::new(Semaphore::new(100));
-        let r = Reservation::new(budget, 100 * 1024);
+        let r = Budget::new(100 * 1024).reserve();
         let silent = StreamBody::new(futures::stream::pending::<
             Result<Frame<Bytes>, std::io::Error>,
         >());
@@ -365,8 +455,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_trickle_under_the_minimum_rate_is_cut_off() {
-        let budget = Arc::new(Semaphore::new(100));
-        let r = Reservation::new(budget, 100 * 1024);
+        let r = Budget::new(100 * 1024).reserve();
         // One byte every 400 ms: never idle for 500 ms, but 2.5 bytes/s.
         let trickle = futures::stream::unfold((), |()| async {
             tokio::time::sleep(Duration::from_millis(400)).await;

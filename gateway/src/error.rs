@@ -50,6 +50,7 @@ pub enum Code {
     TenantConcurrencyLimit,
     BodyTimeout,
     UploadBudgetExhausted,
+    TenantUploadBudgetExhausted,
     TooManyConnections,
     QueueFull,
     QueueTimeout,
@@ -145,6 +146,12 @@ impl Code {
                 "upload_budget_exhausted",
                 "overloaded",
                 S::SERVICE_UNAVAILABLE,
+                Some(1),
+            ),
+            TenantUploadBudgetExhausted => (
+                "tenant_upload_budget_exhausted",
+                "quota",
+                S::TOO_MANY_REQUESTS,
                 Some(1),
             ),
             TooManyConnections => (

@@ -49,7 +49,7 @@ impl AppState {
         cfg: config::ServerConfig,
         bin_dir: std::path::PathBuf,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
-        let auth = Arc::new(Auth::new(&cfg.tenants));
+        let auth = Arc::new(Auth::new(&cfg));
         let body_budget = body::Budget::new(cfg.server.max_inflight_body_bytes);
         let core = Core::new(cfg, bin_dir)?;
         let workers = WorkerPool::new(&core);

@@ -458,3 +458,59 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// One tenant's uploads cannot take the whole buffer budget: each tenant
+/// holds at most its share (by default half of it), past which its own
+/// uploads get 429, and another tenant's upload still fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenant_cannot_take_the_whole_upload_budget() {
+    let gw = Gateway::start(
+        "[server]\nmax_inflight_body_bytes = 8388608\n\
+         [limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n\
+         [[tenants]]\nname = \"flood\"\nkeys = [\"k-flood\"]\n\
+         [[tenants]]\nname = \"calm\"\nkeys = [\"k-calm\"]\n",
+    )
+    .await;
+    // Five uploads of the flooding tenant send 2.09 MB of 2.1 MB and pause:
+    // four of them would hold all but 28 KB of the 8 MiB budget.
+    let mut floods = Vec::new();
+    for _ in 0..5 {
+        let mut s = connect(&gw).await;
+        let head = "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\n\
+                    x-api-key: k-flood\r\nContent-Type: image/jpeg\r\nContent-Length: 2097000\r\n\r\n";
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut body = vec![0u8; 2_090_000];
+        body[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]);
+        let _ = s.write_all(&body).await;
+        floods.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = gw.metric("mmgate_buffered_bytes", "").await;
+    assert!(
+        (4_000_000.0..=4_194_304.0).contains(&held),
+        "the flooding tenant holds {held} bytes; its share is 4 MiB"
+    );
+    let mut refused = 0;
+    for s in &mut floods {
+        let mut buf = [0u8; 4096];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.starts_with("HTTP/1.1 429") {
+                assert!(text.contains("tenant_upload_budget_exhausted"), "{text}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 3, "three of the five were over the tenant's share");
+    let r = gw
+        .client
+        .post(gw.url("/v1/models/open_nsfw/score"))
+        .header("x-api-key", "k-calm")
+        .body(fixture("images/coffee.jpg"))
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!(r.status, 200, "the calm tenant was blocked: {}", r.json);
+}
