@@ -243,16 +243,26 @@ pub async fn score_one(
     let job = WorkJob::new(core, request_id, model, upload.data, Task::Image(reply));
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
-    crate::workers::until_taken(core, &claim, enqueued).await?;
-    // Taken: bounded by what is left of the queue wait (for a slot) plus
-    // the decode deadline (a worker over it is killed anyway).
+    // Bounded by the queue wait plus the decode deadline (a worker over it
+    // is killed anyway); a job still queued at the queue deadline is
+    // abandoned.
     let limits = (
         core.cfg.server.queue_timeout_ms,
         core.cfg.limits.decode_deadline_ms,
     );
     let within =
         Duration::from_millis(limits.0 + limits.1 + 1_000).saturating_sub(enqueued.elapsed());
-    let pre = match tokio::time::timeout(within, rx).await {
+    let answer = tokio::time::timeout(within, rx);
+    tokio::pin!(answer);
+    let answered = tokio::select! {
+        biased;
+        r = &mut answer => r,
+        () = tokio::time::sleep_until(crate::workers::queue_deadline(core, enqueued)) => {
+            crate::workers::give_up_if_queued(core, &claim)?;
+            answer.await
+        }
+    };
+    let pre = match answered {
         Ok(Ok(r)) => r?,
         Ok(Err(_)) => {
             return Err(ApiError::new(

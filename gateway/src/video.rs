@@ -359,15 +359,23 @@ pub async fn score_video(
     let job = WorkJob::new(core, request_id, model, data, task);
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
-    crate::workers::until_taken(core, &claim, enqueued).await?;
+    // Until the first event, the job may still be queued: past the queue
+    // deadline it is abandoned.
+    let queued_until = crate::workers::queue_deadline(core, enqueued);
+    let mut taken = false;
     let mut inflight = FuturesUnordered::new();
     let mut frames: Vec<(f64, Vec<f32>)> = Vec::new();
     let (mut done, mut open) = (None, true);
     let mut t = Timings::default();
     while open || !inflight.is_empty() {
         tokio::select! {
+            () = tokio::time::sleep_until(queued_until), if !taken => {
+                crate::workers::give_up_if_queued(core, &claim)?;
+                taken = true;
+            }
             ev = rx.recv(), if open => match ev {
                 Some(VideoEvent::Frame { grant, t }) => {
+                    taken = true;
                     let executor = app.executor.clone();
                     let pending = core.pending(model);
                     let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
@@ -376,7 +384,10 @@ pub async fn score_video(
                         (t, executor.infer(lease, pending, within).await)
                     });
                 }
-                Some(VideoEvent::Done(d)) => done = Some(d),
+                Some(VideoEvent::Done(d)) => {
+                    taken = true;
+                    done = Some(d);
+                }
                 Some(VideoEvent::Failed(e)) => return Err(e),
                 None => open = false,
             },

@@ -103,27 +103,28 @@ impl Claim {
     }
 }
 
-/// Waits until a worker thread took the job, or gives up on it with 503
-/// `queue_timeout` once `server.queue_timeout_ms` passed since `enqueued`
-/// (to within 50 ms; the job is then skipped, never decoded).
-pub async fn until_taken(core: &Core, claim: &Claim, enqueued: Instant) -> Result<(), ApiError> {
+/// When a job no worker thread has taken is given up on:
+/// `server.queue_timeout_ms` after it was queued. Callers wait for the
+/// job's first answer or this instant, whichever comes first, and then
+/// call [`give_up_if_queued`]: nothing polls.
+pub fn queue_deadline(core: &Core, enqueued: Instant) -> tokio::time::Instant {
     let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
-    loop {
-        if claim.is_taken() {
-            return Ok(());
-        }
-        if enqueued.elapsed() >= limit && claim.abandon() {
-            return Err(ApiError::new(
-                Code::QueueTimeout,
-                format!(
-                    "no preprocess worker was free within server.queue_timeout_ms = {} ms",
-                    limit.as_millis()
-                ),
-            ));
-        }
-        tick.tick().await;
+    tokio::time::Instant::from_std(enqueued + limit)
+}
+
+/// At the queue deadline: 503 `queue_timeout` if the job is still queued
+/// (it is then skipped, never decoded), or `Ok` if a worker thread took it.
+pub fn give_up_if_queued(core: &Core, claim: &Claim) -> Result<(), ApiError> {
+    if claim.abandon() {
+        return Err(ApiError::new(
+            Code::QueueTimeout,
+            format!(
+                "no preprocess worker was free within server.queue_timeout_ms = {} ms",
+                core.cfg.server.queue_timeout_ms
+            ),
+        ));
     }
+    Ok(())
 }
 
 impl WorkJob {

@@ -287,3 +287,52 @@ async fn tensor_bytes_cross_from_worker_to_executor_through_shared_memory() {
         "workers wrote {written} bytes through syscalls"
     );
 }
+
+/// A request's time is its stages' time: nothing waits on a poll. Each
+/// answer's `total_ms` less its stages (queue, decode, batch wait,
+/// inference) is the gateway's own overhead, which must stay far under
+/// the 50 ms tick the queue-timeout check once polled on: a job still
+/// queued at the first check had its answer picked up at a later tick.
+/// Four clients at once keep jobs queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_request_waits_on_a_poll_between_its_stages() {
+    let gw = Gateway::start("").await;
+    let body = fixture("images/coffee_640.jpg");
+    let client = |gw: &Gateway| {
+        let (c, url, body) = (
+            gw.client.clone(),
+            gw.url("/v1/models/open_nsfw/score"),
+            body.clone(),
+        );
+        tokio::spawn(async move {
+            let mut gaps = Vec::new();
+            for _ in 0..40 {
+                let r = c.post(&url).body(body.clone()).send().await.unwrap();
+                let r = Reply::read(r).await;
+                assert_eq!(r.status, 200, "{}", r.json);
+                let t = &r.json["timings"];
+                let stages: f64 = ["queue_ms", "decode_ms", "batch_wait_ms", "inference_ms"]
+                    .iter()
+                    .map(|k| t[k].as_f64().unwrap())
+                    .sum();
+                gaps.push(t["total_ms"].as_f64().unwrap() - stages);
+            }
+            gaps
+        })
+    };
+    let clients: Vec<_> = (0..4).map(|_| client(&gw)).collect();
+    let mut gaps = Vec::new();
+    for c in clients {
+        gaps.extend(c.await.unwrap());
+    }
+    gaps.sort_by(f64::total_cmp);
+    let (median, worst) = (gaps[gaps.len() / 2], gaps[gaps.len() - 1]);
+    let p90 = gaps[gaps.len() * 9 / 10];
+    println!(
+        "gateway overhead per request: median {median:.3} ms, p90 {p90:.3} ms, worst {worst:.3} ms"
+    );
+    assert!(
+        worst < 20.0,
+        "a request waited {worst:.1} ms between stages"
+    );
+}
