@@ -116,6 +116,7 @@ impl Batcher {
             policy: BatchPolicy::from_spec(&spec.batching),
             model: spec.name.clone(),
             free: (0..instances.len()).rev().collect(),
+            lane: None,
             instances,
             queue: VecDeque::new(),
             flush: false,
@@ -149,6 +150,10 @@ struct Actor {
     instances: Vec<Option<Instance>>,
     /// Free instance ids; the last one is used next.
     free: Vec<usize>,
+    /// The instance running a batch alone (on every core), if one is: no
+    /// other batch starts until it is done, or the two would share cores
+    /// the lone batch was given.
+    lane: Option<usize>,
     queue: VecDeque<(InferJob, Instant)>,
     /// The newest job's `pending` was 0, or the inbox is closed.
     flush: bool,
@@ -175,12 +180,18 @@ impl Actor {
             tokio::select! {
                 biased;
                 id = free_rx.recv(), if threads_alive => match id {
-                    Some(id) => self.free.push(id),
+                    Some(id) => {
+                        if self.lane == Some(id) {
+                            self.lane = None;
+                        }
+                        self.free.push(id);
+                    }
                     None => {
                         // Every instance thread is gone (a panic escaped
                         // the instance's guard, e.g. from a panic payload's
                         // own drop).
                         threads_alive = false;
+                        self.lane = None;
                         self.instances.iter_mut().for_each(|i| *i = None);
                         self.free.clear();
                     }
@@ -218,7 +229,7 @@ impl Actor {
     /// When the oldest sample's delay runs out, if a free instance could
     /// take it then.
     fn deadline(&self) -> Option<Instant> {
-        if self.free.is_empty() || self.flush {
+        if self.free.is_empty() || self.flush || self.lane.is_some() {
             return None;
         }
         self.queue.front().map(|(_, t)| *t + self.policy.max_delay)
@@ -230,6 +241,9 @@ impl Actor {
             return self.no_instance_left();
         }
         while let Some(&id) = self.free.last() {
+            if self.lane.is_some() {
+                return;
+            }
             let now = Instant::now();
             let oldest = self.queue.front().map_or(Duration::ZERO, |(_, t)| now - *t);
             let Some(n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
@@ -251,7 +265,11 @@ impl Actor {
                     queue_us: (now - t).as_micros() as u64,
                 })
                 .collect();
+            if alone {
+                self.lane = Some(id);
+            }
             if let Err(jobs) = instance.dispatch(Batch { jobs, alone }) {
+                self.lane = None;
                 tracing::error!(model = %self.model, instance = id, "instance thread is gone");
                 self.instances[id] = None;
                 for q in jobs.into_iter().rev() {

@@ -61,6 +61,11 @@ impl Instance {
         let thread = std::thread::Builder::new()
             .name(format!("{}#{id}", model.name))
             .spawn(move || {
+                // Reports the thread's end too, even by a panic that escaped
+                // the guard: the batcher then finds it gone at its next
+                // dispatch instead of waiting for it (a lone batch holds
+                // every other batch back until its instance is free).
+                let _exit = ReportExit(free.clone(), id);
                 let mut worker = Worker {
                     model,
                     engine,
@@ -91,6 +96,14 @@ impl Instance {
     /// Hands a batch over; gives its jobs back if the thread is gone.
     pub fn dispatch(&self, batch: Batch) -> Result<(), Vec<Queued>> {
         self.tx.send(batch).map_err(|e| e.0.jobs)
+    }
+}
+
+struct ReportExit(UnboundedSender<usize>, usize);
+
+impl Drop for ReportExit {
+    fn drop(&mut self) {
+        let _ = self.0.send(self.1);
     }
 }
 
