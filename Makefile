@@ -1,7 +1,7 @@
-# mmgate: make setup | build | run | test | lint | bench | soak
+# mmgate: make setup | build | run | test | lint | bench | soak | fuzz
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: setup build run test lint bench soak
+.PHONY: setup build run test lint bench soak fuzz
 
 setup:
 	bash scripts/setup.sh
@@ -27,3 +27,9 @@ bench: build
 
 soak: build
 	bash load-tests/soak.sh
+
+# Coverage-guided fuzzing of the image decode path (AFL++ via afl.rs, stable
+# Rust); FUZZ_SECONDS per run, one core. Exits non-zero on a crash or hang.
+FUZZ_SECONDS ?= 300
+fuzz: setup
+	bash scripts/fuzz.sh $(FUZZ_SECONDS)
