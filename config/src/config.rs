@@ -247,7 +247,14 @@ impl Default for ExecutorSection {
 #[serde(deny_unknown_fields)]
 pub struct Tenant {
     pub name: String,
-    /// Bearer keys of this tenant (`Authorization: Bearer <key>` or `x-api-key`).
+    /// SHA-256 of each API key of this tenant, as `sha256:<64 hex digits>`
+    /// (`mmgate keys new` makes a key and its line). The keys themselves
+    /// are sent as `Authorization: Bearer <key>` or `x-api-key: <key>`.
+    #[serde(default)]
+    pub key_hashes: Vec<String>,
+    /// Plaintext keys are refused at start, with the `key_hashes` line to
+    /// use instead; never set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<String>,
     /// Models it may call; `["*"]` = all.
     #[serde(default = "all_models")]
@@ -273,6 +280,27 @@ impl Tenant {
     pub fn may_call(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
     }
+}
+
+/// The SHA-256 of an API key, as it is written in `key_hashes`.
+pub fn key_hash(key: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// The 32 bytes of a `sha256:<64 hex digits>` line, if it is one.
+pub fn parse_key_hash(line: &str) -> Option<[u8; 32]> {
+    let hex = line.strip_prefix("sha256:")?;
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
 }
 
 impl ServerConfig {
@@ -419,14 +447,38 @@ impl ServerConfig {
                 )));
             }
         }
-        let mut keys: Vec<&str> = self
-            .tenants
-            .iter()
-            .flat_map(|t| t.keys.iter().map(String::as_str))
-            .collect();
-        keys.sort_unstable();
-        if keys.windows(2).any(|w| w[0] == w[1]) || keys.iter().any(|k| k.is_empty()) {
-            return Err(invalid("tenant keys must be unique and non-empty"));
+        if let Some(t) = self.tenants.iter().find(|t| !t.keys.is_empty()) {
+            let lines: Vec<String> = t
+                .keys
+                .iter()
+                .map(|k| format!("{:?}", key_hash(k)))
+                .collect();
+            return Err(invalid(format!(
+                "tenant {:?}: plaintext `keys` are not accepted; store their SHA-256 instead:\n  key_hashes = [{}]",
+                t.name,
+                lines.join(", ")
+            )));
+        }
+        let mut hashes = Vec::new();
+        for t in &self.tenants {
+            if t.key_hashes.is_empty() {
+                return Err(invalid(format!(
+                    "tenant {:?} has no key_hashes (make a key with `mmgate keys new`)",
+                    t.name
+                )));
+            }
+            for h in &t.key_hashes {
+                hashes.push(parse_key_hash(h).ok_or_else(|| {
+                    invalid(format!(
+                        "tenant {:?}: {h:?} is not `sha256:` and 64 hex digits",
+                        t.name
+                    ))
+                })?);
+            }
+        }
+        hashes.sort_unstable();
+        if hashes.windows(2).any(|w| w[0] == w[1]) {
+            return Err(invalid("tenant key_hashes must be unique"));
         }
         Ok(())
     }

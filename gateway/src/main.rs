@@ -1,13 +1,21 @@
-//! `mmgate serve --config FILE [--listen ADDR]`, `mmgate check-model …`.
+//! `mmgate serve --config FILE [--listen ADDR]`, `mmgate check-model …`,
+//! `mmgate keys new`.
 
 use clap::Parser;
-use gateway::settings::{Cli, Command};
+use gateway::settings::{Cli, Command, KeysCommand};
 
 fn main() -> anyhow::Result<std::process::ExitCode> {
     let cli = Cli::parse();
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::CheckModel { args } => return gateway::settings::check_model(args),
+        Command::Keys(KeysCommand::New) => {
+            let key = gateway::settings::new_key()?;
+            println!("key (give it to the tenant; it is not stored): {key}");
+            println!("for the tenant's [[tenants]] entry:");
+            println!("key_hashes = [\"{}\"]", config::key_hash(&key));
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -26,6 +26,24 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// API keys: `mmgate keys new` prints a fresh random key and the
+    /// `key_hashes` line for a tenant's config.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// A fresh random key (256 bits) and the config line holding its hash.
+    New,
+}
+
+/// A fresh API key: `mmg_` and 256 random bits in hex.
+pub fn new_key() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("mmg_{hex}"))
 }
 
 #[derive(Debug, Args)]
@@ -136,6 +154,7 @@ pub fn redacted(cfg: &config::ServerConfig) -> String {
     let mut c = cfg.clone();
     for t in &mut c.tenants {
         t.keys = t.keys.iter().map(|_| "***".to_string()).collect();
+        t.key_hashes = t.key_hashes.iter().map(|_| "***".to_string()).collect();
     }
     let models: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
     format!(

@@ -161,9 +161,11 @@ async fn silent_uploads_reserve_nothing_block_nobody_and_time_out_with_408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echoed_names_are_clipped_and_403_is_counted_under_the_tenant() {
-    let gw =
-        Gateway::start("[[tenants]]\nname = \"acme\"\nkeys = [\"k-acme\"]\nmodels = [\"other\"]\n")
-            .await;
+    let gw = Gateway::start(&format!(
+        "[[tenants]]\nname = \"acme\"\nkey_hashes = [{:?}]\nmodels = [\"other\"]\n",
+        config::key_hash("k-acme")
+    ))
+    .await;
     let long = "m".repeat(60_000);
     let r = gw
         .client
@@ -464,12 +466,14 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
 /// uploads get 429, and another tenant's upload still fits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_tenant_cannot_take_the_whole_upload_budget() {
-    let gw = Gateway::start(
+    let gw = Gateway::start(&format!(
         "[server]\nmax_inflight_body_bytes = 8388608\n\
          [limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n\
-         [[tenants]]\nname = \"flood\"\nkeys = [\"k-flood\"]\n\
-         [[tenants]]\nname = \"calm\"\nkeys = [\"k-calm\"]\n",
-    )
+         [[tenants]]\nname = \"flood\"\nkey_hashes = [{:?}]\n\
+         [[tenants]]\nname = \"calm\"\nkey_hashes = [{:?}]\n",
+        config::key_hash("k-flood"),
+        config::key_hash("k-calm"),
+    ))
     .await;
     // Five uploads of the flooding tenant send 2.09 MB of 2.1 MB and pause:
     // four of them would hold all but 28 KB of the 8 MiB budget.

@@ -246,28 +246,49 @@ async fn sigterm_drains_in_flight_requests_then_stops_the_children() {
     }
 }
 
+/// Keys are stored as SHA-256 hashes and map to tenants; no key, good or
+/// bad, appears in any process's log lines (at debug) or in `/metrics`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_keys_map_to_tenants() {
-    let gw = Gateway::start(
-        "[[tenants]]\nname = \"acme\"\nkeys = [\"secret-1\"]\nmodels = [\"open_nsfw\"]\n",
-    )
+async fn api_keys_map_to_tenants_and_never_reach_logs_or_metrics() {
+    const GOOD: &str = "mmg_good_0123456789abcdef0123456789abcdef";
+    const BAD: &str = "mmg_bad_fedcba9876543210fedcba9876543210";
+    let gw = Gateway::start_logged(&format!(
+        "[[tenants]]\nname = \"acme\"\nkey_hashes = [{:?}]\nmodels = [\"open_nsfw\"]\n",
+        config::key_hash(GOOD)
+    ))
     .await;
     let url = gw.url("/v1/models/open_nsfw/score");
     let body = fixture("images/coffee.jpg");
-    let status = |key: Option<&str>| {
+    let status = |key: Option<&str>, header: &str| {
         let mut req = gw.client.post(&url).body(body.clone());
         if let Some(k) = key {
-            req = req.bearer_auth(k);
+            req = match header {
+                "bearer" => req.bearer_auth(k),
+                _ => req.header("x-api-key", k),
+            };
         }
         async move { req.send().await.unwrap().status().as_u16() }
     };
-    assert_eq!(status(None).await, 401);
-    assert_eq!(status(Some("wrong")).await, 401);
-    assert_eq!(status(Some("secret-1")).await, 200);
+    assert_eq!(status(None, "bearer").await, 401);
+    assert_eq!(status(Some(BAD), "bearer").await, 401);
+    assert_eq!(status(Some(BAD), "x-api-key").await, 401);
+    assert_eq!(status(Some(GOOD), "bearer").await, 200);
+    assert_eq!(status(Some(GOOD), "x-api-key").await, 200);
     assert_eq!(
         gw.metric("mmgate_requests_total", "tenant=\"acme\"").await,
-        1.0
+        2.0
     );
+    let metrics = gw.metrics().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(gw.log_path()).unwrap();
+    assert!(
+        log.lines().count() > 10,
+        "the debug log is too short:\n{log}"
+    );
+    for key in [GOOD, BAD] {
+        assert!(!log.contains(key), "a key is in the log");
+        assert!(!metrics.contains(key), "a key is in /metrics");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -469,4 +490,46 @@ async fn an_iccp_bomb_costs_a_worker_at_most_max_decode_bytes() {
         .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
         .await;
     assert_eq!(r.status, 200, "{}", r.json);
+}
+
+/// `mmgate keys new` prints a fresh 256-bit key and the `key_hashes` line
+/// that admits it; a config with plaintext `keys` refuses to start and
+/// prints the lines to use instead, without echoing the key elsewhere.
+#[test]
+fn keys_new_makes_a_working_line_and_plaintext_keys_are_refused() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_mmgate"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["keys", "new"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with("mmg_"))
+        .unwrap_or_else(|| panic!("no key in {text}"));
+    assert_eq!(key.len(), 4 + 64, "{key}");
+    assert!(text.contains(&format!("key_hashes = [\"{}\"]", config::key_hash(key))));
+    let again = String::from_utf8(run(&["keys", "new"]).stdout).unwrap();
+    assert!(!again.contains(key), "two keys alike");
+
+    let dir = std::env::temp_dir().join(format!("mmgate-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = write_config(
+        &dir,
+        "[[tenants]]\nname = \"acme\"\nkeys = [\"plain-secret\"]\n",
+    );
+    let out = run(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success(), "started with plaintext keys");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "key_hashes = [\"{}\"]",
+            config::key_hash("plain-secret")
+        )),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,6 +20,25 @@ pub fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// Writes `dir/config.toml`: `configs/models/*`, port 0, the repo's
+/// .deps, and `extra` TOML merged in.
+pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
+    let r = repo();
+    let cfg = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"{}\"\nshutdown_grace_ms = 10000\n\
+         [executor]\nort_library = \"{}\"\nopenvino_library = \"{}\"\ncache_dir = \"{}\"\n{extra}\n",
+        r.join("configs/models").display(),
+        r.join(".deps/onnxruntime/libonnxruntime.so.1.32.0")
+            .display(),
+        r.join(".deps/openvino/libopenvino_c.so.2641").display(),
+        r.join(".deps/cache").display(),
+    );
+    let cfg = merge_sections(&cfg);
+    let path = dir.join("config.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
 pub fn deps_check() {
     for lib in [
         ".deps/onnxruntime/libonnxruntime.so.1.32.0",
@@ -54,6 +73,20 @@ impl Gateway {
     }
 
     pub async fn start_with(extra: &str, env: &[(&str, &str)]) -> Gateway {
+        Self::start_inner(extra, env, false).await
+    }
+
+    /// Starts with every process logging at `debug` into `self.log_path()`.
+    pub async fn start_logged(extra: &str) -> Gateway {
+        Self::start_inner(extra, &[("RUST_LOG", "debug")], true).await
+    }
+
+    /// The log file of a gateway started with [`Gateway::start_logged`].
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("mmgate.log")
+    }
+
+    async fn start_inner(extra: &str, env: &[(&str, &str)], logged: bool) -> Gateway {
         deps_check();
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let dir = std::env::temp_dir().join(format!(
@@ -62,25 +95,18 @@ impl Gateway {
             rand_suffix()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let r = repo();
-        let cfg = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"{}\"\nshutdown_grace_ms = 10000\n\
-             [executor]\nort_library = \"{}\"\nopenvino_library = \"{}\"\ncache_dir = \"{}\"\n{extra}\n",
-            r.join("configs/models").display(),
-            r.join(".deps/onnxruntime/libonnxruntime.so.1.32.0")
-                .display(),
-            r.join(".deps/openvino/libopenvino_c.so.2641").display(),
-            r.join(".deps/cache").display(),
-        );
-        let cfg = merge_sections(&cfg);
-        std::fs::write(dir.join("config.toml"), cfg).unwrap();
+        write_config(&dir, extra);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_mmgate"));
         cmd.arg("serve")
             .arg("--config")
             .arg(dir.join("config.toml"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if logged {
+                Stdio::from(std::fs::File::create(dir.join("mmgate.log")).unwrap())
+            } else {
+                Stdio::inherit()
+            })
             .process_group(0);
         for (k, v) in env {
             cmd.env(k, v);
