@@ -467,13 +467,21 @@ impl ServerConfig {
                     t.name
                 )));
             }
-            for h in &t.key_hashes {
-                hashes.push(parse_key_hash(h).ok_or_else(|| {
+            for (i, h) in t.key_hashes.iter().enumerate() {
+                // The value is not echoed: it may be a key pasted by mistake.
+                let parsed = parse_key_hash(h).ok_or_else(|| {
                     invalid(format!(
-                        "tenant {:?}: {h:?} is not `sha256:` and 64 hex digits",
+                        "tenant {:?}: key_hashes[{i}] is not `sha256:` and 64 hex digits (a key pasted here by mistake should be replaced by its line from `mmgate keys new`; rotate it)",
                         t.name
                     ))
-                })?);
+                })?;
+                if Some(parsed) == parse_key_hash(&key_hash("")) {
+                    return Err(invalid(format!(
+                        "tenant {:?}: key_hashes[{i}] is the hash of an empty key",
+                        t.name
+                    )));
+                }
+                hashes.push(parsed);
             }
         }
         hashes.sort_unstable();

@@ -144,13 +144,19 @@ impl Auth {
     }
 }
 
+/// The key a request presents; an empty one is no key.
 fn api_key(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        return Some(v.trim());
-    }
-    let auth = headers.get("authorization")?.to_str().ok()?;
-    let (scheme, key) = auth.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| key.trim())
+    let key = if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        v.trim()
+    } else {
+        let auth = headers.get("authorization")?.to_str().ok()?;
+        let (scheme, key) = auth.split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        key.trim()
+    };
+    (!key.is_empty()).then_some(key)
 }
 
 #[cfg(test)]
@@ -197,6 +203,14 @@ mod tests {
         assert_eq!(
             code(a.admit(&with("x-api-key", "nope"), "open_nsfw")),
             (anon(), Code::InvalidApiKey)
+        );
+        assert_eq!(
+            code(a.admit(&with("x-api-key", " "), "open_nsfw")),
+            (anon(), Code::MissingApiKey)
+        );
+        assert_eq!(
+            code(a.admit(&with("authorization", "Bearer "), "open_nsfw")),
+            (anon(), Code::MissingApiKey)
         );
         assert_eq!(
             code(a.admit(&with("authorization", "Bearer k1"), "other")),

@@ -77,7 +77,9 @@ pub struct Budget {
 
 impl Budget {
     pub fn new(total_bytes: usize) -> Self {
-        let total_kib = (total_bytes / 1024).min(Semaphore::MAX_PERMITS);
+        // Rounded up, as reservations are: a budget equal to the largest
+        // body always fits one such body.
+        let total_kib = total_bytes.div_ceil(1024).min(Semaphore::MAX_PERMITS);
         Self {
             kib: Arc::new(Semaphore::new(total_kib)),
             total_kib,
@@ -401,6 +403,16 @@ mod tests {
         let e = BodyError::find(err.as_ref()).expect("a BodyError");
         assert!(matches!(e, BodyError::Budget(_)), "{e}");
         assert_eq!(e.to_api().code, Code::UploadBudgetExhausted);
+    }
+
+    #[tokio::test]
+    async fn a_budget_of_an_odd_size_fits_a_body_of_that_size() {
+        let budget = Budget::for_tenant(10_000_000, "acme");
+        let r = Budget::new(10_000_000).reserve();
+        r.charge_tenant(budget).unwrap();
+        let body = Metered::new(chunks(10_000, 1000), r.clone(), Duration::from_secs(5), 1);
+        body.collect().await.unwrap();
+        assert_eq!(r.reserved_bytes(), 10_000_000usize.div_ceil(1024) * 1024);
     }
 
     #[tokio::test]

@@ -303,6 +303,7 @@ mod tests {
             TenantConcurrencyLimit,
             BodyTimeout,
             UploadBudgetExhausted,
+            TenantUploadBudgetExhausted,
             TooManyConnections,
             QueueFull,
             QueueTimeout,

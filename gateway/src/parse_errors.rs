@@ -66,7 +66,12 @@ impl<T> JsonParseErrors<T> {
             ),
             _ => return None,
         };
+        // hyper's canned answer is a head alone, the last thing it writes:
+        // anything after the blank line means this is not one.
         let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+        if end != buf.len() {
+            return None;
+        }
         let head = buf[..end].to_ascii_lowercase();
         let empty = head
             .windows(b"\r\ncontent-length: 0\r\n".len())
@@ -135,8 +140,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for JsonParseErrors<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let first = bufs.iter().find(|b| !b.is_empty()).map(|b| &**b);
-        if let Some(first) = first
+        // A canned answer is one head-only buffer.
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(first), None) = (filled.next(), filled.next())
             && let Some(p) = self.poll_replace(cx, first)
         {
             return p;
@@ -176,5 +182,10 @@ mod tests {
         assert!(w.replacement_for(app).is_none());
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         assert!(w.replacement_for(ok).is_none());
+        // A canned head with more after it (another answer's bytes) is
+        // left alone.
+        let mut more = hyper.to_vec();
+        more.extend_from_slice(b"HTTP/1.1 200 OK");
+        assert!(w.replacement_for(&more).is_none());
     }
 }

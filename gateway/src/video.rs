@@ -359,6 +359,7 @@ pub async fn score_video(
     let job = WorkJob::new(core, request_id, model, data, task);
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
+    let _abandon = claim.abandon_on_drop();
     // Until the first event, the job may still be queued: past the queue
     // deadline it is abandoned.
     let queued_until = crate::workers::queue_deadline(core, enqueued);

@@ -101,6 +101,23 @@ impl Claim {
     pub fn is_taken(&self) -> bool {
         self.state.load(Ordering::Acquire) == Self::TAKEN
     }
+
+    /// Abandons the job when dropped, if no worker took it by then: a
+    /// caller that goes away (the client hung up, a sibling image failed)
+    /// frees its queued upload at once instead of when a worker pops it.
+    pub fn abandon_on_drop(&self) -> AbandonOnDrop {
+        AbandonOnDrop(self.clone())
+    }
+}
+
+/// See [`Claim::abandon_on_drop`].
+#[derive(Debug)]
+pub struct AbandonOnDrop(Claim);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
+    }
 }
 
 /// When a job no worker thread has taken is given up on:

@@ -47,13 +47,15 @@ fn undecodable(e: impl ToString) -> PreprocessError {
 }
 
 /// Bytes of the whole-image buffer of DCT coefficients that libjpeg keeps
-/// for a progressive JPEG (each scan refines every block, so every block
-/// is held until the last one), whatever the output scaling: 2 bytes per
+/// for a JPEG of several scans, progressive or sequential with components
+/// in separate scans (each scan adds to every block, so every block is held
+/// until the last one), whatever the output scaling: 2 bytes per
 /// coefficient, 64 per 8×8 block of each component at its sampling. A
-/// sequential JPEG is decoded a row of blocks at a time: 0.
-fn coefficient_bytes(h: &turbojpeg::DecompressHeader) -> u64 {
+/// JPEG whose first scan holds every component is decoded a row of blocks
+/// at a time: 0.
+fn coefficient_bytes(h: &turbojpeg::DecompressHeader, data: &[u8]) -> u64 {
     use turbojpeg::Subsamp;
-    if !h.is_progressive {
+    if !h.is_progressive && !first_scan_is_partial(data) {
         return 0;
     }
     // Blocks per 16×16 luma area, summed over components (an upper bound
@@ -67,6 +69,47 @@ fn coefficient_bytes(h: &turbojpeg::DecompressHeader) -> u64 {
     };
     let mcus = (h.width as u64).div_ceil(16) * (h.height as u64).div_ceil(16);
     mcus * blocks_per_mcu * 64 * 2
+}
+
+/// Whether the first scan (SOS) holds fewer components than the frame
+/// (SOF): libjpeg then needs every scan before it can output a row. Walks
+/// the marker segments up to the first SOS; anything malformed is left to
+/// the decoder (false).
+fn first_scan_is_partial(data: &[u8]) -> bool {
+    let mut pos = 2; // after SOI
+    let mut components = None;
+    while pos + 4 <= data.len() {
+        if data[pos] != 0xFF {
+            return false;
+        }
+        let marker = data[pos + 1];
+        if marker == 0xFF {
+            pos += 1; // fill byte
+            continue;
+        }
+        if marker == 0x01 || (0xD0..=0xD7).contains(&marker) {
+            pos += 2;
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([data[pos + 2], data[pos + 3]]));
+        let segment = &data[pos + 2..data.len().min(pos + 2 + len)];
+        match marker {
+            // SOF0..SOF15 but DHT (C4), JPG (C8), DAC (CC): Nf at byte 7.
+            0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                components = segment.get(7).copied();
+            }
+            // SOS: Ns at byte 2.
+            0xDA => {
+                return match (segment.get(2), components) {
+                    (Some(&ns), Some(nf)) => ns < nf,
+                    _ => false,
+                };
+            }
+            _ => {}
+        }
+        pos += 2 + len;
+    }
+    false
 }
 
 /// Decodes a JPEG, downscaled in the DCT domain where `p` allows it.
@@ -132,7 +175,12 @@ fn decode_with(
     tj.set_scaling_factor(factor).map_err(undecodable)?;
     let scaled = header.scaled(factor);
     let raster = scaled.width as u64 * scaled.height as u64 * bpp as u64;
-    check_decode_bytes(width, height, raster + coefficient_bytes(&header), limits)?;
+    check_decode_bytes(
+        width,
+        height,
+        raster + coefficient_bytes(&header, data),
+        limits,
+    )?;
     let mut buf = vec![0u8; scaled.width * scaled.height * bpp];
     let image = Image {
         pixels: &mut buf[..],
@@ -179,6 +227,42 @@ fn dct_factor(w: usize, h: usize, swap: bool, target: (u32, u32)) -> ScalingFact
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SOI, an APP0, a SOF0 of `nf` components, an SOS of `ns`, some data.
+    fn jpeg_head(nf: u8, ns: u8) -> Vec<u8> {
+        let mut d = vec![0xFF, 0xD8, 0xFF, 0xE0, 0, 4, 0, 0];
+        let mut sof = vec![0xFF, 0xC0, 0, 8 + 3 * nf, 8, 0, 16, 0, 16, nf];
+        for c in 0..nf {
+            sof.extend_from_slice(&[c + 1, 0x11, 0]);
+        }
+        d.extend_from_slice(&sof);
+        let mut sos = vec![0xFF, 0xDA, 0, 6 + 2 * ns, ns];
+        for c in 0..ns {
+            sos.extend_from_slice(&[c + 1, 0]);
+        }
+        sos.extend_from_slice(&[0, 63, 0, 0x12, 0x34]);
+        d.extend_from_slice(&sos);
+        d
+    }
+
+    #[test]
+    fn a_first_scan_with_fewer_components_than_the_frame_is_found() {
+        assert!(first_scan_is_partial(&jpeg_head(3, 1)));
+        assert!(!first_scan_is_partial(&jpeg_head(3, 3)));
+        assert!(!first_scan_is_partial(&jpeg_head(1, 1)));
+        let real = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/images/coffee.jpg"
+        ))
+        .unwrap();
+        assert!(
+            !first_scan_is_partial(&real),
+            "an interleaved baseline JPEG"
+        );
+        // Cut or garbled heads are left to the decoder.
+        assert!(!first_scan_is_partial(&jpeg_head(3, 1)[..12]));
+        assert!(!first_scan_is_partial(&[0xFF, 0xD8, 0x00, 0x00, 0x00]));
+    }
 
     #[test]
     fn dct_scaling_keeps_twice_the_target() {

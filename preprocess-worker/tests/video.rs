@@ -406,6 +406,12 @@ fn a_stated_duration_shorter_than_the_stream_is_not_trusted() {
     let d = w.run(&clip, sampling(SampleMode::Count(4))).done().clone();
     assert_eq!(d.frames_sampled, 4, "{d:?}");
     assert!(d.truncated, "{d:?}");
+    // Every frame, each once, though the decoder seeks back to a keyframe
+    // to go on past the stated end.
+    let run = w.run(&clip, sampling(SampleMode::All));
+    let times = run.times();
+    assert_eq!(times.len(), 250, "{:?}", run.done());
+    assert!(times.windows(2).all(|w| w[0] < w[1]), "a frame came twice");
     // A request end past the stated duration is sampled to that end.
     let mut s = sampling(SampleMode::Fps(1.0));
     s.end = Some(7.5);

@@ -24,6 +24,9 @@ pub(crate) struct Sampler {
     targets: Option<u64>,
     /// Index of the next target.
     next: u64,
+    /// The latest time offered within the range: a frame at or before it
+    /// is never sampled (again), e.g. when the decoder seeks back.
+    seen: f64,
 }
 
 impl Sampler {
@@ -52,6 +55,7 @@ impl Sampler {
             rate,
             targets,
             next: 0,
+            seen: f64::NEG_INFINITY,
         }
     }
 
@@ -61,6 +65,10 @@ impl Sampler {
         if self.done() || t < self.start || t >= self.end || !t.is_finite() {
             return false;
         }
+        if t <= self.seen {
+            return false;
+        }
+        self.seen = t;
         let Some(rate) = self.rate else {
             return true;
         };

@@ -202,9 +202,11 @@ impl Opened {
     /// Whether the video stream has a packet shown after `t` seconds, read
     /// on from the current position without decoding (cheap: the packets
     /// of a whole file take milliseconds). `None` once `deadline` passes.
-    /// Used to check a stated duration before trusting it.
+    /// Used to check a stated duration before trusting it, so it errs on
+    /// the side of "yes": a video packet without a timestamp, or a read
+    /// error other than the end of the input, counts as running past (the
+    /// decoding loop then deals with whatever follows).
     pub fn runs_past(&mut self, t: f64, deadline: Instant) -> Option<bool> {
-        let mut bad = 0;
         loop {
             if Instant::now() > deadline {
                 return None;
@@ -212,16 +214,16 @@ impl Opened {
             let mut packet = ffmpeg::Packet::empty();
             match packet.read(&mut self.input) {
                 Ok(()) => {}
-                Err(ffmpeg::Error::InvalidData) if bad < 64 => {
-                    bad += 1;
-                    continue;
-                }
+                Err(ffmpeg::Error::Eof) => return Some(false),
                 Err(ffmpeg::Error::Exit) => return None,
-                Err(_) => return Some(false),
+                Err(_) => return Some(true),
             }
-            let shown = packet.pts().or(packet.dts()).and_then(|p| self.seconds(p));
-            if packet.stream() == self.stream && shown.is_some_and(|s| s > t) {
-                return Some(true);
+            if packet.stream() != self.stream {
+                continue;
+            }
+            match packet.pts().or(packet.dts()).and_then(|p| self.seconds(p)) {
+                Some(shown) if shown <= t => continue,
+                _ => return Some(true),
             }
         }
     }
