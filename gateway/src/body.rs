@@ -305,9 +305,10 @@ where
     }
 }
 
-/// An answer's body, holding `G` (its request's reservation, the
-/// connection's count of requests in progress) until hyper has written it
-/// or the connection is gone.
+/// An answer's body, holding `G` (its request's budget reservation) as
+/// long as the body lives: hyper drops it once its last bytes are in
+/// hyper's write buffer, and `http.rs` parks it on the connection until
+/// that buffer is flushed (or the connection is gone).
 pub struct Held<B, G> {
     inner: B,
     _guard: G,

@@ -30,7 +30,6 @@ use tokio::sync::{Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::task::TaskTracker;
 
-use crate::body::Held;
 use crate::core::Core;
 use crate::error::{ApiError, Code};
 use crate::parse_errors::JsonParseErrors;
@@ -96,11 +95,16 @@ pub async fn serve(
         let mut io = TimeoutStream::new(stream);
         io.set_write_timeout(Some(write_timeout));
         let busy = Arc::new(AtomicUsize::new(0));
+        let unwritten = Arc::new(Unwritten::default());
         let service = TowerToHyperService::new(Tracked {
             inner: app.clone(),
             busy: busy.clone(),
+            unwritten: unwritten.clone(),
         });
-        let io = JsonParseErrors::new(Box::pin(io), limits.max_headers);
+        let io = Flushed::new(
+            JsonParseErrors::new(Box::pin(io), limits.max_headers),
+            unwritten,
+        );
         let conn = builder.serve_connection(TokioIo::new(io), service);
         let open = core.metrics.open_connections.clone();
         let stop = stop.clone();
@@ -173,11 +177,147 @@ where
     }
 }
 
-/// The app, counting the requests in progress on one connection.
+/// The app, counting the requests in progress on one connection. A
+/// request is in progress until its answer is on the socket: hyper drops an
+/// answer's body once it has taken its last bytes into its own write
+/// buffer, so the body (and what it holds: the request's budget
+/// reservation, its `Busy` count) is parked on the connection until hyper
+/// has flushed that buffer, or the connection ends.
 #[derive(Clone)]
 struct Tracked {
     inner: Router,
     busy: Arc<AtomicUsize>,
+    unwritten: Arc<Unwritten>,
+}
+
+/// Answer bodies hyper is done with but has not flushed yet, with what
+/// they hold.
+#[derive(Default)]
+struct Unwritten(std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>);
+
+impl Unwritten {
+    fn park(&self, held: Box<dyn std::any::Any + Send>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(held);
+    }
+
+    /// hyper's buffer is on the socket (or the connection is gone).
+    fn release(&self) {
+        let parked = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(parked);
+    }
+}
+
+/// An answer's body that, when hyper drops it, parks itself and its
+/// `Busy` on the connection until the next completed flush.
+struct Answer {
+    body: Option<axum::body::Body>,
+    busy: Option<Busy>,
+    unwritten: Arc<Unwritten>,
+}
+
+impl http_body::Body for Answer {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        match self.body.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            http_body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for Answer {
+    fn drop(&mut self) {
+        let held = (self.body.take(), self.busy.take());
+        self.unwritten.park(Box::new(held));
+    }
+}
+
+/// The connection's IO, releasing the parked answers whenever a flush
+/// completes (hyper flushes the socket only once its buffer is written)
+/// and when the connection is dropped.
+struct Flushed<T> {
+    inner: T,
+    unwritten: Arc<Unwritten>,
+}
+
+impl<T> Flushed<T> {
+    fn new(inner: T, unwritten: Arc<Unwritten>) -> Self {
+        Self { inner, unwritten }
+    }
+}
+
+impl<T> Drop for Flushed<T> {
+    fn drop(&mut self) {
+        self.unwritten.release();
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Flushed<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Flushed<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_flush(cx));
+        if r.is_ok() {
+            self.unwritten.release();
+        }
+        std::task::Poll::Ready(r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 impl<B> tower::Service<hyper::Request<B>> for Tracked
@@ -200,12 +340,18 @@ where
 
     fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
         let busy = Busy::new(self.busy.clone());
+        let unwritten = self.unwritten.clone();
         let req = req.map(axum::body::Body::new);
         let fut = tower::Service::call(&mut self.inner.clone(), req);
         Box::pin(async move {
-            // In progress until the answer's body is written or dropped.
             let r = fut.await?;
-            Ok(r.map(|b| axum::body::Body::new(Held::new(b, busy))))
+            Ok(r.map(|b| {
+                axum::body::Body::new(Answer {
+                    body: Some(b),
+                    busy: Some(busy),
+                    unwritten,
+                })
+            }))
         })
     }
 }
@@ -275,10 +421,11 @@ pub fn raise_nofile_limit() -> u64 {
 mod tests {
     use super::*;
 
-    /// A request is in progress until its answer's body is written: the
-    /// drain must not drop a connection that is still writing an answer.
+    /// A request is in progress until its answer is flushed to the socket:
+    /// the drain must not drop a connection that is still writing an
+    /// answer, and the answer's budget is held until then.
     #[tokio::test]
-    async fn a_request_is_busy_until_its_answer_body_is_gone() {
+    async fn a_request_is_busy_until_its_answer_is_flushed() {
         use axum::routing::get;
         let app = Router::new().route(
             "/",
@@ -290,16 +437,24 @@ mod tests {
             }),
         );
         let busy = Arc::new(AtomicUsize::new(0));
+        let unwritten = Arc::new(Unwritten::default());
         let mut svc = Tracked {
             inner: app,
             busy: busy.clone(),
+            unwritten: unwritten.clone(),
         };
         let req = axum::http::Request::get("/")
             .body(axum::body::Body::empty())
             .unwrap();
         let resp = tower::Service::call(&mut svc, req).await.unwrap();
         assert_eq!(busy.load(Ordering::Acquire), 1, "answer not yet written");
+        // hyper drops the body once it holds its last bytes: still unwritten.
         drop(resp);
+        assert_eq!(busy.load(Ordering::Acquire), 1, "answer not yet flushed");
+        // A completed flush writes it.
+        let (mut io, _peer) = tokio::io::duplex(64);
+        let mut flushed = Flushed::new(&mut io, unwritten.clone());
+        tokio::io::AsyncWriteExt::flush(&mut flushed).await.unwrap();
         assert_eq!(busy.load(Ordering::Acquire), 0);
     }
 
