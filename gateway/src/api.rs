@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::AppState;
 use crate::body::{Held, Metered, Reservation};
@@ -179,8 +180,12 @@ async fn score(
     // The upload reserves its bytes of the shared budget as they arrive;
     // the answer's bytes take their place until the answer is written.
     let reservation = app.body_budget.reserve();
-    let (tenant, outcome) =
-        score_inner(&app, &model, &rid, req, &reservation, &mut body_read).await;
+    // Every log line of this request, here and in the children, carries
+    // its id.
+    let span = tracing::debug_span!("request", request_id = %rid);
+    let (tenant, outcome) = score_inner(&app, &model, &rid, req, &reservation, &mut body_read)
+        .instrument(span.clone())
+        .await;
     let core = &app.core;
     let known = core.model(&model).is_some();
     let label = if known { model.as_str() } else { "unknown" };
@@ -221,6 +226,7 @@ async fn score(
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
+    span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), tenant, "answered"));
     let (parts, body) = resp.into_parts();
     let size = http_body::Body::size_hint(&body);
     reservation.settle(size.exact().unwrap_or(size.lower()) as usize);

@@ -59,6 +59,7 @@ impl Executor {
     /// not answer within `executor.infer_timeout_ms` is killed and restarted.
     pub async fn infer(
         &self,
+        request_id: &str,
         lease: SlotLease,
         pending: u32,
         within: Duration,
@@ -83,6 +84,7 @@ impl Executor {
         };
         let msg = ToExecutor::Infer(InferJob {
             job_id,
+            request_id: request_id.to_string(),
             slot,
             pending,
         });

@@ -285,7 +285,7 @@ pub async fn score_one(
     let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
     let scores = app
         .executor
-        .infer(pre.lease, core.pending(model), within)
+        .infer(request_id, pre.lease, core.pending(model), within)
         .await?;
     let timings = Timings {
         queue_ms: ms(pre.queue),

@@ -380,9 +380,10 @@ pub async fn score_video(
                     let executor = app.executor.clone();
                     let pending = core.pending(model);
                     let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
+                    let rid = request_id.to_string();
                     inflight.push(async move {
                         let Grant { lease, _window } = grant;
-                        (t, executor.infer(lease, pending, within).await)
+                        (t, executor.infer(&rid, lease, pending, within).await)
                     });
                 }
                 Some(VideoEvent::Done(d)) => {

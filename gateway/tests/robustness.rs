@@ -533,3 +533,36 @@ fn keys_new_makes_a_working_line_and_plaintext_keys_are_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One request id follows a request across processes: sent as
+/// `x-request-id`, it is in the gateway's, a worker's and the executor's
+/// log lines, for an image and for a video.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_is_in_every_process_log_for_images_and_videos() {
+    let gw = Gateway::start_logged("").await;
+    let send = |id: &'static str, body: Vec<u8>| {
+        let req = gw
+            .client
+            .post(gw.url("/v1/models/open_nsfw/score?fps=1"))
+            .header("x-request-id", id)
+            .body(body);
+        async move { Reply::read(req.send().await.unwrap()).await }
+    };
+    let r = send("trace-me-123", fixture("images/coffee.jpg")).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let video = std::fs::read(repo().join(".deps/videos/h264.mp4")).unwrap();
+    let r = send("trace-me-vid-456", video).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(gw.log_path()).unwrap();
+    for id in ["trace-me-123", "trace-me-vid-456"] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(id)).collect();
+        for process in ["gateway", "preprocess_worker", "gpu_executor"] {
+            assert!(
+                lines.iter().any(|l| l.contains(process)),
+                "no {process} line carries {id}:\n{}",
+                lines.join("\n")
+            );
+        }
+    }
+}

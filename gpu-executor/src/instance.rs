@@ -196,6 +196,13 @@ impl Worker {
             let mut values = chunk.to_vec();
             postprocess::apply(self.model.postprocess, &mut values);
             let job_id = q.job.job_id;
+            tracing::debug!(
+                request_id = %q.job.request_id,
+                job_id,
+                batch = n,
+                infer_us,
+                "scored"
+            );
             let scores = Scores {
                 job_id,
                 values,
@@ -303,6 +310,7 @@ mod tests {
         tensors.write_f32(slot, |s| s.fill(1.0)).unwrap();
         let job = InferJob {
             job_id,
+            request_id: format!("test-{job_id}"),
             slot,
             pending: 0,
         };

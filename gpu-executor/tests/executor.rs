@@ -103,6 +103,7 @@ impl Executor {
         self.fill(slot, data);
         self.send(ToExecutor::Infer(InferJob {
             job_id,
+            request_id: "test".into(),
             slot,
             pending: 0,
         }));
@@ -155,6 +156,7 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.fill(s, &common::sample(&spec, 0));
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 11,
+        request_id: "test".into(),
         slot: s,
         pending: 0,
     }));
@@ -174,6 +176,7 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.fill(s2, &common::sample(&spec, 0));
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 12,
+        request_id: "test".into(),
         slot: s2,
         pending: 0,
     }));
@@ -192,6 +195,7 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.pool.stamp(slot(1, 6)).unwrap();
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 13,
+        request_id: "test".into(),
         slot: slot(1, 5),
         pending: 0,
     }));
@@ -207,6 +211,7 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.pool.stamp(slot(2, 9)).unwrap();
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 14,
+        request_id: "test".into(),
         slot: slot(2, 9),
         pending: 0,
     }));
@@ -215,6 +220,7 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     // An unknown model index is answered, not fatal.
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 15,
+        request_id: "test".into(),
         slot: SlotRef {
             model: 7,
             slot: 0,
@@ -240,6 +246,7 @@ fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
         ex.fill(s, &common::sample(&spec, k));
         ex.send(ToExecutor::Infer(InferJob {
             job_id: k as u64,
+            request_id: "test".into(),
             slot: s,
             pending: 7 - k,
         }));

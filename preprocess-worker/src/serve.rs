@@ -143,6 +143,7 @@ fn route(routes: &Routes, job_id: u64, c: Control) {
 /// goes out, so every later Grant is known to be unused.
 fn answer_video(ctx: &Ctx, routes: &Routes, job: VideoJob, control: Receiver<Control>) {
     let job_id = job.job_id;
+    let _span = tracing::debug_span!("video", request_id = %job.request_id, job_id).entered();
     let send = |m: &FromWorker| ctx.send(m);
     let model = match ctx.models.get(usize::from(job.model)) {
         Some(m) => m,
@@ -173,8 +174,9 @@ fn answer_video(ctx: &Ctx, routes: &Routes, job: VideoJob, control: Receiver<Con
             error: internal("the preprocess worker panicked on this video"),
         });
     lock(routes).remove(&job_id);
-    if let FromWorker::Failed { error, .. } = &last {
-        tracing::debug!(job_id, request_id = %job.request_id, "video job failed: {}", error.message);
+    match &last {
+        FromWorker::Failed { error, .. } => tracing::debug!("video job failed: {}", error.message),
+        other => tracing::debug!(?other, "video job done"),
     }
     ctx.send(&last);
 }
@@ -197,10 +199,14 @@ fn setup(init: WorkerInit, opts: &ServeOptions, out: UnixStream) -> anyhow::Resu
 /// Runs one job and sends its answer, even when the pipeline panics.
 fn answer(ctx: &Ctx, job: Job) {
     let job_id = job.job_id;
+    let _span = tracing::debug_span!("job", request_id = %job.request_id, job_id).entered();
     let msg = match catch_unwind(AssertUnwindSafe(|| run_job(ctx, &job))) {
-        Ok(Ok(done)) => FromWorker::Done(done),
+        Ok(Ok(done)) => {
+            tracing::debug!(decode_us = done.decode_us, "image preprocessed");
+            FromWorker::Done(done)
+        }
         Ok(Err(error)) => {
-            tracing::debug!(job_id, request_id = %job.request_id, "job failed: {}", error.message);
+            tracing::debug!("job failed: {}", error.message);
             FromWorker::Failed { job_id, error }
         }
         Err(_) => FromWorker::Failed {

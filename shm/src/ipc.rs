@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PoolLayout, SlotRef};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTO_VERSION: u32 = 2;
+pub const PROTO_VERSION: u32 = 3;
 
 /// First message from any child.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,9 +206,11 @@ pub struct ExecutorInit {
     pub executor: ExecutorSection,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InferJob {
     pub job_id: u64,
+    /// The request's id, for the executor's log lines.
+    pub request_id: String,
     pub slot: SlotRef,
     /// Samples of the same model still being preprocessed when this one was
     /// sent: 0 tells the batcher not to wait for more.
