@@ -488,8 +488,16 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
         let _ = s.write_all(&body).await;
         floods.push(s);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let held = gw.metric("mmgate_buffered_bytes", "").await;
+    // Wait (on a busy machine) until the server has read what was sent.
+    let t = Instant::now();
+    let mut held = 0.0;
+    while t.elapsed() < Duration::from_secs(8) {
+        held = gw.metric("mmgate_buffered_bytes", "").await;
+        if held >= 4_000_000.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         (4_000_000.0..=4_194_304.0).contains(&held),
         "the flooding tenant holds {held} bytes; its share is 4 MiB"
@@ -497,7 +505,7 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
     let mut refused = 0;
     for s in &mut floods {
         let mut buf = [0u8; 4096];
-        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1500), s.read(&mut buf)).await
         {
             let text = String::from_utf8_lossy(&buf[..n]);
             if text.starts_with("HTTP/1.1 429") {
