@@ -282,12 +282,21 @@ impl Tenant {
     }
 }
 
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The SHA-256 of an API key: what `key_hashes` stores and a presented key
+/// is compared by.
+pub fn key_digest(key: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key.as_bytes()).into()
+}
+
 /// The SHA-256 of an API key, as it is written in `key_hashes`.
 pub fn key_hash(key: &str) -> String {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", hex(&key_digest(key)))
 }
 
 /// The 32 bytes of a `sha256:<64 hex digits>` line, if it is one.
@@ -475,7 +484,7 @@ impl ServerConfig {
                         t.name
                     ))
                 })?;
-                if Some(parsed) == parse_key_hash(&key_hash("")) {
+                if parsed == key_digest("") {
                     return Err(invalid(format!(
                         "tenant {:?}: key_hashes[{i}] is the hash of an empty key",
                         t.name

@@ -131,8 +131,7 @@ impl Auth {
     /// The tenant whose key this is: its SHA-256 compared with every stored
     /// hash, each in constant time, with no early exit.
     fn tenant_of(&self, key: &str) -> Option<usize> {
-        use sha2::Digest;
-        let h: [u8; 32] = sha2::Sha256::digest(key.as_bytes()).into();
+        let h = config::key_digest(key);
         let mut found = None;
         for (stored, i) in &self.hashes {
             let diff = stored.iter().zip(&h).fold(0u8, |acc, (a, b)| acc | (a ^ b));

@@ -42,8 +42,7 @@ pub enum KeysCommand {
 pub fn new_key() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!("mmg_{hex}"))
+    Ok(format!("mmg_{}", config::hex(&bytes)))
 }
 
 #[derive(Debug, Args)]

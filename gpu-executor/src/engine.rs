@@ -120,11 +120,7 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut std::fs::File::open(path)?, &mut hasher)?;
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(config::hex(&hasher.finalize()))
 }
 
 /// Loads one ONNX Runtime instance of `spec`.
