@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -16,7 +15,7 @@ use serde_json::json;
 use tracing::Instrument;
 
 use crate::AppState;
-use crate::body::{Held, Metered, Reservation};
+use crate::body::{Metered, Reservation};
 use crate::error::{ApiError, Code};
 use crate::score::{self, ScoreResponse};
 use crate::video::{self, VideoResponse};
@@ -227,10 +226,11 @@ async fn score(
         resp.headers_mut().insert("x-request-id", v);
     }
     span.in_scope(|| tracing::debug!(status = resp.status().as_u16(), tenant, "answered"));
-    let (parts, body) = resp.into_parts();
-    let size = http_body::Body::size_hint(&body);
+    let size = http_body::Body::size_hint(resp.body());
     reservation.settle(size.exact().unwrap_or(size.lower()) as usize);
-    Response::from_parts(parts, Body::new(Held::new(body, reservation)))
+    // Held with the answer until it is written (http.rs).
+    resp.extensions_mut().insert(reservation);
+    resp
 }
 
 /// Returns the tenant label for metrics and the outcome.

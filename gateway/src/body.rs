@@ -6,8 +6,9 @@
 //! that averages under `http.min_body_rate_bytes_per_s` once that long has
 //! passed, ends with 408: a trickle cannot hold a connection, a tenant's
 //! slot or the budget. Once the answer is built the reservation is settled
-//! to the answer's size and held by the answer's body until hyper has
-//! written it or the connection is gone: answers nobody reads count too.
+//! to the answer's size and travels with the answer (a response extension),
+//! which `http.rs` holds until hyper has flushed it to the socket or the
+//! connection is gone: answers nobody reads count too.
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -305,44 +306,6 @@ where
     }
 }
 
-/// An answer's body, holding `G` (its request's budget reservation) as
-/// long as the body lives: hyper drops it once its last bytes are in
-/// hyper's write buffer, and `http.rs` parks it on the connection until
-/// that buffer is flushed (or the connection is gone).
-pub struct Held<B, G> {
-    inner: B,
-    _guard: G,
-}
-
-impl<B, G> Held<B, G> {
-    pub fn new(inner: B, guard: G) -> Self {
-        Self {
-            inner,
-            _guard: guard,
-        }
-    }
-}
-
-impl<B: Body + Unpin, G: Unpin> Body for Held<B, G> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use http_body_util::{BodyExt, StreamBody};
@@ -378,7 +341,8 @@ mod tests {
         // The upload is gone; the answer (3 KiB) takes its place.
         r.settle(2_500);
         assert_eq!(budget.held_bytes(), 3 * 1024);
-        let answer = Held::new(http_body_util::Full::new(Bytes::from(vec![1u8; 2_500])), r);
+        // The answer holds it (see http.rs: until it is flushed).
+        let answer = r;
         assert_eq!(budget.held_bytes(), 3 * 1024);
         // Growing takes only what is free.
         let other = budget.reserve();

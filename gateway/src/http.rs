@@ -30,6 +30,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::task::TaskTracker;
 
+use crate::body::Reservation;
 use crate::core::Core;
 use crate::error::{ApiError, Code};
 use crate::parse_errors::JsonParseErrors;
@@ -180,9 +181,10 @@ where
 /// The app, counting the requests in progress on one connection. A
 /// request is in progress until its answer is on the socket: hyper drops an
 /// answer's body once it has taken its last bytes into its own write
-/// buffer, so the body (and what it holds: the request's budget
-/// reservation, its `Busy` count) is parked on the connection until hyper
-/// has flushed that buffer, or the connection ends.
+/// buffer, so the body and what the answer holds (its `Busy` count, and
+/// the request's budget reservation, which the app attaches as a response
+/// extension) are parked on the connection until hyper has flushed that
+/// buffer, or the connection ends.
 #[derive(Clone)]
 struct Tracked {
     inner: Router,
@@ -212,6 +214,7 @@ impl Unwritten {
 struct Answer {
     body: Option<axum::body::Body>,
     busy: Option<Busy>,
+    reservation: Option<Arc<Reservation>>,
     unwritten: Arc<Unwritten>,
 }
 
@@ -245,7 +248,7 @@ impl http_body::Body for Answer {
 
 impl Drop for Answer {
     fn drop(&mut self) {
-        let held = (self.body.take(), self.busy.take());
+        let held = (self.body.take(), self.busy.take(), self.reservation.take());
         self.unwritten.park(Box::new(held));
     }
 }
@@ -344,11 +347,13 @@ where
         let req = req.map(axum::body::Body::new);
         let fut = tower::Service::call(&mut self.inner.clone(), req);
         Box::pin(async move {
-            let r = fut.await?;
+            let mut r = fut.await?;
+            let reservation = r.extensions_mut().remove::<Arc<Reservation>>();
             Ok(r.map(|b| {
                 axum::body::Body::new(Answer {
                     body: Some(b),
                     busy: Some(busy),
+                    reservation,
                     unwritten,
                 })
             }))
