@@ -70,9 +70,7 @@ async fn a_slowloris_head_is_cut_off_at_the_header_timeout() {
         "closed after {closed:?}"
     );
     // Everyone else is served meanwhile and after.
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
 
@@ -111,9 +109,7 @@ async fn idle_connections_are_closed_and_surplus_ones_get_json_503() {
     drop(idle);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(gw.metric("mmgate_connections_total", "refused").await >= 1.0);
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
 
@@ -142,9 +138,7 @@ async fn silent_uploads_reserve_nothing_block_nobody_and_time_out_with_408() {
         silent.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(
         r.status, 200,
         "silent uploads blocked an upload: {}",
@@ -274,9 +268,7 @@ async fn a_flood_of_surplus_connections_costs_a_bounded_number_of_fds() {
         during - before
     );
     drop(held);
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
 
@@ -335,21 +327,8 @@ async fn requests_hyper_rejects_get_json_errors() {
         assert_eq!(v["error"]["code"], code, "{body}");
     }
     // The gateway still serves.
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
-}
-
-/// VmRSS of a process, in bytes.
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
 }
 
 /// 30 clients pipeline requests whose answers are as large as answers get
@@ -368,12 +347,10 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
     let pid = gw.pid();
     // Warm up: the first requests size the allocator's pools.
     for _ in 0..3 {
-        let r = gw
-            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-            .await;
+        let r = gw.good_image().await;
         assert_eq!(r.status, 200, "{}", r.json);
     }
-    let before = rss(pid);
+    let before = status_kb(pid, "VmRSS") * 1024;
     let gif = fixture("images/no_time_for_that_tiny.gif");
     let name = "n".repeat(120_000);
     let mut body = Vec::new();
@@ -418,11 +395,9 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
     let mut peak_buffered = 0.0f64;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(8) {
-        let r = gw
-            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-            .await;
+        let r = gw.good_image().await;
         assert_eq!(r.status, 200, "{}", r.json);
-        peak_rss = peak_rss.max(rss(pid));
+        peak_rss = peak_rss.max(status_kb(pid, "VmRSS") * 1024);
         peak_buffered = peak_buffered.max(gw.metric("mmgate_buffered_bytes", "").await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

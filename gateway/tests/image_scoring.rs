@@ -214,12 +214,7 @@ async fn api_surface_models_health_metrics_and_unknowns() {
         (r.status, &r.json["executor_ready"]),
         (200, &serde_json::json!(true))
     );
-    assert_eq!(
-        gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-            .await
-            .status,
-        200
-    );
+    assert_eq!(gw.good_image().await.status, 200);
     let text = gw.metrics().await;
     for name in [
         "mmgate_requests_total",

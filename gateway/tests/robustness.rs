@@ -77,9 +77,7 @@ async fn bad_inputs_get_json_4xx_within_a_second_and_memory_stays_bounded() {
         );
         assert!(peak < 1 << 20, "pid {pid} peaked at {peak} kB");
     }
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "a valid image still works: {}", r.json);
     assert_eq!(leased(&gw).await, 0.0, "no slot leaked");
     // An image over the byte limit is refused before any worker sees it.
@@ -138,9 +136,7 @@ async fn sigkill_of_a_worker_mid_request_gives_json_5xx_respawn_and_no_leaked_sl
             .await,
         2.0
     );
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200);
 }
 
@@ -156,9 +152,7 @@ async fn a_decode_over_the_deadline_is_a_422_and_the_worker_is_replaced() {
         r.json
     );
     gw.wait_ready(Duration::from_secs(5)).await;
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(leased(&gw).await, 0.0);
     let after = gw.children("preprocess-work");
@@ -172,17 +166,13 @@ async fn sigkill_of_the_executor_fails_cleanly_and_it_comes_back() {
     let exec = gw.children("gpu-executor");
     kill(Pid::from_raw(exec[0] as i32), Signal::SIGKILL).unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert!(r.status == 200 || r.status >= 500, "{}", r.json);
     if r.status != 200 {
         assert!(r.json["error"]["code"].is_string(), "{}", r.json);
     }
     gw.wait_ready(Duration::from_secs(30)).await;
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(leased(&gw).await, 0.0);
 }
@@ -320,9 +310,7 @@ async fn a_hung_executor_times_out_is_replaced_and_frees_the_slot() {
     let exec = gw.children("gpu-executor");
     kill(Pid::from_raw(exec[0] as i32), Signal::SIGSTOP).unwrap();
     let t = Instant::now();
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(
         (r.status, r.code()),
         (502, "executor_crashed"),
@@ -337,9 +325,7 @@ async fn a_hung_executor_times_out_is_replaced_and_frees_the_slot() {
     gw.wait_ready(Duration::from_secs(30)).await;
     assert_ne!(gw.children("gpu-executor"), exec, "a new executor");
     assert_eq!(leased(&gw).await, 0.0);
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
 
@@ -371,9 +357,7 @@ async fn buffered_uploads_are_bounded_and_wrong_methods_get_json() {
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
     // What it has not sent blocks nobody.
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(
         r.status, 200,
         "a stalled upload blocked another: {}",
@@ -404,9 +388,7 @@ async fn buffered_uploads_are_bounded_and_wrong_methods_get_json() {
     let first = Reply::read(first.await.unwrap().unwrap()).await;
     assert_eq!(first.status, 415, "{}", first.json);
     // The budget is back.
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
     let r = gw.get("/v1/models/open_nsfw/score").await;
     assert_eq!(
@@ -486,9 +468,7 @@ async fn an_iccp_bomb_costs_a_worker_at_most_max_decode_bytes() {
             "worker {pid} grew by {grew} MiB for a {CAP_MIB} MiB cap"
         );
     }
-    let r = gw
-        .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-        .await;
+    let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
 

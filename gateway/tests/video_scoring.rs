@@ -286,9 +286,7 @@ async fn hostile_videos_cannot_starve_images_and_the_queue_timeout_holds() {
     let mut worst = Duration::ZERO;
     for _ in 0..10 {
         let t = Instant::now();
-        let r = gw
-            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-            .await;
+        let r = gw.good_image().await;
         assert_eq!(
             r.status, 200,
             "an image failed next to hostile videos: {}",
@@ -381,9 +379,7 @@ async fn a_video_leaves_the_last_live_thread_to_images_while_a_worker_restarts()
     let mut worst = Duration::ZERO;
     while down_since.elapsed() < Duration::from_millis(2500) {
         let t = Instant::now();
-        let r = gw
-            .score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-            .await;
+        let r = gw.good_image().await;
         assert_eq!(r.status, 200, "{}", r.json);
         worst = worst.max(t.elapsed());
     }

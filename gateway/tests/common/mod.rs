@@ -166,6 +166,13 @@ impl Gateway {
         Reply::read(r).await
     }
 
+    /// Scores `images/coffee.jpg`, the known-good image tests send to see
+    /// that the gateway still serves.
+    pub async fn good_image(&self) -> Reply {
+        self.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         Reply::read(
             self.client
