@@ -88,6 +88,9 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Header lines in one request head; more = 431.
     pub max_headers: usize,
+    /// Bytes of header lines (names and values) in one request head; more
+    /// = 431 `headers_too_large`, whatever the head's arrival pattern.
+    pub max_header_bytes: usize,
 }
 
 impl Default for HttpLimits {
@@ -99,6 +102,7 @@ impl Default for HttpLimits {
             write_timeout_ms: 10_000,
             max_connections: 4096,
             max_headers: 64,
+            max_header_bytes: 32 << 10,
         }
     }
 }
@@ -531,9 +535,9 @@ impl ServerConfig {
                 return Err(invalid(format!("{name} is {ms}; it must be at least 100")));
             }
         }
-        if h.max_connections == 0 || h.max_headers == 0 {
+        if h.max_connections == 0 || h.max_headers == 0 || h.max_header_bytes == 0 {
             return Err(invalid(
-                "http.max_connections and http.max_headers must be at least 1",
+                "http.max_connections, http.max_headers and http.max_header_bytes must be at least 1",
             ));
         }
         let v = &self.video;

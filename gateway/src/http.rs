@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::Reservation;
 use crate::core::Core;
 use crate::error::{ApiError, Code};
-use crate::parse_errors::JsonParseErrors;
+use crate::parse_errors::{JsonParseErrors, head_over_limit, read_buffer_bytes};
 
 /// Accepts and serves connections until `shutdown` resolves, then closes
 /// the listener and drains: returns when every connection has ended.
@@ -52,7 +53,8 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
-        .max_headers(limits.max_headers);
+        .max_headers(limits.max_headers)
+        .max_buf_size(read_buffer_bytes(&limits));
     let write_timeout = Duration::from_millis(limits.write_timeout_ms);
     let too_many: Arc<[u8]> = too_many_connections().into();
     tokio::pin!(shutdown);
@@ -101,9 +103,10 @@ pub async fn serve(
             inner: app.clone(),
             busy: busy.clone(),
             unwritten: unwritten.clone(),
+            limits: limits.clone(),
         });
         let io = Flushed::new(
-            JsonParseErrors::new(Box::pin(io), limits.max_headers),
+            JsonParseErrors::new(Box::pin(io), limits.clone()),
             unwritten,
         );
         let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -190,6 +193,7 @@ struct Tracked {
     inner: Router,
     busy: Arc<AtomicUsize>,
     unwritten: Arc<Unwritten>,
+    limits: config::HttpLimits,
 }
 
 /// Answer bodies hyper is done with but has not flushed yet, with what
@@ -342,6 +346,15 @@ where
     }
 
     fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
+        if let Some(e) = head_over_limit(req.headers(), &self.limits) {
+            // Refused before its body was read: the connection closes.
+            let mut r = e.into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            return Box::pin(std::future::ready(Ok(r)));
+        }
         let busy = Busy::new(self.busy.clone());
         let unwritten = self.unwritten.clone();
         let req = req.map(axum::body::Body::new);
@@ -447,6 +460,7 @@ mod tests {
             inner: app,
             busy: busy.clone(),
             unwritten: unwritten.clone(),
+            limits: config::HttpLimits::default(),
         };
         let req = axum::http::Request::get("/")
             .body(axum::body::Body::empty())

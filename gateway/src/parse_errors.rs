@@ -12,17 +12,54 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use config::HttpLimits;
+
 use crate::error::{ApiError, Code};
 
-/// hyper's default read buffer, the most a request head may take.
-const MAX_HEAD_BYTES: usize = 8192 + 4096 * 100;
 /// The longest request target hyper accepts.
 const MAX_URI_BYTES: usize = 65_534;
+
+/// hyper's read buffer for `limits`: room for the longest request target
+/// and the allowed header bytes, plus line overhead. A head past it is cut
+/// by hyper (431); one within it is parsed, and `head_over_limit` holds it
+/// to `http.max_header_bytes`, so the limit does not depend on how the
+/// head's bytes happened to arrive.
+pub(crate) fn read_buffer_bytes(limits: &HttpLimits) -> usize {
+    MAX_URI_BYTES
+        .saturating_add(limits.max_header_bytes)
+        .saturating_add(limits.max_headers.saturating_mul(4))
+        .saturating_add(8192)
+}
+
+/// The error for a head over `http.max_headers` or `http.max_header_bytes`.
+pub(crate) fn head_too_large(limits: &HttpLimits) -> ApiError {
+    ApiError::new(
+        Code::HeadersTooLarge,
+        format!(
+            "the request head is over the limit of {} headers or {} bytes of header lines \
+             (http.max_headers, http.max_header_bytes)",
+            limits.max_headers, limits.max_header_bytes
+        ),
+    )
+}
+
+/// The error for a parsed head whose header lines are over
+/// `http.max_header_bytes` (each line counted as `name: value\r\n`).
+pub(crate) fn head_over_limit(
+    headers: &axum::http::HeaderMap,
+    limits: &HttpLimits,
+) -> Option<ApiError> {
+    let bytes: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    (bytes > limits.max_header_bytes).then(|| head_too_large(limits))
+}
 
 /// A connection whose writes of hyper's parse-error answers become JSON.
 pub(crate) struct JsonParseErrors<T> {
     inner: T,
-    max_headers: usize,
+    limits: HttpLimits,
     /// The JSON answer being written in place of hyper's.
     replacing: Option<Replacement>,
 }
@@ -35,10 +72,10 @@ struct Replacement {
 }
 
 impl<T> JsonParseErrors<T> {
-    pub(crate) fn new(inner: T, max_headers: usize) -> Self {
+    pub(crate) fn new(inner: T, limits: HttpLimits) -> Self {
         Self {
             inner,
-            max_headers,
+            limits,
             replacing: None,
         }
     }
@@ -52,14 +89,7 @@ impl<T> JsonParseErrors<T> {
                 Code::BadRequest,
                 "the request head is not valid HTTP/1.1 (request line or a header line)",
             ),
-            b"431 " => ApiError::new(
-                Code::HeadersTooLarge,
-                format!(
-                    "the request head is over the limit of {} headers or {} KiB",
-                    self.max_headers,
-                    MAX_HEAD_BYTES / 1024
-                ),
-            ),
+            b"431 " => head_too_large(&self.limits),
             b"414 " => ApiError::new(
                 Code::UriTooLong,
                 format!("the request target is longer than {MAX_URI_BYTES} bytes"),
@@ -170,7 +200,7 @@ mod tests {
 
     #[test]
     fn only_empty_canned_answers_are_replaced() {
-        let w = JsonParseErrors::new((), 64);
+        let w = JsonParseErrors::new((), HttpLimits::default());
         let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
         let r = w.replacement_for(hyper).unwrap();
         assert_eq!(r.consumed, hyper.len());
