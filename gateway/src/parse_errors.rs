@@ -20,15 +20,18 @@ use crate::error::{ApiError, Code};
 const MAX_URI_BYTES: usize = 65_534;
 
 /// hyper's read buffer for `limits`: room for the longest request target
-/// and the allowed header bytes, plus line overhead. A head past it is cut
-/// by hyper (431); one within it is parsed, and `head_over_limit` holds it
-/// to `http.max_header_bytes`, so the limit does not depend on how the
-/// head's bytes happened to arrive.
+/// and the allowed header bytes, plus line overhead, and never under
+/// hyper's default (it also sizes the reads of upload bodies). A head past
+/// it is cut by hyper (431); one within it is parsed, and
+/// `head_over_limit` holds it to `http.max_header_bytes`, so the limit
+/// does not depend on how the head's bytes happened to arrive.
 pub(crate) fn read_buffer_bytes(limits: &HttpLimits) -> usize {
+    const HYPER_DEFAULT: usize = 8192 + 4096 * 100;
     MAX_URI_BYTES
         .saturating_add(limits.max_header_bytes)
         .saturating_add(limits.max_headers.saturating_mul(4))
         .saturating_add(8192)
+        .max(HYPER_DEFAULT)
 }
 
 /// The error for a head over `http.max_headers` or `http.max_header_bytes`.
