@@ -99,6 +99,14 @@ impl Instance {
     }
 }
 
+fn wrong_size(model: &ModelInfo, q: &Queued, len: usize) -> String {
+    let slot = q.job.slot.slot;
+    format!(
+        "model {}: slot {slot} holds {len} values; the model's input needs {}",
+        model.name, model.elements
+    )
+}
+
 struct ReportExit(UnboundedSender<usize>, usize);
 
 impl Drop for ReportExit {
@@ -162,25 +170,67 @@ impl Worker {
         let _ = self.answers.send(msg);
     }
 
-    fn run(&mut self, jobs: Vec<Queued>) {
+    fn run(&mut self, mut jobs: Vec<Queued>) {
+        if jobs.len() == 1 {
+            let q = jobs.pop().expect("one job");
+            return self.run_in_place(q);
+        }
         self.gather(jobs);
         if self.batch.is_empty() {
             return;
         }
         let n = self.batch.len();
+        let input = std::mem::take(&mut self.input);
+        let outcome = self.infer(&input, n);
+        self.input = input;
+        self.finish(outcome, n);
+    }
+
+    /// A batch of one runs on its sample where the worker wrote it: no copy
+    /// (the gateway keeps the slot leased until this job is answered).
+    fn run_in_place(&mut self, q: Queued) {
+        let elements = self.model.elements;
+        let tensors = self.tensors.clone();
+        let read = tensors.read_f32(q.job.slot, |sample| {
+            (sample.len() == elements)
+                .then(|| self.infer(sample, 1))
+                .ok_or(sample.len())
+        });
+        match read {
+            Ok(Ok(outcome)) => {
+                self.batch.clear();
+                self.batch.push(q);
+                self.finish(outcome, 1);
+            }
+            Ok(Err(len)) => self.skip(&q, wrong_size(&self.model, &q, len)),
+            Err(e) => self.skip(&q, e.to_string()),
+        }
+    }
+
+    /// Runs the engine on `n` samples; the result and its time in µs.
+    fn infer(&mut self, input: &[f32], n: usize) -> (Result<Vec<f32>, String>, u64) {
         let start = Instant::now();
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
             if self.alone {
-                self.engine.run_alone(&self.input, n)
+                self.engine.run_alone(input, n)
             } else {
-                self.engine.run(&self.input, n)
+                self.engine.run(input, n)
             }
         }));
         let infer_us = start.elapsed().as_micros() as u64;
+        let result = match result {
+            Ok(Ok(values)) => Ok(values),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the engine panicked".to_string()),
+        };
+        (result, infer_us)
+    }
+
+    /// Postprocesses and answers each job of `self.batch` (`n` of them).
+    fn finish(&mut self, (result, infer_us): (Result<Vec<f32>, String>, u64), n: usize) {
         let values = match result {
-            Ok(Ok(values)) => values,
-            Ok(Err(e)) => return self.fail_batch(&e.to_string()),
-            Err(_) => return self.fail_batch("the engine panicked"),
+            Ok(values) => values,
+            Err(message) => return self.fail_batch(&message),
         };
         if values.is_empty() || values.len() % n != 0 {
             let message = format!(
@@ -233,21 +283,19 @@ impl Worker {
                     Err(sample.len())
                 }
             });
-            let message = match read {
-                Ok(Ok(())) => {
-                    self.batch.push(q);
-                    continue;
-                }
-                Ok(Err(len)) => format!(
-                    "model {}: slot {} holds {len} values; the model's input needs {elements}",
-                    self.model.name, q.job.slot.slot
-                ),
-                Err(e) => e.to_string(),
-            };
-            let job_id = q.job.job_id;
-            tracing::debug!(job_id, %message, "sample skipped");
-            self.answer(job_id, FromExecutor::Failed { job_id, message });
+            match read {
+                Ok(Ok(())) => self.batch.push(q),
+                Ok(Err(len)) => self.skip(&q, wrong_size(&self.model, &q, len)),
+                Err(e) => self.skip(&q, e.to_string()),
+            }
         }
+    }
+
+    /// Answers `Failed` to a job whose sample cannot be read.
+    fn skip(&mut self, q: &Queued, message: String) {
+        let job_id = q.job.job_id;
+        tracing::debug!(job_id, %message, "sample skipped");
+        self.answer(job_id, FromExecutor::Failed { job_id, message });
     }
 
     fn fail_batch(&mut self, message: &str) {
@@ -298,6 +346,55 @@ mod tests {
             answered: Vec::new(),
             alone: false,
         }
+    }
+
+    /// Each sample's sum: shows what the engine read.
+    struct Sums;
+
+    impl Engine for Sums {
+        fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
+            Ok(input
+                .chunks(input.len() / batch)
+                .map(|s| s.iter().sum())
+                .collect())
+        }
+        fn outputs(&self) -> usize {
+            1
+        }
+    }
+
+    #[test]
+    fn a_lone_sample_is_read_in_place_and_a_bad_slot_fails_only_its_job() {
+        let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(4, 8)])).unwrap());
+        let (tx, mut rx) = unbounded_channel();
+        let mut w = worker(tensors.clone(), tx);
+        w.engine = Box::new(Sums);
+        let mut next = || match rx.try_recv() {
+            Ok(FromExecutor::Scores(s)) => Ok((s.job_id, s.values, s.batch)),
+            Ok(FromExecutor::Failed { job_id, message }) => Err((job_id, message)),
+            other => panic!("{other:?}"),
+        };
+        // One job (in place) and two (gathered) score alike.
+        w.guarded(vec![job(&tensors, 0)], Worker::run);
+        assert_eq!(next(), Ok((0, vec![2.0], 1)));
+        assert!(w.input.is_empty(), "a lone sample is not copied");
+        w.guarded(vec![job(&tensors, 1), job(&tensors, 2)], Worker::run);
+        assert_eq!(next(), Ok((1, vec![2.0], 2)));
+        assert_eq!(next(), Ok((2, vec![2.0], 2)));
+        // A stale handle fails its job alone.
+        let mut stale = job(&tensors, 3);
+        stale.job.slot.generation = 2;
+        w.guarded(vec![stale], Worker::run);
+        assert!(matches!(next(), Err((3, _))));
+        // A sample of the wrong size too.
+        w.model = Arc::new(ModelInfo {
+            elements: 3,
+            ..(*w.model).clone()
+        });
+        w.guarded(vec![job(&tensors, 0)], Worker::run);
+        let (id, message) = next().unwrap_err();
+        assert_eq!(id, 0);
+        assert!(message.contains("holds 2 values"), "{message}");
     }
 
     fn job(tensors: &SharedTensors, job_id: u64) -> Queued {
