@@ -37,6 +37,16 @@ struct Args {
     intra: u32,
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Instead: compare single-image latency with mmgate's at this base
+    /// URL, in alternating blocks (see `paired`).
+    #[arg(long)]
+    paired_url: Option<String>,
+    /// Blocks of each side in paired mode.
+    #[arg(long, default_value_t = 20)]
+    blocks: usize,
+    /// Requests per block in paired mode (the first 3 are warm-up).
+    #[arg(long, default_value_t = 40)]
+    per_block: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +82,17 @@ fn main() -> anyhow::Result<()> {
     let runtime = loaded.runtime.clone();
     let mut engines = loaded.engines;
     let elements = spec.input.elements();
+
+    if let Some(url) = &a.paired_url {
+        let mut buf = vec![0f32; elements];
+        let engine = engines[0].as_mut();
+        let local = || {
+            let s = Instant::now();
+            pipeline(&mut *engine, &mut buf, true);
+            s.elapsed()
+        };
+        return paired(&file, &data, url, a.blocks, a.per_block, local);
+    }
 
     // Single-image latency: one thread, one image at a time.
     let mut buf = vec![0f32; elements];
@@ -112,6 +133,65 @@ fn main() -> anyhow::Result<()> {
         "throughput_per_s": done.load(Ordering::Relaxed) as f64 / wall,
         "single_p50_ms": p50,
         "single_p99_ms": p99,
+    });
+    println!("{line}");
+    Ok(())
+}
+
+/// Lone-request latency, in-process against mmgate, measured side by side:
+/// `blocks` times, `per_block` single images through `local` (the ceiling,
+/// in this process) then `per_block` sequential requests to mmgate on one
+/// kept-alive connection. Each pair of adjacent blocks gives a difference
+/// of p50s, so drift on a noisy machine cancels within the pair; prints
+/// the median of those differences with the medians of each side.
+fn paired(
+    file: &std::path::Path,
+    data: &[u8],
+    url: &str,
+    blocks: usize,
+    per_block: usize,
+    mut local: impl FnMut() -> Duration,
+) -> anyhow::Result<()> {
+    const WARMUP: usize = 3;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::new();
+    let url = format!("{url}/v1/models/open_nsfw/score");
+    let body = data.to_vec();
+    let remote = || -> anyhow::Result<Duration> {
+        rt.block_on(async {
+            let s = Instant::now();
+            let r = client.post(&url).body(body.clone()).send().await?;
+            anyhow::ensure!(r.status().is_success(), "mmgate answered {}", r.status());
+            r.bytes().await?;
+            Ok(s.elapsed())
+        })
+    };
+    let p50 = |mut v: Vec<Duration>| load_tests::summary(&mut v[WARMUP..]).0;
+    let (mut diffs, mut ceiling, mut mmgate) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..blocks {
+        let c = p50((0..per_block).map(|_| local()).collect());
+        let m = p50((0..per_block)
+            .map(|_| remote())
+            .collect::<anyhow::Result<_>>()?);
+        diffs.push(m - c);
+        ceiling.push(c);
+        mmgate.push(m);
+    }
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let line = serde_json::json!({
+        "file": file.file_name().map(|f| f.to_string_lossy().to_string()),
+        "paired_blocks": blocks,
+        "per_block": per_block,
+        "ceiling_single_p50_ms": med(&ceiling),
+        "mmgate_single_p50_ms": med(&mmgate),
+        "diff_p50_ms": med(&diffs),
+        "diff_p50_ms_by_block": diffs,
     });
     println!("{line}");
     Ok(())
