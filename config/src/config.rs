@@ -269,6 +269,24 @@ pub struct Tenant {
     /// Cap on sampled video frames per request; 0 = the server's cap.
     #[serde(default)]
     pub max_video_frames: u32,
+    /// Requests per second, on average (a token bucket); 0 = unlimited.
+    /// Over it = 429 `rate_limited` with `Retry-After`.
+    #[serde(default)]
+    pub requests_per_s: f64,
+    /// Requests that may come at once after a quiet spell; 0 = one
+    /// second's worth (at least 1).
+    #[serde(default)]
+    pub requests_burst: u32,
+    /// Samples (images, sampled video frames) per second, on average; 0 =
+    /// unlimited. Images are charged when their request is read; a video's
+    /// frames once it has been sampled (a video needs one token to start,
+    /// and its other frames are owed by the next requests).
+    #[serde(default)]
+    pub samples_per_s: f64,
+    /// Samples that may come at once; 0 = one second's worth (at least 1).
+    /// A request with more images than this is refused (413).
+    #[serde(default)]
+    pub samples_burst: u32,
     /// Bytes of this tenant's uploads being received and answers not yet
     /// written, its share of `server.max_inflight_body_bytes`; 0 = half of
     /// it (at least the largest body limit). Over it = 429.
@@ -284,6 +302,27 @@ impl Tenant {
     pub fn may_call(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
     }
+
+    /// `(rate per second, burst)` of the request bucket; `None` = unlimited.
+    pub fn request_rate(&self) -> Option<(f64, u32)> {
+        bucket(self.requests_per_s, self.requests_burst)
+    }
+
+    /// `(rate per second, burst)` of the sample bucket; `None` = unlimited.
+    pub fn sample_rate(&self) -> Option<(f64, u32)> {
+        bucket(self.samples_per_s, self.samples_burst)
+    }
+}
+
+fn bucket(rate: f64, burst: u32) -> Option<(f64, u32)> {
+    (rate > 0.0).then(|| {
+        let burst = if burst == 0 {
+            (rate.ceil() as u32).max(1)
+        } else {
+            burst
+        };
+        (rate, burst)
+    })
 }
 
 /// Lowercase hex of `bytes`.
@@ -452,6 +491,17 @@ impl ServerConfig {
             return Err(invalid("server.queue_capacity must be > 0"));
         }
         for t in &self.tenants {
+            for (name, rate) in [
+                ("requests_per_s", t.requests_per_s),
+                ("samples_per_s", t.samples_per_s),
+            ] {
+                if !rate.is_finite() || rate < 0.0 {
+                    return Err(invalid(format!(
+                        "tenant {:?}: {name} is {rate}; it must be a number >= 0 (0 = unlimited)",
+                        t.name
+                    )));
+                }
+            }
             let share = self.tenant_body_budget(t);
             if share < largest || share > self.server.max_inflight_body_bytes {
                 return Err(invalid(format!(
@@ -554,5 +604,51 @@ impl ServerConfig {
             return Err(invalid("limits.max_decode_bytes must be at least 1"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tenant(extra: &str) -> Tenant {
+        toml::from_str(&format!(
+            "name = \"t\"\nkey_hashes = [{:?}]\n{extra}",
+            key_hash("k")
+        ))
+        .unwrap()
+    }
+
+    fn validate(t: Tenant) -> Result<(), SpecError> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
+        let mut cfg = ServerConfig::load(&path).unwrap();
+        cfg.tenants = vec![t];
+        cfg.validate()
+    }
+
+    #[test]
+    fn tenant_rates_default_their_burst_and_must_be_numbers_at_least_zero() {
+        assert_eq!(tenant("").request_rate(), None);
+        assert_eq!(
+            tenant("requests_per_s = 0.5").request_rate(),
+            Some((0.5, 1))
+        );
+        assert_eq!(
+            tenant("requests_per_s = 2.5").request_rate(),
+            Some((2.5, 3))
+        );
+        assert_eq!(
+            tenant("samples_per_s = 10\nsamples_burst = 40").sample_rate(),
+            Some((10.0, 40))
+        );
+        assert!(validate(tenant("samples_per_s = 10")).is_ok());
+        for bad in [
+            "requests_per_s = -1",
+            "samples_per_s = nan",
+            "samples_per_s = inf",
+        ] {
+            let e = validate(tenant(bad)).unwrap_err().to_string();
+            assert!(e.contains("must be a number >= 0"), "{bad}: {e}");
+        }
     }
 }

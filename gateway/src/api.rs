@@ -281,9 +281,13 @@ async fn score_inner(
             let v = &app.core.cfg.video;
             let (sampling, threshold) =
                 video::sampling_from_query(&query, v, caller.max_video_frames)?;
+            // Its frames are known once sampled: one to start, the rest after.
+            caller.take_samples(1)?;
             let r = video::score_video(app, rid, idx, upload.data, sampling, threshold).await?;
+            caller.charge_samples(r.frames_sampled.saturating_sub(1));
             return Ok(Scored::Video(r));
         }
+        caller.take_samples(u32::try_from(uploads.len()).unwrap_or(u32::MAX))?;
         let (results, timings) = score::score_all(app, rid, idx, uploads).await?;
         Ok(Scored::Images(ScoreResponse {
             request_id: rid.to_string(),

@@ -7,12 +7,14 @@
 //! lookup keyed by it); keys appear in no log line, message or metric.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Budget;
 use crate::error::{ApiError, Code};
+use crate::rate::{Refused, TokenBucket, retry_after_secs};
 
 #[derive(Debug)]
 pub struct Auth {
@@ -27,6 +29,9 @@ struct TenantState {
     slots: Option<Arc<Semaphore>>,
     /// Its share of the buffer budget.
     budget: Budget,
+    /// `requests_per_s`, `samples_per_s`.
+    requests: Option<TokenBucket>,
+    samples: Option<Arc<TokenBucket>>,
 }
 
 /// An admitted caller; holds its tenant's concurrency permit.
@@ -37,7 +42,45 @@ pub struct Caller {
     pub max_video_frames: u32,
     /// The tenant's share of the buffer budget; `None` without tenants.
     pub budget: Option<Budget>,
+    /// The tenant's `samples_per_s` bucket, if it has one.
+    samples: Option<Arc<TokenBucket>>,
     _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Caller {
+    /// Takes `n` samples (images, or 1 to start a video) from the tenant's
+    /// `samples_per_s` bucket.
+    pub fn take_samples(&self, n: u32) -> Result<(), ApiError> {
+        let Some(b) = &self.samples else {
+            return Ok(());
+        };
+        b.take(n).map_err(|r| match r {
+            Refused::RetryAfter(d) => ApiError::new(
+                Code::RateLimited,
+                format!(
+                    "tenant {:?} is over its samples_per_s; {n} more samples fit in {} ms",
+                    self.tenant,
+                    d.as_millis().max(1)
+                ),
+            )
+            .retry_after(retry_after_secs(d)),
+            Refused::OverBurst => ApiError::new(
+                Code::TooManyImages,
+                format!(
+                    "{n} images are more than tenant {:?}'s samples_burst; send fewer per request",
+                    self.tenant
+                ),
+            ),
+        })
+    }
+
+    /// Charges `n` samples already scored (a video's frames past the first)
+    /// to the tenant's bucket, which may go into debt.
+    pub fn charge_samples(&self, n: u32) {
+        if let Some(b) = &self.samples {
+            b.charge(n);
+        }
+    }
 }
 
 impl Auth {
@@ -61,6 +104,8 @@ impl Auth {
                 slots: (t.max_concurrency > 0)
                     .then(|| Arc::new(Semaphore::new(t.max_concurrency as usize))),
                 budget: Budget::for_tenant(cfg.tenant_body_budget(t), &t.name),
+                requests: t.request_rate().map(TokenBucket::new),
+                samples: t.sample_rate().map(|r| Arc::new(TokenBucket::new(r))),
             })
             .collect();
         Self { hashes, tenants }
@@ -76,6 +121,7 @@ impl Auth {
                 tenant: "anonymous".into(),
                 max_video_frames: 0,
                 budget: None,
+                samples: None,
                 _permit: None,
             });
         }
@@ -118,10 +164,33 @@ impl Auth {
                 ))
             })?),
         };
+        // After the concurrency check: a request refused there spends no
+        // token, and one refused here holds no slot.
+        if let Some(b) = &t.requests {
+            b.take(1).map_err(|r| {
+                let wait = match r {
+                    Refused::RetryAfter(d) => d,
+                    Refused::OverBurst => Duration::from_secs(1),
+                };
+                refused(
+                    ApiError::new(
+                        Code::RateLimited,
+                        format!(
+                            "tenant {:?} is over its requests_per_s ({}); the next request fits in {} ms",
+                            t.spec.name,
+                            t.spec.requests_per_s,
+                            wait.as_millis().max(1)
+                        ),
+                    )
+                    .retry_after(retry_after_secs(wait)),
+                )
+            })?;
+        }
         Ok(Caller {
             tenant: t.spec.name.clone(),
             max_video_frames: t.spec.max_video_frames,
             budget: Some(t.budget.clone()),
+            samples: t.samples.clone(),
             _permit: permit,
         })
     }
@@ -172,6 +241,10 @@ mod tests {
                 max_concurrency: 1,
                 max_video_frames: 0,
                 max_inflight_body_bytes: 0,
+                requests_per_s: 0.0,
+                requests_burst: 0,
+                samples_per_s: 0.0,
+                samples_burst: 0,
             }],
             ..Default::default()
         })

@@ -24,6 +24,9 @@ pub fn clip(s: &str) -> std::borrow::Cow<'_, str> {
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// Seconds for `Retry-After` in place of the code's (a rate limit
+    /// knows when its bucket will hold enough).
+    pub retry_after: Option<u32>,
 }
 
 /// Stable error codes. Renaming one is a breaking API change.
@@ -48,6 +51,7 @@ pub enum Code {
     UndecodableVideo,
     DecodeDeadlineExceeded,
     TenantConcurrencyLimit,
+    RateLimited,
     BodyTimeout,
     UploadBudgetExhausted,
     TenantUploadBudgetExhausted,
@@ -141,6 +145,7 @@ impl Code {
                 S::TOO_MANY_REQUESTS,
                 Some(1),
             ),
+            RateLimited => ("rate_limited", "quota", S::TOO_MANY_REQUESTS, Some(1)),
             BodyTimeout => ("body_timeout", "invalid_request", S::REQUEST_TIMEOUT, None),
             UploadBudgetExhausted => (
                 "upload_budget_exhausted",
@@ -194,7 +199,19 @@ impl ApiError {
         Self {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to retry after `secs` seconds.
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// `Retry-After` seconds: this error's own, else its code's.
+    fn retry_secs(&self) -> Option<u32> {
+        self.retry_after.or(self.code.row().3)
     }
 
     /// The same failure worded for a video: image codes become video codes.
@@ -244,7 +261,8 @@ impl ApiError {
     /// answers before or instead of hyper: the same JSON body and
     /// `Retry-After` as [`IntoResponse`], and `Connection: close`.
     pub fn to_http1_closing(&self) -> Vec<u8> {
-        let (_, _, status, retry) = self.code.row();
+        let (_, _, status, _) = self.code.row();
+        let retry = self.retry_secs();
         let body = self.body().to_string();
         let mut head = format!(
             "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n",
@@ -264,7 +282,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (_, _, status, retry) = self.code.row();
+        let (_, _, status, _) = self.code.row();
+        let retry = self.retry_secs();
         let mut resp = (status, axum::Json(self.body())).into_response();
         if let Some(secs) = retry {
             resp.headers_mut()
@@ -301,6 +320,7 @@ mod tests {
             UndecodableVideo,
             DecodeDeadlineExceeded,
             TenantConcurrencyLimit,
+            RateLimited,
             BodyTimeout,
             UploadBudgetExhausted,
             TenantUploadBudgetExhausted,
@@ -327,5 +347,12 @@ mod tests {
         let r = ApiError::new(QueueFull, "full").into_response();
         assert_eq!(r.status(), 503);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        let r = ApiError::new(RateLimited, "slow down").retry_after(7);
+        assert!(
+            String::from_utf8(r.to_http1_closing())
+                .unwrap()
+                .contains("retry-after: 7\r\n")
+        );
+        assert_eq!(r.into_response().headers()[header::RETRY_AFTER], "7");
     }
 }

@@ -12,6 +12,7 @@ pub mod executor;
 pub mod http;
 pub mod metrics;
 pub(crate) mod parse_errors;
+pub mod rate;
 pub mod score;
 pub mod settings;
 pub mod video;
