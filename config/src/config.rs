@@ -269,6 +269,11 @@ pub struct Tenant {
     /// Cap on sampled video frames per request; 0 = the server's cap.
     #[serde(default)]
     pub max_video_frames: u32,
+    /// Deadline of this tenant's requests, from arrival, when they send no
+    /// `X-Request-Timeout`; 0 = none. Work still queued past it is dropped
+    /// and the request answered 504 `deadline_exceeded`.
+    #[serde(default)]
+    pub deadline_ms: u64,
     /// Requests per second, on average (a token bucket); 0 = unlimited.
     /// Over it = 429 `rate_limited` with `Retry-After`.
     #[serde(default)]

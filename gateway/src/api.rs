@@ -19,6 +19,7 @@ use crate::body::{Metered, Reservation};
 use crate::error::{ApiError, Code};
 use crate::score::{self, ScoreResponse};
 use crate::video::{self, VideoResponse};
+use shm::RequestContext;
 
 /// A scoring answer: images or one video.
 #[derive(Debug)]
@@ -252,7 +253,18 @@ async fn score_inner(
     {
         return (tenant, Err(e.to_api()));
     }
-    let result = async {
+    let deadline = match deadline_of(req.headers(), caller.deadline_ms) {
+        Ok(d) => d,
+        Err(e) => return (tenant, Err(e)),
+    };
+    // One context for the request, carried in every job message.
+    let ctx = RequestContext {
+        request_id: rid.to_string(),
+        tenant: tenant.clone(),
+        deadline_ns: deadline.map_or(0, |d| shm::monotonic_ns() + d.as_nanos() as u64),
+    };
+    let ctx = &ctx;
+    let work = async {
         if app.core.is_draining() {
             return Err(ApiError::new(
                 Code::ShuttingDown,
@@ -283,20 +295,52 @@ async fn score_inner(
                 video::sampling_from_query(&query, v, caller.max_video_frames)?;
             // Its frames are known once sampled: one to start, the rest after.
             caller.take_samples(1)?;
-            let r = video::score_video(app, rid, idx, upload.data, sampling, threshold).await?;
+            let r = video::score_video(app, ctx, idx, upload.data, sampling, threshold).await?;
             caller.charge_samples(r.frames_sampled.saturating_sub(1));
             return Ok(Scored::Video(r));
         }
         caller.take_samples(u32::try_from(uploads.len()).unwrap_or(u32::MAX))?;
-        let (results, timings) = score::score_all(app, rid, idx, uploads).await?;
+        let (results, timings) = score::score_all(app, ctx, idx, uploads).await?;
         Ok(Scored::Images(ScoreResponse {
             request_id: rid.to_string(),
             model: model.to_string(),
             results,
             timings,
         }))
-    }
-    .await;
+    };
+    // At the deadline the work is dropped: what is still queued is skipped
+    // by the stage that would have run it.
+    let result = match deadline {
+        Some(d) => tokio::time::timeout(d, work)
+            .await
+            .unwrap_or_else(|_| Err(score::deadline_exceeded())),
+        None => work.await,
+    };
     drop(caller);
     (tenant, result)
+}
+
+/// Longest `X-Request-Timeout` accepted, in ms.
+const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The request's deadline, from now: `X-Request-Timeout: <ms>`, else the
+/// tenant's `deadline_ms`; `None` = no deadline.
+fn deadline_of(headers: &HeaderMap, tenant_ms: u64) -> Result<Option<Duration>, ApiError> {
+    let ms = match headers.get("x-request-timeout") {
+        None => tenant_ms,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|ms| (1..=MAX_REQUEST_TIMEOUT_MS).contains(ms))
+            .ok_or_else(|| {
+                ApiError::new(
+                    Code::BadRequest,
+                    format!(
+                        "X-Request-Timeout must be whole milliseconds, 1 to {MAX_REQUEST_TIMEOUT_MS}"
+                    ),
+                )
+            })?,
+    };
+    Ok((ms > 0).then(|| Duration::from_millis(ms)))
 }

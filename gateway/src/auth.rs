@@ -40,6 +40,8 @@ pub struct Caller {
     pub tenant: String,
     /// The tenant's cap on sampled video frames; 0 = the server's.
     pub max_video_frames: u32,
+    /// The tenant's default deadline; 0 = none.
+    pub deadline_ms: u64,
     /// The tenant's share of the buffer budget; `None` without tenants.
     pub budget: Option<Budget>,
     /// The tenant's `samples_per_s` bucket, if it has one.
@@ -120,6 +122,7 @@ impl Auth {
             return Ok(Caller {
                 tenant: "anonymous".into(),
                 max_video_frames: 0,
+                deadline_ms: 0,
                 budget: None,
                 samples: None,
                 _permit: None,
@@ -189,6 +192,7 @@ impl Auth {
         Ok(Caller {
             tenant: t.spec.name.clone(),
             max_video_frames: t.spec.max_video_frames,
+            deadline_ms: t.spec.deadline_ms,
             budget: Some(t.budget.clone()),
             samples: t.samples.clone(),
             _permit: permit,
@@ -241,6 +245,7 @@ mod tests {
                 max_concurrency: 1,
                 max_video_frames: 0,
                 max_inflight_body_bytes: 0,
+                deadline_ms: 0,
                 requests_per_s: 0.0,
                 requests_burst: 0,
                 samples_per_s: 0.0,

@@ -58,6 +58,7 @@ pub enum Code {
     TooManyConnections,
     QueueFull,
     QueueTimeout,
+    DeadlineExceeded,
     NotReady,
     ShuttingDown,
     WorkerCrashed,
@@ -172,6 +173,7 @@ impl Code {
                 S::SERVICE_UNAVAILABLE,
                 Some(1),
             ),
+            DeadlineExceeded => ("deadline_exceeded", "deadline", S::GATEWAY_TIMEOUT, None),
             NotReady => ("not_ready", "unavailable", S::SERVICE_UNAVAILABLE, Some(1)),
             ShuttingDown => (
                 "shutting_down",
@@ -327,6 +329,7 @@ mod tests {
             TooManyConnections,
             QueueFull,
             QueueTimeout,
+            DeadlineExceeded,
             NotReady,
             ShuttingDown,
             WorkerCrashed,

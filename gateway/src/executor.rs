@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use shm::{ExecutorInit, FromExecutor, InferJob, ModelRuntime, Scores, SlotLease, ToExecutor};
+use shm::{
+    ExecutorInit, FromExecutor, InferJob, ModelRuntime, RequestContext, Scores, SlotLease,
+    ToExecutor,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -16,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use crate::children::{self, StartError};
 use crate::core::Core;
 use crate::error::{ApiError, Code};
+use crate::metrics::{DropReason, DropStage};
 
 /// Jobs sent and not answered, with the slot each keeps leased meanwhile.
-type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, String>>, SlotLease)>;
+/// `Err(None)`: the executor did not run the job, its deadline had passed.
+type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, Option<String>>>, SlotLease)>;
 
 #[derive(Debug, Default)]
 pub struct Executor {
@@ -59,7 +64,7 @@ impl Executor {
     /// not answer within `executor.infer_timeout_ms` is killed and restarted.
     pub async fn infer(
         &self,
-        request_id: &str,
+        ctx: &RequestContext,
         lease: SlotLease,
         pending: u32,
         within: Duration,
@@ -84,7 +89,7 @@ impl Executor {
         };
         let msg = ToExecutor::Infer(InferJob {
             job_id,
-            request_id: request_id.to_string(),
+            ctx: ctx.clone(),
             slot,
             pending,
         });
@@ -92,7 +97,8 @@ impl Executor {
         let _ = conn.out.send(msg);
         match tokio::time::timeout(within, rx).await {
             Ok(Ok(Ok(scores))) => Ok(scores),
-            Ok(Ok(Err(message))) => Err(ApiError::new(
+            Ok(Ok(Err(None))) => Err(crate::score::deadline_exceeded()),
+            Ok(Ok(Err(Some(message)))) => Err(ApiError::new(
                 Code::Internal,
                 format!("the executor could not score this sample: {message}"),
             )),
@@ -216,6 +222,11 @@ impl Conn {
                 tracing::error!(job_id, message, "executor failed a job");
                 (job_id, None, Some(message))
             }
+            FromExecutor::Expired { job_id } => {
+                core.metrics
+                    .drop_work(DropStage::Inference, DropReason::Deadline);
+                (job_id, None, None)
+            }
             other => {
                 tracing::warn!(?other, "unexpected message from the executor");
                 return;
@@ -229,7 +240,7 @@ impl Conn {
             .and_then(|w| w.remove(&id));
         let Some((tx, lease)) = entry else { return };
         let Some(s) = scores else {
-            let _ = tx.send(Err(failure.unwrap_or_default()));
+            let _ = tx.send(Err(failure));
             return;
         };
         let model = &core.cfg.models[lease.slot().model as usize].name;

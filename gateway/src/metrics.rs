@@ -20,6 +20,39 @@ pub struct Metrics {
     pub connections: IntCounterVec,
     pub open_connections: IntGauge,
     pub buffered_bytes: IntGauge,
+    pub dropped: IntCounterVec,
+}
+
+/// Where work nobody waits for any more was dropped, and why.
+#[derive(Debug, Clone, Copy)]
+pub enum DropStage {
+    /// Before decode: skipped when a worker thread would have taken it.
+    Preprocess,
+    /// Before inference: decoded, never run through the model.
+    Inference,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum DropReason {
+    /// The request's deadline passed.
+    Deadline,
+    /// The caller went away: the client hung up, or the request already
+    /// answered (a queue timeout, a sibling image's failure).
+    CallerGone,
+}
+
+impl Metrics {
+    pub fn drop_work(&self, stage: DropStage, reason: DropReason) {
+        let stage = match stage {
+            DropStage::Preprocess => "preprocess",
+            DropStage::Inference => "inference",
+        };
+        let reason = match reason {
+            DropReason::Deadline => "deadline",
+            DropReason::CallerGone => "caller_gone",
+        };
+        self.dropped.with_label_values(&[stage, reason]).inc();
+    }
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -97,8 +130,17 @@ impl Metrics {
             "Bytes of uploads being received and answers not yet written (server.max_inflight_body_bytes)",
         )
         .expect("valid metric");
+        let dropped = IntCounterVec::new(
+            Opts::new(
+                "mmgate_dropped_total",
+                "Samples dropped because nobody waits for them: stage preprocess (before decode) or inference (before the model), reason deadline or caller_gone",
+            ),
+            &["stage", "reason"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(stage_duration.clone()),
             Box::new(batch_size.clone()),
@@ -125,6 +167,7 @@ impl Metrics {
             connections,
             open_connections,
             buffered_bytes,
+            dropped,
         }
     }
 

@@ -10,11 +10,12 @@ use axum::http::header;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use shm::{JobDone, Scores};
+use shm::{JobDone, RequestContext, Scores};
 use tokio::sync::oneshot;
 
 use crate::AppState;
 use crate::error::{ApiError, Code};
+use crate::metrics::{DropReason, DropStage};
 use crate::workers::{Task, WorkJob};
 
 /// One uploaded image.
@@ -232,7 +233,7 @@ pub fn check_media(u: &Upload, cfg: &config::ServerConfig) -> Result<config::Med
 /// Runs one image through the pipeline.
 pub async fn score_one(
     app: &AppState,
-    request_id: &str,
+    ctx: &RequestContext,
     model: u16,
     index: usize,
     upload: Upload,
@@ -240,7 +241,7 @@ pub async fn score_one(
     let started = Instant::now();
     let core = &app.core;
     let (reply, rx) = oneshot::channel();
-    let job = WorkJob::new(core, request_id, model, upload.data, Task::Image(reply));
+    let job = WorkJob::new(core, ctx, model, upload.data, Task::Image(reply));
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
     let _abandon = claim.abandon_on_drop();
@@ -282,10 +283,15 @@ pub async fn score_one(
         }
     };
     let decode = Duration::from_micros(pre.done.decode_us);
+    if ctx.expired() {
+        core.metrics
+            .drop_work(DropStage::Inference, DropReason::Deadline);
+        return Err(deadline_exceeded());
+    }
     let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
     let scores = app
         .executor
-        .infer(request_id, pre.lease, core.pending(model), within)
+        .infer(ctx, pre.lease, core.pending(model), within)
         .await?;
     let timings = Timings {
         queue_ms: ms(pre.queue),
@@ -346,7 +352,7 @@ fn result(
 /// names the image.
 pub async fn score_all(
     app: &AppState,
-    request_id: &str,
+    ctx: &RequestContext,
     model: u16,
     uploads: Vec<Upload>,
 ) -> Result<(Vec<ImageResult>, Timings), ApiError> {
@@ -366,7 +372,7 @@ pub async fn score_all(
     let futs = uploads
         .into_iter()
         .enumerate()
-        .map(|(i, u)| score_one(app, request_id, model, i, u));
+        .map(|(i, u)| score_one(app, ctx, model, i, u));
     let mut results = Vec::with_capacity(n);
     let mut timings = Timings::default();
     for (i, r) in futures::future::join_all(futs)
@@ -379,6 +385,14 @@ pub async fn score_all(
         results.push(r);
     }
     Ok((results, timings))
+}
+
+/// The answer to a request whose deadline passed before its answer.
+pub fn deadline_exceeded() -> ApiError {
+    ApiError::new(
+        Code::DeadlineExceeded,
+        "the request's deadline (X-Request-Timeout, or the tenant's deadline_ms) passed before it was scored; its remaining work was dropped",
+    )
 }
 
 fn name_image(e: ApiError, i: usize, n: usize, name: Option<&str>) -> ApiError {

@@ -12,7 +12,10 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use shm::{FromWorker, Ledger, SampleMode, Sampling, SlotLease, ToWorker, VideoDone, VideoJob};
+use shm::{
+    FromWorker, Ledger, RequestContext, SampleMode, Sampling, SlotLease, ToWorker, VideoDone,
+    VideoJob,
+};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::AppState;
@@ -91,7 +94,7 @@ impl WorkerThread<'_> {
         task: VideoTask,
     ) -> Result<(), Held> {
         let QueuedUpload {
-            request_id,
+            ctx,
             model,
             data,
             enqueued,
@@ -133,7 +136,7 @@ impl WorkerThread<'_> {
         let mut rx = self.conn.expect(job_id);
         let msg = ToWorker::Video(VideoJob {
             job_id,
-            request_id,
+            ctx,
             model,
             input,
             sampling,
@@ -341,7 +344,7 @@ pub fn aggregate(labels: &[String], frames: &[(f64, Vec<f32>)], threshold: f32) 
 /// Runs one video: queue it, score frames as they stream in, assemble.
 pub async fn score_video(
     app: &AppState,
-    request_id: &str,
+    ctx: &RequestContext,
     model: u16,
     data: Bytes,
     sampling: Sampling,
@@ -356,7 +359,7 @@ pub async fn score_video(
         window,
         events,
     });
-    let job = WorkJob::new(core, request_id, model, data, task);
+    let job = WorkJob::new(core, ctx, model, data, task);
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
     let _abandon = claim.abandon_on_drop();
@@ -380,10 +383,10 @@ pub async fn score_video(
                     let executor = app.executor.clone();
                     let pending = core.pending(model);
                     let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
-                    let rid = request_id.to_string();
+                    let ctx = ctx.clone();
                     inflight.push(async move {
                         let Grant { lease, _window } = grant;
-                        (t, executor.infer(&rid, lease, pending, within).await)
+                        (t, executor.infer(&ctx, lease, pending, within).await)
                     });
                 }
                 Some(VideoEvent::Done(d)) => {
@@ -420,7 +423,7 @@ pub async fn score_video(
     t.decode_ms = d.decode_us as f64 / 1e3;
     t.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(VideoResponse {
-        request_id: request_id.to_string(),
+        request_id: ctx.request_id.clone(),
         model: spec.name.clone(),
         media: "video",
         codec: d.codec.clone(),

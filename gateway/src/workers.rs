@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shm::{FromWorker, Input, InputRegion, Job, JobDone, SlotLease, ToWorker, WorkerInit};
+use shm::{
+    FromWorker, Input, InputRegion, Job, JobDone, RequestContext, SlotLease, ToWorker, WorkerInit,
+};
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
@@ -23,6 +25,7 @@ use crate::children::{self, StartError};
 use crate::conn::Conn;
 use crate::core::{Core, PendingGuard};
 use crate::error::{ApiError, Code};
+use crate::metrics::{DropReason, DropStage};
 use crate::video::VideoTask;
 
 /// One upload to preprocess.
@@ -35,7 +38,7 @@ pub struct WorkJob {
 /// The upload of a job and its bookkeeping, whatever its kind.
 #[derive(Debug)]
 pub struct QueuedUpload {
-    pub request_id: String,
+    pub ctx: RequestContext,
     pub model: u16,
     pub data: Bytes,
     pub enqueued: Instant,
@@ -146,9 +149,15 @@ pub fn give_up_if_queued(core: &Core, claim: &Claim) -> Result<(), ApiError> {
 
 impl WorkJob {
     /// A job queued now.
-    pub fn new(core: &Arc<Core>, request_id: &str, model: u16, data: Bytes, task: Task) -> Self {
+    pub fn new(
+        core: &Arc<Core>,
+        ctx: &RequestContext,
+        model: u16,
+        data: Bytes,
+        task: Task,
+    ) -> Self {
         let upload = QueuedUpload {
-            request_id: request_id.to_string(),
+            ctx: ctx.clone(),
             model,
             // Held by the claim while queued; set when a dispatcher takes it.
             data: Bytes::new(),
@@ -410,12 +419,25 @@ impl WorkerPool {
                     }
                 },
             };
-            if job.task.caller_gone() {
-                job.upload.claim.abandon();
-                continue; // the caller went away: skip the decode
-            }
-            let Some(data) = job.upload.claim.take() else {
-                continue; // the caller gave up waiting: skip the decode
+            // Work nobody waits for any more is not decoded.
+            let dropped = if job.upload.ctx.expired() {
+                Some(DropReason::Deadline)
+            } else if job.task.caller_gone() {
+                Some(DropReason::CallerGone)
+            } else {
+                None
+            };
+            let data = match dropped {
+                Some(_) => {
+                    job.upload.claim.abandon();
+                    None
+                }
+                None => job.upload.claim.take(),
+            };
+            let Some(data) = data else {
+                let reason = dropped.unwrap_or(DropReason::CallerGone);
+                core.metrics.drop_work(DropStage::Preprocess, reason);
+                continue;
             };
             job.upload.data = data;
             let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
@@ -506,7 +528,7 @@ impl WorkerThread<'_> {
         reply: oneshot::Sender<Result<Preprocessed, ApiError>>,
     ) -> Result<(), Held> {
         let QueuedUpload {
-            request_id,
+            ctx,
             model,
             data,
             enqueued,
@@ -531,7 +553,7 @@ impl WorkerThread<'_> {
         let mut rx = self.conn.expect(job_id);
         let msg = ToWorker::Job(Job {
             job_id,
-            request_id,
+            ctx,
             slot: lease.slot(),
             input,
         });
@@ -556,7 +578,11 @@ impl WorkerThread<'_> {
             }
         };
         let _ = self.input.recycle(self.k, data.len());
-        let _ = reply.send(result);
+        if let Err(Ok(_)) = reply.send(result) {
+            // Decoded, but the caller is gone: it never reaches the model.
+            let (stage, reason) = (DropStage::Inference, DropReason::CallerGone);
+            self.core.metrics.drop_work(stage, reason);
+        }
         Ok(())
     }
 

@@ -117,3 +117,110 @@ async fn a_videos_sampled_frames_are_charged_after_it_is_scored() {
     let r = send(&gw, "key-b", 0, Some("h264.mp4")).await;
     assert_eq!(r.status, 200, "tenant b was limited: {}", r.json);
 }
+
+/// Requests with a 50 ms deadline behind a long queue get 504
+/// `deadline_exceeded` at their deadline; their work is dropped before
+/// decode (counted in `mmgate_dropped_total`), and no worker or executor
+/// log line shows their ids. The tenant's `deadline_ms` applies when the
+/// header is absent; a bad header is 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_past_its_deadline_is_dropped_and_answered_504() {
+    let gw = Gateway::start_logged(&format!(
+        "[workers]\ncount = 1\nthreads = 1\n{}",
+        tenants("deadline_ms = 50")
+    ))
+    .await;
+    let url = gw.url("/v1/models/open_nsfw/score");
+    let big = fixture("images/astronaut_1536.jpg");
+    // A queue of 48 large images on one worker thread: well over 50 ms.
+    let backlog: Vec<_> = (0..48)
+        .map(|i| {
+            let req = gw
+                .client
+                .post(&url)
+                .header("x-api-key", "key-b")
+                .header("x-request-id", format!("backlog-{i}"))
+                .body(big.clone());
+            tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let late = |i: usize, header: bool| {
+        let mut req = gw
+            .client
+            .post(&url)
+            .header("x-api-key", if header { "key-b" } else { "key-a" })
+            .header("x-request-id", format!("late-{i}"))
+            .body(big.clone());
+        if header {
+            req = req.header("x-request-timeout", "50");
+        }
+        async move {
+            let t = std::time::Instant::now();
+            let r = Reply::read(req.send().await.unwrap()).await;
+            (r, t.elapsed())
+        }
+    };
+    // Five by header (tenant b has no deadline of its own), five by
+    // tenant a's deadline_ms.
+    let answers = futures::future::join_all((0..10).map(|i| late(i, i < 5))).await;
+    for (r, took) in &answers {
+        assert_eq!(
+            (r.status, r.code()),
+            (504, "deadline_exceeded"),
+            "{}",
+            r.json
+        );
+        assert!(
+            *took < std::time::Duration::from_millis(1000),
+            "504 after {took:?}"
+        );
+    }
+    let mut took: Vec<_> = answers.iter().map(|(_, t)| t.as_secs_f64() * 1e3).collect();
+    took.sort_by(f64::total_cmp);
+    println!(
+        "504 after {:.1} ms (median), {:.1} ms (max)",
+        took[5], took[9]
+    );
+    for h in backlog {
+        assert_eq!(h.await.unwrap().unwrap(), 200);
+    }
+    let dropped = gw
+        .metric("mmgate_dropped_total", "reason=\"deadline\"")
+        .await;
+    assert_eq!(dropped, 10.0, "dropped counter");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let log = std::fs::read_to_string(gw.log_path()).unwrap();
+    // Lines of a worker or the executor that carry `id` (as a whole value).
+    let child_lines = |id: &str| -> Vec<&str> {
+        let quoted = format!("\"{id}\"");
+        log.lines()
+            .filter(|l| l.contains(&quoted) || l.contains(&format!("={id} ")))
+            .filter(|l| l.contains("preprocess_worker") || l.contains("gpu_executor"))
+            .collect()
+    };
+    assert!(
+        !child_lines("backlog-0").is_empty(),
+        "the children log request ids:\n{log}"
+    );
+    for i in 0..10 {
+        let id = format!("late-{i}");
+        let lines = child_lines(&id);
+        assert!(
+            lines.is_empty(),
+            "{id} reached a worker or the executor: {lines:#?}"
+        );
+    }
+    let r = Reply::read(
+        gw.client
+            .post(&url)
+            .header("x-api-key", "key-b")
+            .header("x-request-timeout", "soon")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (400, "bad_request"), "{}", r.json);
+}

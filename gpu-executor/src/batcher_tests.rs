@@ -188,7 +188,10 @@ impl Rig {
     async fn submit(&self, job_id: u64, slot: SlotRef, pending: u32) {
         let job = InferJob {
             job_id,
-            request_id: format!("test-{job_id}"),
+            ctx: shm::RequestContext {
+                request_id: format!("test-{job_id}"),
+                ..Default::default()
+            },
             slot,
             pending,
         };

@@ -171,6 +171,20 @@ impl Worker {
     }
 
     fn run(&mut self, mut jobs: Vec<Queued>) {
+        // Work nobody waits for any more is not run.
+        jobs.retain(|q| {
+            let expired = q.job.ctx.expired();
+            if expired {
+                let job_id = q.job.job_id;
+                tracing::debug!(request_id = %q.job.ctx.request_id, job_id, "deadline passed; not run");
+                let _ = self.answers.send(FromExecutor::Expired { job_id });
+                self.answered.push(job_id);
+            }
+            !expired
+        });
+        if jobs.is_empty() {
+            return;
+        }
         if jobs.len() == 1 {
             let q = jobs.pop().expect("one job");
             return self.run_in_place(q);
@@ -247,7 +261,8 @@ impl Worker {
             postprocess::apply(self.model.postprocess, &mut values);
             let job_id = q.job.job_id;
             tracing::debug!(
-                request_id = %q.job.request_id,
+                request_id = %q.job.ctx.request_id,
+                tenant = %q.job.ctx.tenant,
                 job_id,
                 batch = n,
                 infer_us,
@@ -397,6 +412,29 @@ mod tests {
         assert!(message.contains("holds 2 values"), "{message}");
     }
 
+    #[test]
+    fn jobs_past_their_deadline_are_answered_expired_and_not_run() {
+        let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(4, 8)])).unwrap());
+        let (tx, mut rx) = unbounded_channel();
+        let mut w = worker(tensors.clone(), tx);
+        w.engine = Box::new(Sums);
+        let mut late = job(&tensors, 0);
+        late.job.ctx.deadline_ns = shm::monotonic_ns() - 1;
+        let mut on_time = job(&tensors, 1);
+        on_time.job.ctx.deadline_ns = shm::monotonic_ns() + 60_000_000_000;
+        w.guarded(vec![late, on_time], Worker::run);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(FromExecutor::Expired { job_id: 0 })
+        ));
+        match rx.try_recv() {
+            // The other ran alone: a batch of one.
+            Ok(FromExecutor::Scores(s)) => assert_eq!((s.job_id, s.batch), (1, 1)),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.try_recv().is_err());
+    }
+
     fn job(tensors: &SharedTensors, job_id: u64) -> Queued {
         let slot = SlotRef {
             model: 0,
@@ -407,7 +445,10 @@ mod tests {
         tensors.write_f32(slot, |s| s.fill(1.0)).unwrap();
         let job = InferJob {
             job_id,
-            request_id: format!("test-{job_id}"),
+            ctx: shm::RequestContext {
+                request_id: format!("test-{job_id}"),
+                ..Default::default()
+            },
             slot,
             pending: 0,
         };

@@ -55,7 +55,10 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
     let gateway = std::thread::spawn(move || {
         let job = InferJob {
             job_id: 7,
-            request_id: "test-7".into(),
+            ctx: shm::RequestContext {
+                request_id: "test-7".into(),
+                ..Default::default()
+            },
             slot,
             pending: 0,
         };

@@ -103,7 +103,10 @@ impl Executor {
         self.fill(slot, data);
         self.send(ToExecutor::Infer(InferJob {
             job_id,
-            request_id: "test".into(),
+            ctx: shm::RequestContext {
+                request_id: "test".into(),
+                ..Default::default()
+            },
             slot,
             pending: 0,
         }));
@@ -156,7 +159,10 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.fill(s, &common::sample(&spec, 0));
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 11,
-        request_id: "test".into(),
+        ctx: shm::RequestContext {
+            request_id: "test".into(),
+            ..Default::default()
+        },
         slot: s,
         pending: 0,
     }));
@@ -176,7 +182,10 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.fill(s2, &common::sample(&spec, 0));
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 12,
-        request_id: "test".into(),
+        ctx: shm::RequestContext {
+            request_id: "test".into(),
+            ..Default::default()
+        },
         slot: s2,
         pending: 0,
     }));
@@ -195,7 +204,10 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.pool.stamp(slot(1, 6)).unwrap();
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 13,
-        request_id: "test".into(),
+        ctx: shm::RequestContext {
+            request_id: "test".into(),
+            ..Default::default()
+        },
         slot: slot(1, 5),
         pending: 0,
     }));
@@ -211,7 +223,10 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     ex.pool.stamp(slot(2, 9)).unwrap();
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 14,
-        request_id: "test".into(),
+        ctx: shm::RequestContext {
+            request_id: "test".into(),
+            ..Default::default()
+        },
         slot: slot(2, 9),
         pending: 0,
     }));
@@ -220,7 +235,10 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     // An unknown model index is answered, not fatal.
     ex.send(ToExecutor::Infer(InferJob {
         job_id: 15,
-        request_id: "test".into(),
+        ctx: shm::RequestContext {
+            request_id: "test".into(),
+            ..Default::default()
+        },
         slot: SlotRef {
             model: 7,
             slot: 0,
@@ -246,7 +264,10 @@ fn a_burst_is_batched_when_the_last_job_says_nothing_is_pending() {
         ex.fill(s, &common::sample(&spec, k));
         ex.send(ToExecutor::Infer(InferJob {
             job_id: k as u64,
-            request_id: "test".into(),
+            ctx: shm::RequestContext {
+                request_id: "test".into(),
+                ..Default::default()
+            },
             slot: s,
             pending: 7 - k,
         }));

@@ -64,7 +64,10 @@ fn main() {
         .collect();
     let job = VideoJob {
         job_id: 1,
-        request_id: "bench".into(),
+        ctx: shm::RequestContext {
+            request_id: "bench".into(),
+            ..Default::default()
+        },
         model: 0,
         input: Input::Shared {
             index: 0,

@@ -143,7 +143,7 @@ fn route(routes: &Routes, job_id: u64, c: Control) {
 /// goes out, so every later Grant is known to be unused.
 fn answer_video(ctx: &Ctx, routes: &Routes, job: VideoJob, control: Receiver<Control>) {
     let job_id = job.job_id;
-    let _span = tracing::debug_span!("video", request_id = %job.request_id, job_id).entered();
+    let _span = tracing::debug_span!("video", request_id = %job.ctx.request_id, tenant = %job.ctx.tenant, job_id).entered();
     let send = |m: &FromWorker| ctx.send(m);
     let model = match ctx.models.get(usize::from(job.model)) {
         Some(m) => m,
@@ -199,7 +199,7 @@ fn setup(init: WorkerInit, opts: &ServeOptions, out: UnixStream) -> anyhow::Resu
 /// Runs one job and sends its answer, even when the pipeline panics.
 fn answer(ctx: &Ctx, job: Job) {
     let job_id = job.job_id;
-    let _span = tracing::debug_span!("job", request_id = %job.request_id, job_id).entered();
+    let _span = tracing::debug_span!("job", request_id = %job.ctx.request_id, tenant = %job.ctx.tenant, job_id).entered();
     let msg = match catch_unwind(AssertUnwindSafe(|| run_job(ctx, &job))) {
         Ok(Ok(done)) => {
             tracing::debug!(decode_us = done.decode_us, "image preprocessed");

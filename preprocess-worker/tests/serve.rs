@@ -17,7 +17,10 @@ fn fixture(dir: &str, name: &str) -> Vec<u8> {
 fn job(job_id: u64, slot: SlotRef, input: Input) -> ToWorker {
     ToWorker::Job(Job {
         job_id,
-        request_id: format!("req-{job_id}"),
+        ctx: shm::RequestContext {
+            request_id: format!("req-{job_id}"),
+            ..Default::default()
+        },
         slot,
         input,
     })

@@ -8,7 +8,37 @@ use serde::{Deserialize, Serialize};
 use crate::{PoolLayout, SlotRef};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTO_VERSION: u32 = 3;
+pub const PROTO_VERSION: u32 = 4;
+
+/// What every process knows of the request a job belongs to: created once
+/// by the gateway and carried in every job message, so one id follows a
+/// request through every process's log lines and every stage can drop work
+/// nobody waits for any more.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestContext {
+    /// The HTTP request's id (`x-request-id`, or one the gateway made).
+    pub request_id: String,
+    /// The tenant's name (`anonymous` without tenants).
+    pub tenant: String,
+    /// `CLOCK_MONOTONIC` nanoseconds (shared by every process on the host)
+    /// past which the answer is useless; 0 = no deadline.
+    pub deadline_ns: u64,
+}
+
+impl RequestContext {
+    /// The deadline has passed.
+    pub fn expired(&self) -> bool {
+        self.deadline_ns != 0 && monotonic_ns() >= self.deadline_ns
+    }
+}
+
+/// Now on `CLOCK_MONOTONIC`, in nanoseconds: the clock `std::time::Instant`
+/// reads on Linux, and the same in every process of the host.
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always readable");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
 
 /// First message from any child.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -50,8 +80,7 @@ pub struct WorkerInit {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub job_id: u64,
-    /// For logs: the HTTP request this job belongs to.
-    pub request_id: String,
+    pub ctx: RequestContext,
     pub slot: SlotRef,
     pub input: Input,
 }
@@ -62,7 +91,7 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VideoJob {
     pub job_id: u64,
-    pub request_id: String,
+    pub ctx: RequestContext,
     /// Model (index into `WorkerInit::models`) whose preprocessing applies.
     pub model: u16,
     pub input: Input,
@@ -209,8 +238,7 @@ pub struct ExecutorInit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InferJob {
     pub job_id: u64,
-    /// The request's id, for the executor's log lines.
-    pub request_id: String,
+    pub ctx: RequestContext,
     pub slot: SlotRef,
     /// Samples of the same model still being preprocessed when this one was
     /// sent: 0 tells the batcher not to wait for more.
@@ -229,6 +257,10 @@ pub enum FromExecutor {
     Failed {
         job_id: u64,
         message: String,
+    },
+    /// The job's deadline passed before it could run: it was not run.
+    Expired {
+        job_id: u64,
     },
 }
 

@@ -213,7 +213,10 @@ impl Worker {
         let slots = (0..window).map(|s| self.lease(s)).collect();
         let job = VideoJob {
             job_id: self.next_job,
-            request_id: format!("req-{}", self.next_job),
+            ctx: shm::RequestContext {
+                request_id: format!("req-{}", self.next_job),
+                ..Default::default()
+            },
             model: 0,
             input,
             sampling,
