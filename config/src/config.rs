@@ -283,9 +283,10 @@ pub struct Tenant {
     #[serde(default)]
     pub requests_burst: u32,
     /// Samples (images, sampled video frames) per second, on average; 0 =
-    /// unlimited. Images are charged when their request is read; a video's
-    /// frames once it has been sampled (a video needs one token to start,
-    /// and its other frames are owed by the next requests).
+    /// unlimited. Images are charged once their request is read and they
+    /// are known to be images; a video needs one token to start and its
+    /// other frames are charged as they are sampled (owed by the next
+    /// requests if the bucket runs dry).
     #[serde(default)]
     pub samples_per_s: f64,
     /// Samples that may come at once; 0 = one second's worth (at least 1).
@@ -375,6 +376,10 @@ impl ServerConfig {
         }
     }
 }
+
+/// Longest request deadline, `X-Request-Timeout` or a tenant's
+/// `deadline_ms`: one hour.
+pub const MAX_DEADLINE_MS: u64 = 3_600_000;
 
 /// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs
 /// must fit in one.
@@ -506,6 +511,12 @@ impl ServerConfig {
                         t.name
                     )));
                 }
+            }
+            if t.deadline_ms > MAX_DEADLINE_MS {
+                return Err(invalid(format!(
+                    "tenant {:?}: deadline_ms is {}; at most {MAX_DEADLINE_MS} (0 = none)",
+                    t.name, t.deadline_ms
+                )));
             }
             let share = self.tenant_body_budget(t);
             if share < largest || share > self.server.max_inflight_body_bytes {
@@ -647,6 +658,10 @@ mod tests {
             Some((10.0, 40))
         );
         assert!(validate(tenant("samples_per_s = 10")).is_ok());
+        let e = validate(tenant("deadline_ms = 3600001"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 3600000"), "{e}");
         for bad in [
             "requests_per_s = -1",
             "samples_per_s = nan",

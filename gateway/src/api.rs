@@ -261,7 +261,9 @@ async fn score_inner(
     let ctx = RequestContext {
         request_id: rid.to_string(),
         tenant: tenant.clone(),
-        deadline_ns: deadline.map_or(0, |d| shm::monotonic_ns() + d.as_nanos() as u64),
+        deadline_ns: deadline.map_or(0, |d| {
+            shm::monotonic_ns().saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        }),
     };
     let ctx = &ctx;
     let work = async {
@@ -293,14 +295,19 @@ async fn score_inner(
             let v = &app.core.cfg.video;
             let (sampling, threshold) =
                 video::sampling_from_query(&query, v, caller.max_video_frames)?;
-            // Its frames are known once sampled: one to start, the rest after.
+            // Its frames are known once sampled: one token to start, the
+            // others charged as they come.
             caller.take_samples(1)?;
-            let r = video::score_video(app, ctx, idx, upload.data, sampling, threshold).await?;
-            caller.charge_samples(r.frames_sampled.saturating_sub(1));
+            let r = video::score_video(app, ctx, &caller, idx, upload.data, sampling, threshold)
+                .await
+                .inspect_err(|e| {
+                    if e.code.is_overload() {
+                        caller.refund_samples(1);
+                    }
+                })?;
             return Ok(Scored::Video(r));
         }
-        caller.take_samples(u32::try_from(uploads.len()).unwrap_or(u32::MAX))?;
-        let (results, timings) = score::score_all(app, ctx, idx, uploads).await?;
+        let (results, timings) = score::score_all(app, ctx, &caller, idx, uploads).await?;
         Ok(Scored::Images(ScoreResponse {
             request_id: rid.to_string(),
             model: model.to_string(),
@@ -320,8 +327,9 @@ async fn score_inner(
     (tenant, result)
 }
 
-/// Longest `X-Request-Timeout` accepted, in ms.
-const MAX_REQUEST_TIMEOUT_MS: u64 = 3_600_000;
+/// Longest `X-Request-Timeout` accepted, in ms (and longest tenant
+/// `deadline_ms`).
+const MAX_REQUEST_TIMEOUT_MS: u64 = config::MAX_DEADLINE_MS;
 
 /// The request's deadline, from now: `X-Request-Timeout: <ms>`, else the
 /// tenant's `deadline_ms`; `None` = no deadline.

@@ -76,7 +76,15 @@ impl Caller {
         })
     }
 
-    /// Charges `n` samples already scored (a video's frames past the first)
+    /// Gives back `n` samples taken for work the gateway refused for its own
+    /// load (the tenant did not get it).
+    pub fn refund_samples(&self, n: u32) {
+        if let Some(b) = &self.samples {
+            b.refund(n);
+        }
+    }
+
+    /// Charges `n` samples (a video's frames past the first, as they come)
     /// to the tenant's bucket, which may go into debt.
     pub fn charge_samples(&self, n: u32) {
         if let Some(b) = &self.samples {

@@ -187,6 +187,15 @@ impl Code {
         }
     }
 
+    /// The gateway refused the work for its own load or state, not the
+    /// client's: the client's quota is given back.
+    pub fn is_overload(self) -> bool {
+        matches!(
+            self,
+            Code::QueueFull | Code::QueueTimeout | Code::NotReady | Code::ShuttingDown
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         self.row().0
     }

@@ -2,10 +2,11 @@
 //!
 //! A bucket holds up to `burst` tokens and refills at `rate` per second. A
 //! request takes its tokens up front when it knows how many it needs; a
-//! video, whose sampled frames are known only once it has been decoded,
-//! needs one token to start and is charged the rest afterwards, which may
-//! leave the bucket owing (below zero) until it has refilled. Hand-written
-//! rather than `governor`: GCRA cannot carry such a debt.
+//! video, whose sampled frames are known only as it is decoded, needs one
+//! token to start and is charged each further frame as it comes, which may
+//! leave the bucket owing (below zero) until it has refilled. Tokens taken
+//! for work the gateway refused under its own load are given back.
+//! Hand-written rather than `governor`: GCRA cannot carry such a debt.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -65,6 +66,13 @@ impl TokenBucket {
         self.refilled(now).tokens -= f64::from(n);
     }
 
+    /// Gives back `n` tokens taken for work that was not done (never past
+    /// the burst).
+    pub fn refund(&self, n: u32) {
+        let mut s = self.refilled(Instant::now());
+        s.tokens = (s.tokens + f64::from(n)).min(self.burst);
+    }
+
     fn take_at(&self, n: u32, now: Instant) -> Result<(), Refused> {
         let n = f64::from(n);
         if n > self.burst {
@@ -75,9 +83,9 @@ impl TokenBucket {
             s.tokens -= n;
             return Ok(());
         }
-        Err(Refused::RetryAfter(Duration::from_secs_f64(
-            (n - s.tokens) / self.rate,
-        )))
+        // Saturates: a vanishing rate must not panic the handler.
+        let wait = Duration::try_from_secs_f64((n - s.tokens) / self.rate).unwrap_or(Duration::MAX);
+        Err(Refused::RetryAfter(wait))
     }
 
     fn refilled(&self, now: Instant) -> std::sync::MutexGuard<'_, State> {
@@ -91,7 +99,7 @@ impl TokenBucket {
 
 /// Whole seconds for `Retry-After`, rounded up (at least 1).
 pub fn retry_after_secs(d: Duration) -> u32 {
-    (d.as_secs_f64().ceil() as u32).max(1)
+    (d.as_secs_f64().ceil().min(f64::from(u32::MAX)) as u32).max(1)
 }
 
 #[cfg(test)]
@@ -131,6 +139,15 @@ mod tests {
         );
         assert_eq!(b.take_at(1, t0 + Duration::from_secs(9)), Ok(()));
         assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::MAX), u32::MAX);
+        // A vanishing rate saturates instead of panicking.
+        let slow = TokenBucket::starting_at((1e-30, 1), t0);
+        assert_eq!(slow.take_at(1, t0), Ok(()));
+        assert_eq!(slow.take_at(1, t0), Err(Refused::RetryAfter(Duration::MAX)));
+        // A refund never fills past the burst.
+        slow.refund(5);
+        assert_eq!(slow.take_at(1, t0), Ok(()));
+        assert!(slow.take_at(1, t0).is_err());
         assert_eq!(retry_after_secs(Duration::from_millis(2001)), 3);
     }
 }

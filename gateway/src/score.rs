@@ -14,6 +14,7 @@ use shm::{JobDone, RequestContext, Scores};
 use tokio::sync::oneshot;
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, Code};
 use crate::metrics::{DropReason, DropStage};
 use crate::workers::{Task, WorkJob};
@@ -266,6 +267,7 @@ pub async fn score_one(
     };
     let pre = match answered {
         Ok(Ok(r)) => r?,
+        Ok(Err(_)) if ctx.expired() => return Err(deadline_exceeded()),
         Ok(Err(_)) => {
             return Err(ApiError::new(
                 Code::WorkerCrashed,
@@ -353,6 +355,7 @@ fn result(
 pub async fn score_all(
     app: &AppState,
     ctx: &RequestContext,
+    caller: &Caller,
     model: u16,
     uploads: Vec<Upload>,
 ) -> Result<(Vec<ImageResult>, Timings), ApiError> {
@@ -368,6 +371,10 @@ pub async fn score_all(
             return Err(name_image(e, i, n, u.name.as_deref()));
         }
     }
+    // The tenant's sample tokens, once the images are known to be images;
+    // given back if the gateway refuses them for its own load.
+    let samples = u32::try_from(n).unwrap_or(u32::MAX);
+    caller.take_samples(samples)?;
     let names: Vec<Option<String>> = uploads.iter().map(|u| u.name.clone()).collect();
     let futs = uploads
         .into_iter()
@@ -375,11 +382,14 @@ pub async fn score_all(
         .map(|(i, u)| score_one(app, ctx, model, i, u));
     let mut results = Vec::with_capacity(n);
     let mut timings = Timings::default();
-    for (i, r) in futures::future::join_all(futs)
-        .await
-        .into_iter()
-        .enumerate()
+    let answers = futures::future::join_all(futs).await;
+    if answers
+        .iter()
+        .all(|r| r.as_ref().is_err_and(|e| e.code.is_overload()))
     {
+        caller.refund_samples(samples);
+    }
+    for (i, r) in answers.into_iter().enumerate() {
         let r = r.map_err(|e| name_image(e, i, n, names[i].as_deref()))?;
         timings = timings.max(r.timings);
         results.push(r);

@@ -19,6 +19,7 @@ use shm::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::AppState;
+use crate::auth::Caller;
 use crate::error::{ApiError, Code};
 use crate::score::Timings;
 use crate::workers::{Held, QueuedUpload, Task, WorkJob, WorkerThread, lease_within};
@@ -345,6 +346,7 @@ pub fn aggregate(labels: &[String], frames: &[(f64, Vec<f32>)], threshold: f32) 
 pub async fn score_video(
     app: &AppState,
     ctx: &RequestContext,
+    caller: &Caller,
     model: u16,
     data: Bytes,
     sampling: Sampling,
@@ -367,6 +369,7 @@ pub async fn score_video(
     // deadline it is abandoned.
     let queued_until = crate::workers::queue_deadline(core, enqueued);
     let mut taken = false;
+    let mut taken_frames = 0u32;
     let mut inflight = FuturesUnordered::new();
     let mut frames: Vec<(f64, Vec<f32>)> = Vec::new();
     let (mut done, mut open) = (None, true);
@@ -379,6 +382,13 @@ pub async fn score_video(
             }
             ev = rx.recv(), if open => match ev {
                 Some(VideoEvent::Frame { grant, t }) => {
+                    // Each frame is a sample of the tenant's rate: the first
+                    // was taken to start; the others are charged as they
+                    // come, so a video cut short still pays for its work.
+                    if taken_frames > 0 {
+                        caller.charge_samples(1);
+                    }
+                    taken_frames += 1;
                     taken = true;
                     let executor = app.executor.clone();
                     let pending = core.pending(model);
@@ -405,6 +415,10 @@ pub async fn score_video(
         }
     }
     let d = done.ok_or_else(|| {
+        if ctx.expired() {
+            // The dispatcher dropped the job at its deadline.
+            return crate::score::deadline_exceeded();
+        }
         ApiError::new(
             Code::WorkerCrashed,
             "the preprocess worker died while decoding this video; it has been restarted, retry the request",

@@ -542,6 +542,14 @@ impl WorkerThread<'_> {
                 return Ok(());
             }
         };
+        if ctx.expired() {
+            // Its deadline passed while it waited for a slot.
+            let (stage, reason) = (DropStage::Preprocess, DropReason::Deadline);
+            self.core.metrics.drop_work(stage, reason);
+            let _ = reply.send(Err(crate::score::deadline_exceeded()));
+            return Ok(());
+        }
+        let kept = ctx.clone();
         let queue = enqueued.elapsed();
         let input = match self.place_input(&data) {
             Ok(i) => i,
@@ -580,8 +588,12 @@ impl WorkerThread<'_> {
         let _ = self.input.recycle(self.k, data.len());
         if let Err(Ok(_)) = reply.send(result) {
             // Decoded, but the caller is gone: it never reaches the model.
-            let (stage, reason) = (DropStage::Inference, DropReason::CallerGone);
-            self.core.metrics.drop_work(stage, reason);
+            let reason = if kept.expired() {
+                DropReason::Deadline
+            } else {
+                DropReason::CallerGone
+            };
+            self.core.metrics.drop_work(DropStage::Inference, reason);
         }
         Ok(())
     }

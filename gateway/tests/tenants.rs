@@ -80,6 +80,24 @@ async fn requests_over_a_tenants_rate_get_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn samples_are_counted_per_image() {
     let gw = Gateway::start(&tenants("samples_per_s = 0.2\nsamples_burst = 3")).await;
+    // Parts that are not images are refused before they cost a token.
+    let mut form = reqwest::multipart::Form::new();
+    for i in 0..3 {
+        let part =
+            reqwest::multipart::Part::bytes(b"not an image".to_vec()).file_name(format!("{i}.txt"));
+        form = form.part("image", part);
+    }
+    let req = gw
+        .client
+        .post(gw.url("/v1/models/open_nsfw/score"))
+        .header("x-api-key", "key-a");
+    let r = Reply::read(req.multipart(form).send().await.unwrap()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (415, "unsupported_media_type"),
+        "{}",
+        r.json
+    );
     let r = send(&gw, "key-a", 2, None).await;
     assert_eq!(r.status, 200, "{}", r.json);
     // One token left (plus 0.2/s since): two do not fit for a while.
@@ -95,10 +113,10 @@ async fn samples_are_counted_per_image() {
 }
 
 /// A video's sampled frames are samples too: it needs one token to start,
-/// and the frames past the tokens it found are owed, so the tenant's next
-/// request waits for them.
+/// each further frame is charged as it comes, and the frames past the
+/// tokens it found are owed, so the tenant's next request waits for them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_videos_sampled_frames_are_charged_after_it_is_scored() {
+async fn a_videos_sampled_frames_are_charged_as_they_come() {
     let gw = Gateway::start(&tenants("samples_per_s = 0.5\nsamples_burst = 3")).await;
     let r = send(&gw, "key-a", 0, Some("h264.mp4")).await;
     assert_eq!(r.status, 200, "{}", r.json);
