@@ -243,7 +243,7 @@ async fn score_inner(
     reservation: &Arc<Reservation>,
     body_read: &mut bool,
 ) -> (String, Result<Scored, ApiError>) {
-    let caller = match app.auth.admit(req.headers(), model) {
+    let caller = match app.auth.current().admit(req.headers(), model) {
         Ok(c) => c,
         Err((tenant, e)) => return (tenant, Err(e)),
     };

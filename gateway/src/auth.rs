@@ -23,15 +23,64 @@ pub struct Auth {
     tenants: Vec<TenantState>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct TenantState {
     spec: config::Tenant,
     slots: Option<Arc<Semaphore>>,
     /// Its share of the buffer budget.
     budget: Budget,
     /// `requests_per_s`, `samples_per_s`.
-    requests: Option<TokenBucket>,
+    requests: Option<Arc<TokenBucket>>,
     samples: Option<Arc<TokenBucket>>,
+}
+
+impl TenantState {
+    fn new(cfg: &config::ServerConfig, t: &config::Tenant) -> Self {
+        Self {
+            spec: t.clone(),
+            slots: (t.max_concurrency > 0)
+                .then(|| Arc::new(Semaphore::new(t.max_concurrency as usize))),
+            budget: Budget::for_tenant(cfg.tenant_body_budget(t), &t.name),
+            requests: t.request_rate().map(|r| Arc::new(TokenBucket::new(r))),
+            samples: t.sample_rate().map(|r| Arc::new(TokenBucket::new(r))),
+        }
+    }
+
+    /// The same tenant with the same limits: only its keys or models
+    /// differ, so its requests in flight, buckets and upload share carry
+    /// over a reload.
+    fn same_limits(&self, t: &config::Tenant) -> bool {
+        let plain = |t: &config::Tenant| config::Tenant {
+            key_hashes: Vec::new(),
+            models: Vec::new(),
+            ..t.clone()
+        };
+        plain(&self.spec) == plain(t)
+    }
+}
+
+/// The tenants in force, replaced whole when the config is reloaded
+/// (SIGHUP); a request keeps the tenant state it was admitted under.
+#[derive(Debug)]
+pub struct Tenants(std::sync::RwLock<Arc<Auth>>);
+
+impl Tenants {
+    pub fn new(cfg: &config::ServerConfig) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(Auth::new(cfg))))
+    }
+
+    pub fn current(&self) -> Arc<Auth> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `cfg`'s tenants in force (a validated config); tenants whose
+    /// limits did not change keep their state. Returns how many there are.
+    pub fn reload(&self, cfg: &config::ServerConfig) -> usize {
+        let next = Arc::new(Auth::after(cfg, Some(&self.current())));
+        let n = next.tenants.len();
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = next;
+        n
+    }
 }
 
 /// An admitted caller; holds its tenant's concurrency permit.
@@ -95,6 +144,12 @@ impl Caller {
 
 impl Auth {
     pub fn new(cfg: &config::ServerConfig) -> Self {
+        Self::after(cfg, None)
+    }
+
+    /// `cfg`'s tenants, reusing `previous`'s state of those whose limits
+    /// are unchanged.
+    fn after(cfg: &config::ServerConfig, previous: Option<&Auth>) -> Self {
         let hashes = cfg
             .tenants
             .iter()
@@ -109,13 +164,17 @@ impl Auth {
         let tenants = cfg
             .tenants
             .iter()
-            .map(|t| TenantState {
-                spec: t.clone(),
-                slots: (t.max_concurrency > 0)
-                    .then(|| Arc::new(Semaphore::new(t.max_concurrency as usize))),
-                budget: Budget::for_tenant(cfg.tenant_body_budget(t), &t.name),
-                requests: t.request_rate().map(TokenBucket::new),
-                samples: t.sample_rate().map(|r| Arc::new(TokenBucket::new(r))),
+            .map(|t| {
+                let kept = previous
+                    .and_then(|p| p.tenants.iter().find(|o| o.spec.name == t.name))
+                    .filter(|o| o.same_limits(t));
+                match kept {
+                    Some(o) => TenantState {
+                        spec: t.clone(),
+                        ..o.clone()
+                    },
+                    None => TenantState::new(cfg, t),
+                }
             })
             .collect();
         Self { hashes, tenants }
@@ -311,6 +370,33 @@ mod tests {
         );
         drop(first);
         assert!(a.admit(&with("x-api-key", "k1"), "open_nsfw").is_ok());
+    }
+
+    #[test]
+    fn a_reload_keeps_the_state_of_tenants_whose_limits_did_not_change() {
+        let cfg = |rate: f64, key: &str| config::ServerConfig {
+            tenants: vec![config::Tenant {
+                key_hashes: vec![config::key_hash(key)],
+                requests_per_s: rate,
+                requests_burst: 1,
+                max_concurrency: 0,
+                ..auth().tenants[0].spec.clone()
+            }],
+            ..Default::default()
+        };
+        let t = Tenants::new(&cfg(0.001, "k1"));
+        let admit =
+            |t: &Tenants, key: &str| t.current().admit(&with("x-api-key", key), "open_nsfw");
+        assert!(admit(&t, "k1").is_ok());
+        assert!(admit(&t, "k1").is_err(), "the burst of 1 is spent");
+        // A new key, same limits: the spent bucket carries over.
+        assert_eq!(t.reload(&cfg(0.001, "k2")), 1);
+        assert!(admit(&t, "k1").is_err(), "k1 was removed");
+        let (_, e) = admit(&t, "k2").unwrap_err();
+        assert_eq!(e.code, Code::RateLimited);
+        // New limits: a fresh bucket.
+        t.reload(&cfg(0.002, "k2"));
+        assert!(admit(&t, "k2").is_ok());
     }
 
     #[test]

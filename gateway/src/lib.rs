@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 
 pub use api::app;
 
-use crate::auth::Auth;
+use crate::auth::Tenants;
 use crate::core::Core;
 use crate::executor::Executor;
 use crate::workers::WorkerPool;
@@ -37,7 +37,8 @@ pub struct AppState {
     pub core: Arc<Core>,
     pub workers: Arc<WorkerPool>,
     pub executor: Arc<Executor>,
-    pub auth: Arc<Auth>,
+    /// The tenants in force (reloaded on SIGHUP).
+    pub auth: Arc<Tenants>,
     /// Uploads being received and answers not yet written
     /// (`server.max_inflight_body_bytes`).
     pub body_budget: body::Budget,
@@ -50,7 +51,7 @@ impl AppState {
         cfg: config::ServerConfig,
         bin_dir: std::path::PathBuf,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
-        let auth = Arc::new(Auth::new(&cfg));
+        let auth = Arc::new(Tenants::new(&cfg));
         let body_budget = body::Budget::new(cfg.server.max_inflight_body_bytes);
         let core = Core::new(cfg, bin_dir)?;
         let workers = WorkerPool::new(&core);
@@ -72,7 +73,12 @@ impl AppState {
 
 /// Serves until SIGTERM or SIGINT, then stops accepting, drains in-flight
 /// requests (up to `server.shutdown_grace_ms`) and stops the children.
-pub async fn run(mut cfg: config::ServerConfig) -> anyhow::Result<()> {
+/// `reload` reads the config again (on SIGHUP; only `[[tenants]]` take
+/// effect then).
+pub async fn run(
+    mut cfg: config::ServerConfig,
+    reload: impl Fn() -> anyhow::Result<config::ServerConfig> + Send + 'static,
+) -> anyhow::Result<()> {
     let bin_dir = settings::bin_dir(&cfg)?;
     fit_connections_to_fd_limit(&mut cfg);
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
@@ -85,6 +91,7 @@ pub async fn run(mut cfg: config::ServerConfig) -> anyhow::Result<()> {
     println!("mmgate listening on http://{addr}");
     tracing::info!(%addr, "listening");
     let core = state.core.clone();
+    tokio::spawn(reload_on_sighup(state.auth.clone(), reload));
     let (signal_tx, signal) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -136,6 +143,35 @@ fn fit_connections_to_fd_limit(cfg: &mut config::ServerConfig) {
             cfg.http.max_connections
         );
         cfg.http.max_connections = fit;
+    }
+}
+
+/// On each SIGHUP, reads the config again and puts its tenants in force. A
+/// file that does not load or validate is refused and logged, and the
+/// tenants in force stay. Requests in flight keep the tenant state they
+/// were admitted under; none is dropped.
+async fn reload_on_sighup(
+    tenants: Arc<Tenants>,
+    reload: impl Fn() -> anyhow::Result<config::ServerConfig>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("no SIGHUP handler: tenants cannot be reloaded");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match reload() {
+            Ok(cfg) => {
+                let n = tenants.reload(&cfg);
+                tracing::info!(
+                    tenants = n,
+                    "config reloaded: tenants in force (other sections take effect at restart)"
+                );
+            }
+            Err(e) => {
+                tracing::error!("config reload refused, the tenants in force are unchanged: {e:#}")
+            }
+        }
     }
 }
 

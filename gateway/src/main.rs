@@ -29,6 +29,6 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?
-        .block_on(gateway::run(cfg))?;
+        .block_on(gateway::run(cfg, move || args.config()))?;
     Ok(std::process::ExitCode::SUCCESS)
 }

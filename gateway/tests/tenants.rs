@@ -242,3 +242,61 @@ async fn work_past_its_deadline_is_dropped_and_answered_504() {
     .await;
     assert_eq!((r.status, r.code()), (400, "bad_request"), "{}", r.json);
 }
+
+/// SIGHUP re-reads the tenants: a new tenant's key works, a removed one's
+/// stops, requests in flight finish; a bad file is refused, logged, and
+/// leaves the tenants in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_tenants_and_a_bad_file_changes_nothing() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let gw = Gateway::start_logged(&tenants("")).await;
+    let hup = || kill(Pid::from_raw(gw.pid() as i32), Signal::SIGHUP).unwrap();
+    let status = |key: &'static str| {
+        let req = gw
+            .client
+            .post(gw.url("/v1/models/open_nsfw/score"))
+            .header("x-api-key", key)
+            .body(fixture("images/coffee.jpg"));
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("key-c").await, 401);
+    // Tenant b goes, tenant c comes; a request is in flight meanwhile.
+    let in_flight = tokio::spawn(status("key-b"));
+    write_config(
+        &gw.dir,
+        &format!(
+            "[[tenants]]\nname = \"a\"\nkey_hashes = [{:?}]\n\
+             [[tenants]]\nname = \"c\"\nkey_hashes = [{:?}]\n",
+            config::key_hash("key-a"),
+            config::key_hash("key-c"),
+        ),
+    );
+    hup();
+    let t = std::time::Instant::now();
+    while status("key-c").await != 200 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(5),
+            "key-c never admitted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(matches!(in_flight.await.unwrap(), 200 | 401));
+    assert_eq!(status("key-b").await, 401, "tenant b was removed");
+    assert_eq!(status("key-a").await, 200);
+    // A file that does not validate is refused; c and a stay.
+    write_config(
+        &gw.dir,
+        "[[tenants]]\nname = \"x\"\nkeys = [\"plaintext\"]\n",
+    );
+    hup();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(status("key-c").await, 200);
+    assert_eq!(status("key-a").await, 200);
+    let log = std::fs::read_to_string(gw.log_path()).unwrap();
+    assert!(
+        log.contains("config reload refused") && log.contains("plaintext `keys` are not accepted"),
+        "the refusal is not logged:\n{log}"
+    );
+    assert!(!log.contains("\"plaintext\""), "the refused key was logged");
+}
