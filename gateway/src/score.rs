@@ -10,7 +10,7 @@ use axum::http::header;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use shm::{JobDone, RequestContext, Scores};
+use shm::{JobDone, RequestContext, Scores, SlotLease};
 use tokio::sync::oneshot;
 
 use crate::AppState;
@@ -76,7 +76,7 @@ impl Timings {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
@@ -285,16 +285,7 @@ pub async fn score_one(
         }
     };
     let decode = Duration::from_micros(pre.done.decode_us);
-    if ctx.expired() {
-        core.metrics
-            .drop_work(DropStage::Inference, DropReason::Deadline);
-        return Err(deadline_exceeded());
-    }
-    let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
-    let scores = app
-        .executor
-        .infer(ctx, pre.lease, core.pending(model), within)
-        .await?;
+    let scores = infer_sample(app, ctx, model, pre.lease).await?;
     let timings = Timings {
         queue_ms: ms(pre.queue),
         decode_ms: ms(decode),
@@ -302,19 +293,7 @@ pub async fn score_one(
         inference_ms: scores.infer_us as f64 / 1e3,
         total_ms: ms(started.elapsed()),
     };
-    let stage = &core.metrics.stage_duration;
-    stage
-        .with_label_values(&["queue"])
-        .observe(pre.queue.as_secs_f64());
-    stage
-        .with_label_values(&["decode"])
-        .observe(decode.as_secs_f64());
-    stage
-        .with_label_values(&["batch_wait"])
-        .observe(scores.queue_us as f64 / 1e6);
-    stage
-        .with_label_values(&["inference"])
-        .observe(scores.infer_us as f64 / 1e6);
+    observe_preprocess(core, pre.queue, decode);
     let labels = &core.cfg.models[model as usize].output.labels;
     Ok(result(
         index,
@@ -326,6 +305,58 @@ pub async fn score_one(
     ))
 }
 
+/// A sample in shared memory through the model: the one path of every
+/// image and every video frame from its slot lease to its scores. Work past
+/// its deadline is dropped here; the batch wait and inference stages are
+/// observed per sample.
+pub async fn infer_sample(
+    app: &AppState,
+    ctx: &RequestContext,
+    model: u16,
+    lease: SlotLease,
+) -> Result<Scores, ApiError> {
+    let core = &app.core;
+    if ctx.expired() {
+        core.metrics
+            .drop_work(DropStage::Inference, DropReason::Deadline);
+        return Err(deadline_exceeded());
+    }
+    let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
+    let scores = app
+        .executor
+        .infer(ctx, lease, core.pending(model), within)
+        .await?;
+    let stage = &core.metrics.stage_duration;
+    stage
+        .with_label_values(&["batch_wait"])
+        .observe(scores.queue_us as f64 / 1e6);
+    stage
+        .with_label_values(&["inference"])
+        .observe(scores.infer_us as f64 / 1e6);
+    Ok(scores)
+}
+
+/// Observes a job's wait for a worker thread and a slot, and its decode
+/// (an image's, or a whole video's).
+pub fn observe_preprocess(core: &crate::core::Core, queue: Duration, decode: Duration) {
+    let stage = &core.metrics.stage_duration;
+    stage
+        .with_label_values(&["queue"])
+        .observe(queue.as_secs_f64());
+    stage
+        .with_label_values(&["decode"])
+        .observe(decode.as_secs_f64());
+}
+
+/// Scores as answers show them: each label with its value.
+pub fn labelled(labels: &[String], values: &[f32]) -> Map<String, Value> {
+    labels
+        .iter()
+        .zip(values)
+        .map(|(l, v)| (l.clone(), Value::from(*v as f64)))
+        .collect()
+}
+
 fn result(
     index: usize,
     name: Option<String>,
@@ -334,18 +365,13 @@ fn result(
     labels: &[String],
     timings: Timings,
 ) -> ImageResult {
-    let scores = labels
-        .iter()
-        .zip(&scores.values)
-        .map(|(l, v)| (l.clone(), Value::from(*v as f64)))
-        .collect();
     ImageResult {
         index,
         name,
         format: done.format.clone(),
         width: done.width,
         height: done.height,
-        scores,
+        scores: labelled(labels, &scores.values),
         timings,
     }
 }

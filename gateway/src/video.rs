@@ -35,6 +35,11 @@ pub struct VideoTask {
 /// What the dispatcher tells the request handler.
 #[derive(Debug)]
 pub enum VideoEvent {
+    /// A worker thread took the video and it holds its first slot, after
+    /// `queue` in the queue.
+    Started {
+        queue: Duration,
+    },
     /// A frame is in shared memory; `grant` goes to the executor with it.
     Frame {
         grant: Grant,
@@ -127,6 +132,9 @@ impl WorkerThread<'_> {
                 return Ok(());
             }
         };
+        let _ = events.send(VideoEvent::Started {
+            queue: enqueued.elapsed(),
+        });
         let ledger = &self.core.ledger;
         let mut held: HashMap<u32, Grant> = std::iter::once(first)
             .chain(std::iter::from_fn(|| try_grant(&sem, ledger, model)))
@@ -390,17 +398,22 @@ pub async fn score_video(
                     }
                     taken_frames += 1;
                     taken = true;
-                    let executor = app.executor.clone();
-                    let pending = core.pending(model);
-                    let within = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
-                    let ctx = ctx.clone();
                     inflight.push(async move {
                         let Grant { lease, _window } = grant;
-                        (t, executor.infer(&ctx, lease, pending, within).await)
+                        (t, crate::score::infer_sample(app, ctx, model, lease).await)
                     });
+                }
+                Some(VideoEvent::Started { queue }) => {
+                    taken = true;
+                    t.queue_ms = crate::score::ms(queue);
                 }
                 Some(VideoEvent::Done(d)) => {
                     taken = true;
+                    crate::score::observe_preprocess(
+                        core,
+                        Duration::from_secs_f64(t.queue_ms / 1e3),
+                        Duration::from_micros(d.decode_us),
+                    );
                     done = Some(d);
                 }
                 Some(VideoEvent::Failed(e)) => return Err(e),
@@ -427,13 +440,6 @@ pub async fn score_video(
     frames.sort_by(|a, b| a.0.total_cmp(&b.0));
     let spec = &core.cfg.models[model as usize];
     let labels = &spec.output.labels;
-    let named = |v: &[f32]| {
-        labels
-            .iter()
-            .zip(v)
-            .map(|(l, x)| (l.clone(), Value::from(*x as f64)))
-            .collect()
-    };
     t.decode_ms = d.decode_us as f64 / 1e3;
     t.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(VideoResponse {
@@ -453,7 +459,7 @@ pub async fn score_video(
             .iter()
             .map(|(t, v)| FrameScores {
                 t: *t,
-                scores: named(v),
+                scores: crate::score::labelled(labels, v),
             })
             .collect(),
         timings: t,

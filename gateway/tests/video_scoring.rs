@@ -391,3 +391,35 @@ async fn a_video_leaves_the_last_live_thread_to_images_while_a_worker_restarts()
     let r = Reply::read(video.await.unwrap().unwrap()).await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
+
+/// Video frames take the images' path from slot to scores: a video's
+/// `queue_ms` is its real wait for a worker thread, and its frames appear
+/// in the stage histograms like images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_videos_queue_time_and_frames_are_measured_like_images() {
+    let gw = Gateway::start("[workers]\ncount = 1\nthreads = 1\n").await;
+    let (a, b) = tokio::join!(
+        score_video(&gw, "h264.mp4", "fps=1"),
+        score_video(&gw, "h264.mp4", "fps=1")
+    );
+    for r in [&a, &b] {
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    let queue = |r: &Reply| r.json["timings"]["queue_ms"].as_f64().unwrap();
+    let frames = |r: &Reply| r.json["frames_sampled"].as_f64().unwrap();
+    // One worker thread: one of the two waited for the other's decode.
+    let waited = queue(&a).max(queue(&b));
+    assert!(waited > 5.0, "queue_ms {} and {}", queue(&a), queue(&b));
+    let count = |stage: &'static str| {
+        let filter = format!("stage=\"{stage}\"");
+        let gw = &gw;
+        async move {
+            gw.metric("mmgate_stage_duration_seconds_count", &filter)
+                .await
+        }
+    };
+    assert_eq!(count("queue").await, 2.0);
+    assert_eq!(count("decode").await, 2.0);
+    assert_eq!(count("inference").await, frames(&a) + frames(&b));
+    assert_eq!(count("batch_wait").await, frames(&a) + frames(&b));
+}
