@@ -298,6 +298,27 @@ pub struct Tenant {
     /// it (at least the largest body limit). Over it = 429.
     #[serde(default)]
     pub max_inflight_body_bytes: usize,
+    /// Aliases this tenant may call, each served by one of several models
+    /// in proportion to their weights (a canary:
+    /// `moderation = [{ model = "open_nsfw", weight = 90 },
+    /// { model = "open_nsfw_canary", weight = 10 }]`). An alias is called
+    /// like a model, and `models` lists it like one; the answer and the
+    /// metrics name the model that served.
+    #[serde(default)]
+    pub routes: std::collections::BTreeMap<String, Vec<RouteTarget>>,
+}
+
+/// One model of a route and its share of the route's requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTarget {
+    pub model: String,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn all_models() -> Vec<String> {
@@ -512,6 +533,29 @@ impl ServerConfig {
                     )));
                 }
             }
+            for (alias, targets) in &t.routes {
+                if self.models.iter().any(|m| &m.name == alias) {
+                    return Err(invalid(format!(
+                        "tenant {:?}: route {alias:?} has the name of a model",
+                        t.name
+                    )));
+                }
+                if targets.is_empty() || targets.iter().any(|r| r.weight == 0) {
+                    return Err(invalid(format!(
+                        "tenant {:?}: route {alias:?} needs at least one model, each with a weight >= 1",
+                        t.name
+                    )));
+                }
+                if let Some(r) = targets
+                    .iter()
+                    .find(|r| !self.models.iter().any(|m| m.name == r.model))
+                {
+                    return Err(invalid(format!(
+                        "tenant {:?}: route {alias:?} names model {:?}, which is not configured",
+                        t.name, r.model
+                    )));
+                }
+            }
             if t.deadline_ms > MAX_DEADLINE_MS {
                 return Err(invalid(format!(
                     "tenant {:?}: deadline_ms is {}; at most {MAX_DEADLINE_MS} (0 = none)",
@@ -658,6 +702,22 @@ mod tests {
             Some((10.0, 40))
         );
         assert!(validate(tenant("samples_per_s = 10")).is_ok());
+        let route = |targets: &str| tenant(&format!("routes = {{ moderation = [{targets}] }}"));
+        assert!(validate(route("{ model = \"open_nsfw\", weight = 9 }")).is_ok());
+        for (bad, why) in [
+            ("{ model = \"nope\" }", "not configured"),
+            ("{ model = \"open_nsfw\", weight = 0 }", "weight >= 1"),
+            ("", "at least one model"),
+        ] {
+            let e = validate(route(bad)).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+        let e = validate(tenant(
+            "routes = { open_nsfw = [{ model = \"open_nsfw\" }] }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("has the name of a model"), "{e}");
         let e = validate(tenant("deadline_ms = 3600001"))
             .unwrap_err()
             .to_string();

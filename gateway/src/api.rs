@@ -183,12 +183,14 @@ async fn score(
     // Every log line of this request, here and in the children, carries
     // its id.
     let span = tracing::debug_span!("request", request_id = %rid);
-    let (tenant, outcome) = score_inner(&app, &model, &rid, req, &reservation, &mut body_read)
-        .instrument(span.clone())
-        .await;
+    let (tenant, served, outcome) =
+        score_inner(&app, &model, &rid, req, &reservation, &mut body_read)
+            .instrument(span.clone())
+            .await;
     let core = &app.core;
-    let known = core.model(&model).is_some();
-    let label = if known { model.as_str() } else { "unknown" };
+    // Labelled with the model that served (a route's pick).
+    let known = core.model(&served).is_some();
+    let label = if known { served.as_str() } else { "unknown" };
     let mut resp = match outcome {
         Ok(body) => {
             let (mut r, timings) = match &body {
@@ -234,7 +236,8 @@ async fn score(
     resp
 }
 
-/// Returns the tenant label for metrics and the outcome.
+/// Returns the tenant label for metrics, the model that served (the one
+/// called, or its route's pick), and the outcome.
 async fn score_inner(
     app: &AppState,
     model: &str,
@@ -242,21 +245,23 @@ async fn score_inner(
     req: Request,
     reservation: &Arc<Reservation>,
     body_read: &mut bool,
-) -> (String, Result<Scored, ApiError>) {
+) -> (String, String, Result<Scored, ApiError>) {
     let caller = match app.auth.current().admit(req.headers(), model) {
         Ok(c) => c,
-        Err((tenant, e)) => return (tenant, Err(e)),
+        Err((tenant, e)) => return (tenant, model.to_string(), Err(e)),
     };
     let tenant = caller.tenant.clone();
+    let served = caller.served.clone();
     if let Some(share) = &caller.budget
         && let Err(e) = reservation.charge_tenant(share.clone())
     {
-        return (tenant, Err(e.to_api()));
+        return (tenant, served, Err(e.to_api()));
     }
     let deadline = match deadline_of(req.headers(), caller.deadline_ms) {
         Ok(d) => d,
-        Err(e) => return (tenant, Err(e)),
+        Err(e) => return (tenant, served, Err(e)),
     };
+    let model = served.as_str();
     // One context for the request, carried in every job message.
     let ctx = RequestContext {
         request_id: rid.to_string(),
@@ -324,7 +329,7 @@ async fn score_inner(
         None => work.await,
     };
     drop(caller);
-    (tenant, result)
+    (tenant, served, result)
 }
 
 /// Longest `X-Request-Timeout` accepted, in ms (and longest tenant

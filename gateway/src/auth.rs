@@ -6,7 +6,8 @@
 //! compared with every stored hash in constant time (no early exit, no
 //! lookup keyed by it); keys appear in no log line, message or metric.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -32,11 +33,48 @@ struct TenantState {
     /// `requests_per_s`, `samples_per_s`.
     requests: Option<Arc<TokenBucket>>,
     samples: Option<Arc<TokenBucket>>,
+    routes: HashMap<String, Arc<Route>>,
+}
+
+/// A route's models, picked by smooth weighted round robin: each model gets
+/// exactly its share of every `sum(weights)` requests, spread evenly.
+#[derive(Debug)]
+struct Route {
+    targets: Vec<config::RouteTarget>,
+    current: Mutex<Vec<i64>>,
+}
+
+impl Route {
+    fn new(targets: &[config::RouteTarget]) -> Self {
+        Self {
+            targets: targets.to_vec(),
+            current: Mutex::new(vec![0; targets.len()]),
+        }
+    }
+
+    fn pick(&self) -> &str {
+        let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let total: i64 = self.targets.iter().map(|t| i64::from(t.weight)).sum();
+        let mut best = 0;
+        for (i, t) in self.targets.iter().enumerate() {
+            cur[i] += i64::from(t.weight);
+            if cur[i] > cur[best] {
+                best = i;
+            }
+        }
+        cur[best] -= total;
+        &self.targets[best].model
+    }
 }
 
 impl TenantState {
     fn new(cfg: &config::ServerConfig, t: &config::Tenant) -> Self {
         Self {
+            routes: t
+                .routes
+                .iter()
+                .map(|(alias, targets)| (alias.clone(), Arc::new(Route::new(targets))))
+                .collect(),
             spec: t.clone(),
             slots: (t.max_concurrency > 0)
                 .then(|| Arc::new(Semaphore::new(t.max_concurrency as usize))),
@@ -91,6 +129,9 @@ pub struct Caller {
     pub max_video_frames: u32,
     /// The tenant's default deadline; 0 = none.
     pub deadline_ms: u64,
+    /// The model that serves the request: the one called, or the one its
+    /// route picked.
+    pub served: String,
     /// The tenant's share of the buffer budget; `None` without tenants.
     pub budget: Option<Budget>,
     /// The tenant's `samples_per_s` bucket, if it has one.
@@ -188,6 +229,7 @@ impl Auth {
         if self.tenants.is_empty() {
             return Ok(Caller {
                 tenant: "anonymous".into(),
+                served: model.to_string(),
                 max_video_frames: 0,
                 deadline_ms: 0,
                 budget: None,
@@ -256,8 +298,13 @@ impl Auth {
                 )
             })?;
         }
+        let served = match t.routes.get(model) {
+            Some(route) => route.pick().to_string(),
+            None => model.to_string(),
+        };
         Ok(Caller {
             tenant: t.spec.name.clone(),
+            served,
             max_video_frames: t.spec.max_video_frames,
             deadline_ms: t.spec.deadline_ms,
             budget: Some(t.budget.clone()),
@@ -312,6 +359,7 @@ mod tests {
                 max_concurrency: 1,
                 max_video_frames: 0,
                 max_inflight_body_bytes: 0,
+                routes: Default::default(),
                 deadline_ms: 0,
                 requests_per_s: 0.0,
                 requests_burst: 0,
@@ -397,6 +445,22 @@ mod tests {
         // New limits: a fresh bucket.
         t.reload(&cfg(0.002, "k2"));
         assert!(admit(&t, "k2").is_ok());
+    }
+
+    #[test]
+    fn a_route_gives_each_model_its_exact_share_spread_evenly() {
+        let target = |model: &str, weight| config::RouteTarget {
+            model: model.into(),
+            weight,
+        };
+        let r = Route::new(&[target("main", 90), target("canary", 10)]);
+        let picks: Vec<&str> = (0..1000).map(|_| r.pick()).collect();
+        let at: Vec<usize> = (0..1000).filter(|&i| picks[i] == "canary").collect();
+        assert_eq!(at.len(), 100);
+        assert!(at.windows(2).all(|w| w[1] - w[0] == 10), "{at:?}");
+        let r = Route::new(&[target("a", 1), target("b", 2)]);
+        let picks: Vec<&str> = (0..3).map(|_| r.pick()).collect();
+        assert_eq!(picks.iter().filter(|m| **m == "b").count(), 2);
     }
 
     #[test]

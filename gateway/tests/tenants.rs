@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use futures::StreamExt;
 
 /// A request with `key` scoring `images` (as a multipart form of
 /// `images/coffee.jpg`), or the raw video at `video`.
@@ -299,4 +300,91 @@ async fn sighup_reloads_tenants_and_a_bad_file_changes_nothing() {
         "the refusal is not logged:\n{log}"
     );
     assert!(!log.contains("\"plaintext\""), "the refused key was logged");
+}
+
+/// A models folder with `configs/models/open_nsfw.toml` and a copy of it
+/// named `open_nsfw_canary`: the same ONNX file under a second name.
+fn models_with_a_canary() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mmgate-canary-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let spec = std::fs::read_to_string(repo().join("configs/models/open_nsfw.toml")).unwrap();
+    let onnx = repo().join(".deps/models/open-nsfw.onnx");
+    let spec = spec.replace(
+        "file = \"../../.deps/models/open-nsfw.onnx\"",
+        &format!("file = {onnx:?}"),
+    );
+    assert!(
+        spec.contains(&format!("{onnx:?}")),
+        "the spec's file line moved"
+    );
+    std::fs::write(dir.join("open_nsfw.toml"), &spec).unwrap();
+    let canary = spec.replace("name = \"open_nsfw\"", "name = \"open_nsfw_canary\"");
+    std::fs::write(dir.join("open_nsfw_canary.toml"), canary).unwrap();
+    dir
+}
+
+/// A 90/10 route: over 2,000 requests the canary serves 10% ± 3% of them
+/// (smooth weighted round robin: exactly 10%), every answer names the
+/// model that served it, and so do the metrics. A tenant without the
+/// route cannot call the alias.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_route_sends_its_share_to_the_canary() {
+    let models = models_with_a_canary();
+    let gw = Gateway::start(&format!(
+        "[server]\nmodels_dir = {models:?}\n{}",
+        tenants(
+            "routes = { moderation = [{ model = \"open_nsfw\", weight = 90 }, \
+             { model = \"open_nsfw_canary\", weight = 10 }] }"
+        )
+    ))
+    .await;
+    let url = gw.url("/v1/models/moderation/score");
+    let body = fixture("images/no_time_for_that_tiny.gif");
+    let served: Vec<String> = futures::stream::iter(0..2000)
+        .map(|_| {
+            let req = gw
+                .client
+                .post(&url)
+                .header("x-api-key", "key-a")
+                .body(body.clone());
+            async move {
+                let r = Reply::read(req.send().await.unwrap()).await;
+                assert_eq!(r.status, 200, "{}", r.json);
+                r.json["model"].as_str().unwrap().to_string()
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    let canary = served.iter().filter(|m| *m == "open_nsfw_canary").count();
+    let main = served.iter().filter(|m| *m == "open_nsfw").count();
+    assert_eq!(
+        canary + main,
+        2000,
+        "every answer names a model of the route"
+    );
+    assert!(
+        (140..=260).contains(&canary),
+        "the canary served {canary} of 2000"
+    );
+    println!("the canary served {canary} of 2000");
+    let counted = |m: &'static str| {
+        let filter = format!("code=\"200\",model=\"{m}\",tenant=\"a\"");
+        let gw = &gw;
+        async move { gw.metric("mmgate_requests_total", &filter).await }
+    };
+    assert_eq!(counted("open_nsfw_canary").await, canary as f64);
+    assert_eq!(counted("open_nsfw").await, main as f64);
+    let r = Reply::read(
+        gw.client
+            .post(&url)
+            .header("x-api-key", "key-b")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (404, "model_not_found"), "{}", r.json);
+    let _ = std::fs::remove_dir_all(models);
 }

@@ -20,14 +20,18 @@ pub fn fixture(rel: &str) -> Vec<u8> {
     std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
-/// Writes `dir/config.toml`: `configs/models/*`, port 0, the repo's
-/// .deps, and `extra` TOML merged in.
+/// Writes `dir/config.toml`: `configs/models/*` (unless `extra` sets
+/// `models_dir`), port 0, the repo's .deps, and `extra` TOML merged in.
 pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     let r = repo();
+    let models = if extra.contains("models_dir") {
+        String::new()
+    } else {
+        format!("models_dir = {:?}\n", r.join("configs/models"))
+    };
     let cfg = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmodels_dir = \"{}\"\nshutdown_grace_ms = 10000\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n{models}shutdown_grace_ms = 10000\n\
          [executor]\nort_library = \"{}\"\nopenvino_library = \"{}\"\ncache_dir = \"{}\"\n{extra}\n",
-        r.join("configs/models").display(),
         r.join(".deps/onnxruntime/libonnxruntime.so.1.32.0")
             .display(),
         r.join(".deps/openvino/libopenvino_c.so.2641").display(),
