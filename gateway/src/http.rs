@@ -197,21 +197,37 @@ struct Tracked {
 }
 
 /// Answer bodies hyper is done with but has not flushed yet, with what
-/// they hold.
+/// they hold; and whether the connection's close should linger.
 #[derive(Default)]
-struct Unwritten(std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>);
+struct Unwritten {
+    parked: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>,
+    /// An answer refused its request before reading the body and closes
+    /// the connection: see [`LINGER`].
+    linger: std::sync::atomic::AtomicBool,
+}
 
 impl Unwritten {
     fn park(&self, held: Box<dyn std::any::Any + Send>) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(held);
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(held);
     }
 
     /// hyper's buffer is on the socket (or the connection is gone).
     fn release(&self) {
-        let parked = std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(|e| e.into_inner()));
         drop(parked);
     }
 }
+
+/// After an answer that refused its request before reading the body (and
+/// closes the connection), the rest of the upload is read and dropped for
+/// up to this long before the socket is closed (a lingering close, as
+/// nginx does). Closing with unread bytes would reset the connection, and
+/// a client that sends its whole upload before reading (most HTTP
+/// libraries) would see a failed send instead of the JSON answer.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// An answer's body that, when hyper drops it, parks itself and its
 /// `Busy` on the connection until the next completed flush.
@@ -263,11 +279,17 @@ impl Drop for Answer {
 struct Flushed<T> {
     inner: T,
     unwritten: Arc<Unwritten>,
+    /// Set once the write side is shut, with the end of the lingering.
+    lingering: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Flushed<T> {
     fn new(inner: T, unwritten: Arc<Unwritten>) -> Self {
-        Self { inner, unwritten }
+        Self {
+            inner,
+            unwritten,
+            lingering: None,
+        }
     }
 }
 
@@ -287,7 +309,7 @@ impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Flushed<T> {
     }
 }
 
-impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Flushed<T> {
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Flushed<T> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -323,7 +345,30 @@ impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Flushed<T> {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        use std::task::Poll;
+        if self.lingering.is_none() {
+            std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_shutdown(cx))?;
+            if !self.unwritten.linger.load(Ordering::Acquire) {
+                return Poll::Ready(Ok(()));
+            }
+            // The answer is out (FIN sent); drain until the client's EOF.
+            self.lingering = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 16 << 10];
+        loop {
+            let mut buf = tokio::io::ReadBuf::new(&mut scratch);
+            match std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    let until = self.lingering.as_mut().expect("set above");
+                    return match until.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
     }
 }
 
@@ -347,7 +392,9 @@ where
 
     fn call(&mut self, req: hyper::Request<B>) -> Self::Future {
         if let Some(e) = head_over_limit(req.headers(), &self.limits) {
-            // Refused before its body was read: the connection closes.
+            // Refused before its body was read: the connection closes,
+            // lingering.
+            self.unwritten.linger.store(true, Ordering::Release);
             let mut r = e.into_response();
             r.headers_mut().insert(
                 axum::http::header::CONNECTION,
@@ -361,6 +408,14 @@ where
         let fut = tower::Service::call(&mut self.inner.clone(), req);
         Box::pin(async move {
             let mut r = fut.await?;
+            // The app closes the connection when it refused a request
+            // before reading its body: that close lingers.
+            if r.headers()
+                .get(axum::http::header::CONNECTION)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
+            {
+                unwritten.linger.store(true, Ordering::Release);
+            }
             let reservation = r.extensions_mut().remove::<Arc<Reservation>>();
             Ok(r.map(|b| {
                 axum::body::Body::new(Answer {

@@ -543,3 +543,34 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
     let r = Reply::read(r).await;
     assert_eq!(r.status, 200, "the calm tenant was blocked: {}", r.json);
 }
+
+/// A client that sends its whole upload before reading (as most HTTP
+/// libraries do) still gets the JSON refusal the gateway answered before
+/// reading the body, not a reset: the gateway reads and discards the rest
+/// of the upload for a moment before it closes (a lingering close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_before_the_body_reaches_a_client_that_sends_it_all_first() {
+    let gw = Gateway::start(&format!(
+        "[[tenants]]\nname = \"a\"\nkey_hashes = [{:?}]\n",
+        config::key_hash("key-a")
+    ))
+    .await;
+    for _ in 0..3 {
+        let mut s = connect(&gw).await;
+        let len = 8_000_000;
+        let head = format!(
+            "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\nx-api-key: wrong\r\n\
+             Content-Type: image/jpeg\r\nContent-Length: {len}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let sent = s.write_all(&vec![0u8; len]).await;
+        let (answer, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+        // A client library that stops at a failed send (Python's
+        // http.client does) would never read the answer.
+        assert!(sent.is_ok(), "the upload was cut off: {sent:?}");
+        assert!(
+            answer.starts_with("HTTP/1.1 401") && answer.contains("invalid_api_key"),
+            "answer {answer:?}"
+        );
+    }
+}
