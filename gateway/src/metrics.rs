@@ -41,6 +41,19 @@ pub enum DropReason {
     CallerGone,
 }
 
+impl DropReason {
+    /// Why work whose caller no longer waits for it is dropped: its
+    /// deadline (`deadline_ns`, see `shm::RequestContext`), else the caller
+    /// went away.
+    pub fn of(deadline_ns: u64) -> Self {
+        if shm::deadline_passed(deadline_ns) {
+            DropReason::Deadline
+        } else {
+            DropReason::CallerGone
+        }
+    }
+}
+
 impl Metrics {
     pub fn drop_work(&self, stage: DropStage, reason: DropReason) {
         let stage = match stage {

@@ -419,23 +419,12 @@ impl WorkerPool {
                     }
                 },
             };
-            // Work nobody waits for any more is not decoded.
-            let dropped = if job.upload.ctx.expired() {
-                Some(DropReason::Deadline)
-            } else if job.task.caller_gone() {
-                Some(DropReason::CallerGone)
-            } else {
-                None
-            };
-            let data = match dropped {
-                Some(_) => {
-                    job.upload.claim.abandon();
-                    None
-                }
-                None => job.upload.claim.take(),
-            };
-            let Some(data) = data else {
-                let reason = dropped.unwrap_or(DropReason::CallerGone);
+            // Work nobody waits for any more (its deadline passed, its
+            // caller went away or gave up) is not decoded.
+            let waited_for = !job.upload.ctx.expired() && !job.task.caller_gone();
+            let Some(data) = waited_for.then(|| job.upload.claim.take()).flatten() else {
+                job.upload.claim.abandon();
+                let reason = DropReason::of(job.upload.ctx.deadline_ns);
                 core.metrics.drop_work(DropStage::Preprocess, reason);
                 continue;
             };
@@ -549,7 +538,7 @@ impl WorkerThread<'_> {
             let _ = reply.send(Err(crate::score::deadline_exceeded()));
             return Ok(());
         }
-        let kept = ctx.clone();
+        let deadline_ns = ctx.deadline_ns;
         let queue = enqueued.elapsed();
         let input = match self.place_input(&data) {
             Ok(i) => i,
@@ -588,11 +577,7 @@ impl WorkerThread<'_> {
         let _ = self.input.recycle(self.k, data.len());
         if let Err(Ok(_)) = reply.send(result) {
             // Decoded, but the caller is gone: it never reaches the model.
-            let reason = if kept.expired() {
-                DropReason::Deadline
-            } else {
-                DropReason::CallerGone
-            };
+            let reason = DropReason::of(deadline_ns);
             self.core.metrics.drop_work(DropStage::Inference, reason);
         }
         Ok(())

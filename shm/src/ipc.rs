@@ -28,8 +28,13 @@ pub struct RequestContext {
 impl RequestContext {
     /// The deadline has passed.
     pub fn expired(&self) -> bool {
-        self.deadline_ns != 0 && monotonic_ns() >= self.deadline_ns
+        deadline_passed(self.deadline_ns)
     }
+}
+
+/// A `RequestContext::deadline_ns` has passed (0 = no deadline).
+pub fn deadline_passed(deadline_ns: u64) -> bool {
+    deadline_ns != 0 && monotonic_ns() >= deadline_ns
 }
 
 /// Now on `CLOCK_MONOTONIC`, in nanoseconds: the clock `std::time::Instant`
