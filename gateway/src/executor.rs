@@ -22,8 +22,7 @@ use crate::error::{ApiError, Code};
 use crate::metrics::{DropReason, DropStage};
 
 /// Jobs sent and not answered, with the slot each keeps leased meanwhile.
-/// `Err(None)`: the executor did not run the job, its deadline had passed.
-type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, Option<String>>>, SlotLease)>;
+type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, ApiError>>, SlotLease)>;
 
 #[derive(Debug, Default)]
 pub struct Executor {
@@ -96,12 +95,7 @@ impl Executor {
         // On a send error the executor is dying; its reaping fails the job.
         let _ = conn.out.send(msg);
         match tokio::time::timeout(within, rx).await {
-            Ok(Ok(Ok(scores))) => Ok(scores),
-            Ok(Ok(Err(None))) => Err(crate::score::deadline_exceeded()),
-            Ok(Ok(Err(Some(message)))) => Err(ApiError::new(
-                Code::Internal,
-                format!("the executor could not score this sample: {message}"),
-            )),
+            Ok(Ok(answer)) => answer,
             Ok(Err(_)) => Err(crashed()),
             Err(_) => {
                 conn.kill.cancel();
@@ -216,16 +210,17 @@ impl Executor {
 
 impl Conn {
     fn deliver(&self, msg: FromExecutor, core: &Core) {
-        let (id, scores, failure) = match msg {
-            FromExecutor::Scores(s) => (s.job_id, Some(s), None),
+        let (id, answer) = match msg {
+            FromExecutor::Scores(s) => (s.job_id, Ok(s)),
             FromExecutor::Failed { job_id, message } => {
                 tracing::error!(job_id, message, "executor failed a job");
-                (job_id, None, Some(message))
+                let message = format!("the executor could not score this sample: {message}");
+                (job_id, Err(ApiError::new(Code::Internal, message)))
             }
             FromExecutor::Expired { job_id } => {
                 core.metrics
                     .drop_work(DropStage::Inference, DropReason::Deadline);
-                (job_id, None, None)
+                (job_id, Err(crate::score::deadline_exceeded()))
             }
             other => {
                 tracing::warn!(?other, "unexpected message from the executor");
@@ -239,16 +234,14 @@ impl Conn {
             .as_mut()
             .and_then(|w| w.remove(&id));
         let Some((tx, lease)) = entry else { return };
-        let Some(s) = scores else {
-            let _ = tx.send(Err(failure));
-            return;
-        };
-        let model = &core.cfg.models[lease.slot().model as usize].name;
-        core.metrics
-            .batch_size
-            .with_label_values(&[model.as_str()])
-            .observe(s.batch as f64);
-        let _ = tx.send(Ok(s));
+        if let Ok(s) = &answer {
+            let model = &core.cfg.models[lease.slot().model as usize].name;
+            core.metrics
+                .batch_size
+                .with_label_values(&[model.as_str()])
+                .observe(s.batch as f64);
+        }
+        let _ = tx.send(answer);
     }
 }
 
