@@ -147,15 +147,7 @@ impl Caller {
             return Ok(());
         };
         b.take(n).map_err(|r| match r {
-            Refused::RetryAfter(d) => ApiError::new(
-                Code::RateLimited,
-                format!(
-                    "tenant {:?} is over its samples_per_s; {n} more samples fit in {} ms",
-                    self.tenant,
-                    d.as_millis().max(1)
-                ),
-            )
-            .retry_after(retry_after_secs(d)),
+            Refused::RetryAfter(d) => rate_limited(&self.tenant, "samples_per_s", d),
             Refused::OverBurst => ApiError::new(
                 Code::TooManyImages,
                 format!(
@@ -181,6 +173,19 @@ impl Caller {
             b.charge(n);
         }
     }
+}
+
+/// 429 `rate_limited`: `tenant` is over its `limit` bucket, which holds
+/// enough again after `wait`.
+fn rate_limited(tenant: &str, limit: &str, wait: Duration) -> ApiError {
+    ApiError::new(
+        Code::RateLimited,
+        format!(
+            "tenant {tenant:?} is over its {limit}; retry in {} ms",
+            wait.as_millis().max(1)
+        ),
+    )
+    .retry_after(retry_after_secs(wait))
 }
 
 impl Auth {
@@ -277,26 +282,12 @@ impl Auth {
             })?),
         };
         // After the concurrency check: a request refused there spends no
-        // token, and one refused here holds no slot.
-        if let Some(b) = &t.requests {
-            b.take(1).map_err(|r| {
-                let wait = match r {
-                    Refused::RetryAfter(d) => d,
-                    Refused::OverBurst => Duration::from_secs(1),
-                };
-                refused(
-                    ApiError::new(
-                        Code::RateLimited,
-                        format!(
-                            "tenant {:?} is over its requests_per_s ({}); the next request fits in {} ms",
-                            t.spec.name,
-                            t.spec.requests_per_s,
-                            wait.as_millis().max(1)
-                        ),
-                    )
-                    .retry_after(retry_after_secs(wait)),
-                )
-            })?;
+        // token, and one refused here holds no slot. (One token is never
+        // over a burst, which is at least 1.)
+        if let Some(b) = &t.requests
+            && let Err(Refused::RetryAfter(wait)) = b.take(1)
+        {
+            return Err(refused(rate_limited(&t.spec.name, "requests_per_s", wait)));
         }
         let served = match t.routes.get(model) {
             Some(route) => route.pick().to_string(),
