@@ -204,14 +204,11 @@ async fn score(
         }
         Err(e) => {
             tracing::debug!(request_id = rid, error = %e, "request failed");
-            let mut r = e.into_response();
-            if !body_read {
-                // Refused before its body was read: the rest of the body is
-                // still on the wire, so this connection cannot be reused.
-                r.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if body_read {
+                e.into_response()
+            } else {
+                e.into_closing_response()
             }
-            r
         }
     };
     let code = resp.status().as_u16().to_string();

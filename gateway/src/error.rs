@@ -291,6 +291,18 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The answer to a request refused before its body was read: the rest
+    /// of the body is still on the wire, so the connection is not reused
+    /// (`Connection: close`; the connection layer then lingers, http.rs).
+    pub fn into_closing_response(self) -> Response {
+        let mut r = self.into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (_, _, status, _) = self.code.row();

@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -395,12 +394,7 @@ where
             // Refused before its body was read: the connection closes,
             // lingering.
             self.unwritten.linger.store(true, Ordering::Release);
-            let mut r = e.into_response();
-            r.headers_mut().insert(
-                axum::http::header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-            return Box::pin(std::future::ready(Ok(r)));
+            return Box::pin(std::future::ready(Ok(e.into_closing_response())));
         }
         let busy = Busy::new(self.busy.clone());
         let unwritten = self.unwritten.clone();
