@@ -378,6 +378,7 @@ pub async fn score_video(
     let queued_until = crate::workers::queue_deadline(core, enqueued);
     let mut taken = false;
     let mut taken_frames = 0u32;
+    let mut queue = Duration::ZERO;
     let mut inflight = FuturesUnordered::new();
     let mut frames: Vec<(f64, Vec<f32>)> = Vec::new();
     let (mut done, mut open) = (None, true);
@@ -403,17 +404,15 @@ pub async fn score_video(
                         (t, crate::score::infer_sample(app, ctx, model, lease).await)
                     });
                 }
-                Some(VideoEvent::Started { queue }) => {
+                Some(VideoEvent::Started { queue: q }) => {
                     taken = true;
-                    t.queue_ms = crate::score::ms(queue);
+                    queue = q;
+                    t.queue_ms = crate::score::ms(q);
                 }
                 Some(VideoEvent::Done(d)) => {
                     taken = true;
-                    crate::score::observe_preprocess(
-                        core,
-                        Duration::from_secs_f64(t.queue_ms / 1e3),
-                        Duration::from_micros(d.decode_us),
-                    );
+                    let decode = Duration::from_micros(d.decode_us);
+                    crate::score::observe_preprocess(core, queue, decode);
                     done = Some(d);
                 }
                 Some(VideoEvent::Failed(e)) => return Err(e),

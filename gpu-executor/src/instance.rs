@@ -177,8 +177,7 @@ impl Worker {
             if expired {
                 let job_id = q.job.job_id;
                 tracing::debug!(request_id = %q.job.ctx.request_id, job_id, "deadline passed; not run");
-                let _ = self.answers.send(FromExecutor::Expired { job_id });
-                self.answered.push(job_id);
+                self.answer(job_id, FromExecutor::Expired { job_id });
             }
             !expired
         });
@@ -378,12 +377,23 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lone_sample_is_read_in_place_and_a_bad_slot_fails_only_its_job() {
+    /// A worker over 4 slots of 2 floats whose engine sums each sample,
+    /// and the receiver of its answers.
+    fn summing_worker() -> (
+        Arc<SharedTensors>,
+        Worker,
+        tokio::sync::mpsc::UnboundedReceiver<FromExecutor>,
+    ) {
         let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(4, 8)])).unwrap());
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, rx) = unbounded_channel();
         let mut w = worker(tensors.clone(), tx);
         w.engine = Box::new(Sums);
+        (tensors, w, rx)
+    }
+
+    #[test]
+    fn a_lone_sample_is_read_in_place_and_a_bad_slot_fails_only_its_job() {
+        let (tensors, mut w, mut rx) = summing_worker();
         let mut next = || match rx.try_recv() {
             Ok(FromExecutor::Scores(s)) => Ok((s.job_id, s.values, s.batch)),
             Ok(FromExecutor::Failed { job_id, message }) => Err((job_id, message)),
@@ -414,10 +424,7 @@ mod tests {
 
     #[test]
     fn jobs_past_their_deadline_are_answered_expired_and_not_run() {
-        let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(4, 8)])).unwrap());
-        let (tx, mut rx) = unbounded_channel();
-        let mut w = worker(tensors.clone(), tx);
-        w.engine = Box::new(Sums);
+        let (tensors, mut w, mut rx) = summing_worker();
         let mut late = job(&tensors, 0);
         late.job.ctx.deadline_ns = shm::monotonic_ns() - 1;
         let mut on_time = job(&tensors, 1);
