@@ -26,7 +26,7 @@ async fn send(gw: &Gateway, key: &str, images: usize, video: Option<&str>) -> Re
             req.multipart(form)
         }
     };
-    Reply::read(req.send().await.unwrap()).await
+    Reply::of(req).await
 }
 
 fn retry_after(r: &Reply) -> u64 {
@@ -92,7 +92,7 @@ async fn samples_are_counted_per_image() {
         .client
         .post(gw.url("/v1/models/open_nsfw/score"))
         .header("x-api-key", "key-a");
-    let r = Reply::read(req.multipart(form).send().await.unwrap()).await;
+    let r = Reply::of(req.multipart(form)).await;
     assert_eq!(
         (r.status, r.code()),
         (415, "unsupported_media_type"),
@@ -176,7 +176,7 @@ async fn work_past_its_deadline_is_dropped_and_answered_504() {
         }
         async move {
             let t = std::time::Instant::now();
-            let r = Reply::read(req.send().await.unwrap()).await;
+            let r = Reply::of(req).await;
             (r, t.elapsed())
         }
     };
@@ -230,15 +230,12 @@ async fn work_past_its_deadline_is_dropped_and_answered_504() {
             "{id} reached a worker or the executor: {lines:#?}"
         );
     }
-    let r = Reply::read(
+    let r = Reply::of(
         gw.client
             .post(&url)
             .header("x-api-key", "key-b")
             .header("x-request-timeout", "soon")
-            .body(big.clone())
-            .send()
-            .await
-            .unwrap(),
+            .body(big.clone()),
     )
     .await;
     assert_eq!((r.status, r.code()), (400, "bad_request"), "{}", r.json);
@@ -348,7 +345,7 @@ async fn a_weighted_route_sends_its_share_to_the_canary() {
                 .header("x-api-key", "key-a")
                 .body(body.clone());
             async move {
-                let r = Reply::read(req.send().await.unwrap()).await;
+                let r = Reply::of(req).await;
                 assert_eq!(r.status, 200, "{}", r.json);
                 r.json["model"].as_str().unwrap().to_string()
             }
@@ -375,14 +372,11 @@ async fn a_weighted_route_sends_its_share_to_the_canary() {
     };
     assert_eq!(counted("open_nsfw_canary").await, canary as f64);
     assert_eq!(counted("open_nsfw").await, main as f64);
-    let r = Reply::read(
+    let r = Reply::of(
         gw.client
             .post(&url)
             .header("x-api-key", "key-b")
-            .body(body.clone())
-            .send()
-            .await
-            .unwrap(),
+            .body(body.clone()),
     )
     .await;
     assert_eq!((r.status, r.code()), (404, "model_not_found"), "{}", r.json);

@@ -245,6 +245,11 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Sends `req` and reads its answer.
+    pub async fn of(req: reqwest::RequestBuilder) -> Reply {
+        Reply::read(req.send().await.expect("request")).await
+    }
+
     pub async fn read(r: reqwest::Response) -> Reply {
         let status = r.status().as_u16();
         let headers = r.headers().clone();
