@@ -23,6 +23,8 @@ pub struct ServerConfig {
     pub executor: ExecutorSection,
     #[serde(default)]
     pub video: VideoLimits,
+    #[serde(default)]
+    pub scheduling: Scheduling,
     /// API keys and what they may do; no tenants = no authentication.
     #[serde(default)]
     pub tenants: Vec<Tenant>,
@@ -197,6 +199,37 @@ impl Default for VideoLimits {
     }
 }
 
+/// How queued work is ordered, and how the gateway degrades before it
+/// rejects. The queue delay is how long the oldest `critical` or
+/// `standard` job has waited in the preprocess queue (what those classes
+/// feel now); each threshold is in ms, 0 = off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scheduling {
+    /// A queued job is promoted one class for every `aging_ms` it waited,
+    /// so `batch` work is never starved forever; 0 = never.
+    pub aging_ms: u64,
+    /// Over this queue delay, new `batch` requests are shed (503
+    /// `load_shed` with `Retry-After`).
+    pub shed_batch_after_ms: u64,
+    /// Over this, `standard` videos are sampled at half the rate (and half
+    /// the frame cap); the answer says so in `degraded`.
+    pub sparse_video_after_ms: u64,
+    /// Over this, `standard` videos are sampled from keyframes only.
+    pub keyframes_video_after_ms: u64,
+}
+
+impl Default for Scheduling {
+    fn default() -> Self {
+        Self {
+            aging_ms: 2_000,
+            shed_batch_after_ms: 500,
+            sparse_video_after_ms: 1_000,
+            keyframes_video_after_ms: 2_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerPool {
@@ -263,6 +296,19 @@ pub struct Tenant {
     /// Models it may call; `["*"]` = all.
     #[serde(default = "all_models")]
     pub models: Vec<String>,
+    /// Its priority class: queues serve `critical`, then `standard`, then
+    /// `batch` (with aging); under load `batch` is shed first.
+    #[serde(default)]
+    pub class: crate::Class,
+    /// Its share within its class, against the other tenants of the class
+    /// (weighted fair queuing by cost: an image costs 1, a video its
+    /// sampled frames).
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Largest request body it may send (images or video); 0 = the
+    /// server's limits.
+    #[serde(default)]
+    pub max_body_bytes: usize,
     /// Requests of this tenant in flight at once; 0 = unlimited.
     #[serde(default)]
     pub max_concurrency: u32,
@@ -521,7 +567,18 @@ impl ServerConfig {
         if self.server.queue_capacity == 0 {
             return Err(invalid("server.queue_capacity must be > 0"));
         }
+        let sc = &self.scheduling;
+        let on = [sc.sparse_video_after_ms, sc.keyframes_video_after_ms];
+        if on.iter().all(|&ms| ms > 0) && on[0] > on[1] {
+            return Err(invalid(format!(
+                "scheduling.sparse_video_after_ms ({}) must not be over keyframes_video_after_ms ({}): videos get sparser before keyframes only",
+                on[0], on[1]
+            )));
+        }
         for t in &self.tenants {
+            if t.weight == 0 {
+                return Err(invalid(format!("tenant {:?}: weight must be >= 1", t.name)));
+            }
             for (name, rate) in [
                 ("requests_per_s", t.requests_per_s),
                 ("samples_per_s", t.samples_per_s),
@@ -729,6 +786,59 @@ mod tests {
         ] {
             let e = validate(tenant(bad)).unwrap_err().to_string();
             assert!(e.contains("must be a number >= 0"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_tenants_class_and_weight_default_and_are_checked() {
+        let t = tenant("");
+        assert_eq!(
+            (t.class, t.weight, t.max_body_bytes),
+            (crate::Class::Standard, 1, 0)
+        );
+        let t = tenant("class = \"batch\"\nweight = 3");
+        assert_eq!((t.class, t.weight), (crate::Class::Batch, 3));
+        assert!(validate(t).is_ok());
+        let e = validate(tenant("weight = 0")).unwrap_err().to_string();
+        assert!(e.contains("weight must be >= 1"), "{e}");
+        let bad = "name = \"t\"\nkey_hashes = []\nclass = \"gold\"";
+        assert!(toml::from_str::<Tenant>(bad).is_err());
+
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
+        let mut cfg = ServerConfig::load(&path).unwrap();
+        cfg.scheduling.sparse_video_after_ms = 3_000;
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("videos get sparser before keyframes only"),
+            "{e}"
+        );
+        cfg.scheduling.keyframes_video_after_ms = 0;
+        assert!(
+            cfg.validate().is_ok(),
+            "keyframes off: any sparse threshold"
+        );
+    }
+
+    /// The multi-tenant example loads, has one tenant per class, and each
+    /// demo key written in its comments is its tenant's key.
+    #[test]
+    fn the_multi_tenant_example_is_valid_and_its_demo_keys_work() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/examples/multi-tenant.toml");
+        let cfg = ServerConfig::load(&path).unwrap();
+        cfg.validate().unwrap();
+        let mut classes: Vec<_> = cfg.tenants.iter().map(|t| t.class).collect();
+        classes.sort_unstable();
+        assert_eq!(classes, crate::Class::ALL);
+        let text = std::fs::read_to_string(&path).unwrap();
+        for t in &cfg.tenants {
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&format!("#   {} ", t.name)))
+                .unwrap_or_else(|| panic!("no demo key for {}", t.name));
+            let key = line.split_whitespace().last().unwrap();
+            assert!(line.contains(&format!("({})", t.class)), "{line}");
+            assert_eq!(t.key_hashes, [key_hash(key)], "{}", t.name);
         }
     }
 }

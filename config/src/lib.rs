@@ -3,11 +3,13 @@
 //! receive the validated values over IPC and never read files themselves.
 
 mod backend;
+mod class;
 mod config;
 mod media;
 mod model;
 
 pub use backend::*;
+pub use class::*;
 pub use config::*;
 pub use media::*;
 pub use model::*;

@@ -25,7 +25,7 @@ use shm::RequestContext;
 #[derive(Debug)]
 pub enum Scored {
     Images(ScoreResponse),
-    Video(VideoResponse),
+    Video(Box<VideoResponse>),
 }
 
 pub fn app(state: AppState) -> Router {
@@ -254,6 +254,13 @@ async fn score_inner(
     {
         return (tenant, served, Err(e.to_api()));
     }
+    // Degradation before rejection: batch work is shed first.
+    let sched = &app.core.cfg.scheduling;
+    let delay = app.workers.queue_delay(&crate::degrade::WATCHED);
+    if let Err(e) = crate::degrade::shed(sched, caller.class, delay) {
+        app.core.metrics.degrade(caller.class, "shed");
+        return (tenant, served, Err(e));
+    }
     let deadline = match deadline_of(req.headers(), caller.deadline_ms) {
         Ok(d) => d,
         Err(e) => return (tenant, served, Err(e)),
@@ -263,6 +270,9 @@ async fn score_inner(
     let ctx = RequestContext {
         request_id: rid.to_string(),
         tenant: tenant.clone(),
+        class: caller.class,
+        weight: caller.weight,
+        cost: 1,
         deadline_ns: deadline.map_or(0, |d| {
             shm::monotonic_ns().saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         }),
@@ -289,14 +299,19 @@ async fn score_inner(
             .transpose()
             .map_err(|e| ApiError::new(Code::BadRequest, format!("bad query string: {e}")))?
             .unwrap_or_default();
-        let mut uploads = score::read_uploads(req, &app.core.cfg).await?;
+        let mut uploads = score::read_uploads(req, &app.core.cfg, caller.max_body_bytes).await?;
         *body_read = true;
         if uploads.len() == 1 && config::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
             let upload = uploads.pop().expect("one upload");
             score::check_media(&upload, &app.core.cfg)?;
             let v = &app.core.cfg.video;
-            let (sampling, threshold) =
+            let (mut sampling, threshold) =
                 video::sampling_from_query(&query, v, caller.max_video_frames)?;
+            let delay = app.workers.queue_delay(&crate::degrade::WATCHED);
+            let degraded = crate::degrade::video(sched, caller.class, delay, &mut sampling);
+            if let Some(d) = &degraded {
+                app.core.metrics.degrade(caller.class, d.sampling.action());
+            }
             // Its frames are known once sampled: one token to start, the
             // others charged as they come.
             caller.take_samples(1)?;
@@ -307,7 +322,10 @@ async fn score_inner(
                         caller.refund_samples(1);
                     }
                 })?;
-            return Ok(Scored::Video(r));
+            return Ok(Scored::Video(Box::new(video::VideoResponse {
+                degraded,
+                ..r
+            })));
         }
         let (results, timings) = score::score_all(app, ctx, &caller, idx, uploads).await?;
         Ok(Scored::Images(ScoreResponse {

@@ -125,6 +125,11 @@ impl Tenants {
 #[derive(Debug)]
 pub struct Caller {
     pub tenant: String,
+    /// The tenant's class and its weight within it.
+    pub class: config::Class,
+    pub weight: u32,
+    /// The tenant's cap on its request body; 0 = the server's limits.
+    pub max_body_bytes: usize,
     /// The tenant's cap on sampled video frames; 0 = the server's.
     pub max_video_frames: u32,
     /// The tenant's default deadline; 0 = none.
@@ -234,6 +239,9 @@ impl Auth {
         if self.tenants.is_empty() {
             return Ok(Caller {
                 tenant: "anonymous".into(),
+                class: config::Class::default(),
+                weight: 1,
+                max_body_bytes: 0,
                 served: model.to_string(),
                 max_video_frames: 0,
                 deadline_ms: 0,
@@ -295,6 +303,9 @@ impl Auth {
         };
         Ok(Caller {
             tenant: t.spec.name.clone(),
+            class: t.spec.class,
+            weight: t.spec.weight,
+            max_body_bytes: t.spec.max_body_bytes,
             served,
             max_video_frames: t.spec.max_video_frames,
             deadline_ms: t.spec.deadline_ms,
@@ -348,6 +359,9 @@ mod tests {
                 keys: vec![],
                 models: vec!["open_nsfw".into()],
                 max_concurrency: 1,
+                class: config::Class::Standard,
+                weight: 1,
+                max_body_bytes: 0,
                 max_video_frames: 0,
                 max_inflight_body_bytes: 0,
                 routes: Default::default(),

@@ -58,6 +58,7 @@ pub enum Code {
     TooManyConnections,
     QueueFull,
     QueueTimeout,
+    LoadShed,
     DeadlineExceeded,
     NotReady,
     ShuttingDown,
@@ -173,6 +174,7 @@ impl Code {
                 S::SERVICE_UNAVAILABLE,
                 Some(1),
             ),
+            LoadShed => ("load_shed", "overloaded", S::SERVICE_UNAVAILABLE, Some(1)),
             DeadlineExceeded => ("deadline_exceeded", "deadline", S::GATEWAY_TIMEOUT, None),
             NotReady => ("not_ready", "unavailable", S::SERVICE_UNAVAILABLE, Some(1)),
             ShuttingDown => (
@@ -192,7 +194,11 @@ impl Code {
     pub fn is_overload(self) -> bool {
         matches!(
             self,
-            Code::QueueFull | Code::QueueTimeout | Code::NotReady | Code::ShuttingDown
+            Code::QueueFull
+                | Code::QueueTimeout
+                | Code::LoadShed
+                | Code::NotReady
+                | Code::ShuttingDown
         )
     }
 
@@ -350,6 +356,7 @@ mod tests {
             TooManyConnections,
             QueueFull,
             QueueTimeout,
+            LoadShed,
             DeadlineExceeded,
             NotReady,
             ShuttingDown,

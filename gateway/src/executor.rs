@@ -128,6 +128,7 @@ impl Executor {
             layout: core.ledger.tensors().layout().clone(),
             models: core.cfg.models.clone(),
             executor: core.cfg.executor.clone(),
+            scheduling: core.cfg.scheduling.clone(),
         });
         let hs =
             children::handshake::<FromExecutor, _>(&mut sp.stream, &init, Duration::from_secs(300));

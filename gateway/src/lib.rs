@@ -7,6 +7,7 @@ pub mod body;
 pub mod children;
 pub(crate) mod conn;
 pub mod core;
+pub mod degrade;
 pub mod error;
 pub mod executor;
 pub mod http;

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub open_connections: IntGauge,
     pub buffered_bytes: IntGauge,
     pub dropped: IntCounterVec,
+    pub degraded: IntCounterVec,
 }
 
 /// Where work nobody waits for any more was dropped, and why.
@@ -55,6 +56,13 @@ impl DropReason {
 }
 
 impl Metrics {
+    /// Counts a request degraded under load (see `degrade`).
+    pub fn degrade(&self, class: config::Class, action: &str) {
+        self.degraded
+            .with_label_values(&[class.as_str(), action])
+            .inc();
+    }
+
     pub fn drop_work(&self, stage: DropStage, reason: DropReason) {
         let stage = match stage {
             DropStage::Preprocess => "preprocess",
@@ -151,8 +159,17 @@ impl Metrics {
             &["stage", "reason"],
         )
         .expect("valid metric");
+        let degraded = IntCounterVec::new(
+            Opts::new(
+                "mmgate_degraded_total",
+                "Requests degraded under load (scheduling thresholds): action shed (batch refused), sparse_video or keyframes_video (standard videos sampled less)",
+            ),
+            &["class", "action"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(degraded.clone()),
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
             Box::new(stage_duration.clone()),
@@ -181,6 +198,7 @@ impl Metrics {
             open_connections,
             buffered_bytes,
             dropped,
+            degraded,
         }
     }
 

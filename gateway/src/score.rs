@@ -86,24 +86,34 @@ pub(crate) fn ms(d: Duration) -> f64 {
 pub async fn read_uploads(
     req: Request,
     cfg: &config::ServerConfig,
+    tenant_max_body_bytes: usize,
 ) -> Result<Vec<Upload>, ApiError> {
     let limits = &cfg.limits;
-    let raw_limit = limits.max_body_bytes.max(cfg.video.max_body_bytes);
+    // The tenant's `max_body_bytes` lowers the server's limits.
+    let capped = |limit: usize| match tenant_max_body_bytes {
+        0 => limit,
+        t => limit.min(t),
+    };
+    let raw_limit = capped(limits.max_body_bytes.max(cfg.video.max_body_bytes));
+    let form_limit = capped(limits.max_body_bytes);
     let too_large = || {
+        let field = if form_limit < limits.max_body_bytes {
+            "the tenant's max_body_bytes"
+        } else {
+            "limits.max_body_bytes"
+        };
         ApiError::new(
             Code::PayloadTooLarge,
-            format!(
-                "request body exceeds limits.max_body_bytes = {} bytes",
-                limits.max_body_bytes
-            ),
+            format!("request body exceeds {field} = {form_limit} bytes"),
         )
     };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let tenant_capped = raw_limit < limits.max_body_bytes.max(cfg.video.max_body_bytes);
     if declared.is_some_and(|n| n > raw_limit as u64) {
-        return Err(too_large_raw(raw_limit));
+        return Err(too_large_raw(raw_limit, tenant_capped));
     }
     let multipart = req
         .headers()
@@ -113,11 +123,11 @@ pub async fn read_uploads(
     if !multipart {
         let data = axum::body::to_bytes(req.into_body(), raw_limit)
             .await
-            .map_err(|e| body_error(e, raw_limit))?;
+            .map_err(|e| body_error(e, raw_limit, tenant_capped))?;
         return Ok(vec![Upload { name: None, data }]);
     }
     // A form holds images only: the image limit applies to the whole body.
-    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+    if declared.is_some_and(|n| n > form_limit as u64) {
         return Err(too_large());
     }
     let mut form = Multipart::from_request(req, &())
@@ -150,7 +160,7 @@ pub async fn read_uploads(
             .await
             .map_err(|e| multipart_error(e, &too_large))?;
         total += data.len();
-        if total > limits.max_body_bytes {
+        if total > form_limit {
             return Err(too_large());
         }
         uploads.push(Upload { name, data });
@@ -164,12 +174,12 @@ pub async fn read_uploads(
     Ok(uploads)
 }
 
-fn body_error(e: axum::Error, limit: usize) -> ApiError {
+fn body_error(e: axum::Error, limit: usize, tenant_capped: bool) -> ApiError {
     let inner = e.into_inner();
     if let Some(b) = crate::body::BodyError::find(inner.as_ref()) {
         b.to_api()
     } else if inner.is::<http_body_util::LengthLimitError>() {
-        too_large_raw(limit)
+        too_large_raw(limit, tenant_capped)
     } else {
         ApiError::new(
             Code::BadRequest,
@@ -178,10 +188,15 @@ fn body_error(e: axum::Error, limit: usize) -> ApiError {
     }
 }
 
-fn too_large_raw(limit: usize) -> ApiError {
+fn too_large_raw(limit: usize, tenant_capped: bool) -> ApiError {
+    let whose = if tenant_capped {
+        "the tenant's max_body_bytes"
+    } else {
+        "the limit"
+    };
     ApiError::new(
         Code::PayloadTooLarge,
-        format!("request body exceeds the limit of {limit} bytes"),
+        format!("request body exceeds {whose} of {limit} bytes"),
     )
 }
 
@@ -249,12 +264,9 @@ pub async fn score_one(
     // Bounded by the queue wait plus the decode deadline (a worker over it
     // is killed anyway); a job still queued at the queue deadline is
     // abandoned.
-    let limits = (
-        core.cfg.server.queue_timeout_ms,
-        core.cfg.limits.decode_deadline_ms,
-    );
-    let within =
-        Duration::from_millis(limits.0 + limits.1 + 1_000).saturating_sub(enqueued.elapsed());
+    let within = (Duration::from_millis(core.cfg.server.queue_timeout_ms)
+        + crate::workers::hung_after(core.cfg.limits.decode_deadline_ms))
+    .saturating_sub(enqueued.elapsed());
     let answer = tokio::time::timeout(within, rx);
     tokio::pin!(answer);
     let answered = tokio::select! {

@@ -157,7 +157,7 @@ impl WorkerThread<'_> {
         if self.conn.send(&msg).await.is_err() {
             return Err(lost(held, events));
         }
-        let limit = tokio::time::sleep(Duration::from_millis(deadline_ms + 2_000));
+        let limit = tokio::time::sleep(crate::workers::hung_after(deadline_ms));
         tokio::pin!(limit);
         let mut cancelled = false;
         // Kept across turns so the video keeps its place in the pool's queue.
@@ -302,6 +302,9 @@ pub struct VideoResponse {
     pub frames: Vec<FrameScores>,
     pub aggregate: Aggregate,
     pub timings: Timings,
+    /// What was reduced because the gateway was loaded, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<crate::degrade::Degraded>,
 }
 
 #[derive(Debug, Serialize)]
@@ -364,12 +367,14 @@ pub async fn score_video(
     let core = &app.core;
     let (events, mut rx) = mpsc::unbounded_channel();
     let window = core.cfg.video.slots_per_request;
+    // Scheduled by the frames it may sample.
+    let job_ctx = ctx.costing(sampling.max_frames);
     let task = Task::Video(VideoTask {
         sampling,
         window,
         events,
     });
-    let job = WorkJob::new(core, ctx, model, data, task);
+    let job = WorkJob::new(core, &job_ctx, model, data, task);
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
     let _abandon = claim.abandon_on_drop();
@@ -462,6 +467,7 @@ pub async fn score_video(
             })
             .collect(),
         timings: t,
+        degraded: None,
     })
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fair_queue::FairQueue;
 use shm::{
     FromWorker, Input, InputRegion, Job, JobDone, RequestContext, SlotLease, ToWorker, WorkerInit,
 };
@@ -123,6 +124,17 @@ impl Drop for AbandonOnDrop {
     }
 }
 
+/// How long past a decode deadline (`limits.decode_deadline_ms`,
+/// `video.decode_deadline_ms`) the gateway waits for a worker's answer
+/// before it declares the worker hung and kills it. The worker enforces the
+/// deadline itself; this covers the step it was in and the IPC.
+pub const DECODE_GRACE: Duration = Duration::from_secs(1);
+
+/// When a worker that got a job with this decode deadline counts as hung.
+pub fn hung_after(decode_deadline_ms: u64) -> Duration {
+    Duration::from_millis(decode_deadline_ms) + DECODE_GRACE
+}
+
 /// When a job no worker thread has taken is given up on:
 /// `server.queue_timeout_ms` after it was queued. Callers wait for the
 /// job's first answer or this instant, whichever comes first, and then
@@ -205,26 +217,70 @@ pub struct Preprocessed {
 
 #[derive(Debug)]
 pub struct WorkerPool {
-    images: Queue,
-    videos: Queue,
+    queue: Queue,
     /// Worker threads videos may hold at once.
     video_threads: Arc<Semaphore>,
     ready: Vec<AtomicBool>,
-    /// Notified whenever a worker becomes ready or is lost.
-    live_changed: tokio::sync::Notify,
     next_job: AtomicU64,
 }
 
+/// The preprocess queue: images and videos in two scheduling queues (a
+/// video needs a video thread permit too), each `server.queue_capacity`
+/// deep. Dispatchers wait on `changed`, notified when a job is queued, a
+/// video ends, a worker comes or goes, or the queue closes.
 #[derive(Debug)]
 struct Queue {
-    tx: async_channel::Sender<WorkJob>,
-    rx: async_channel::Receiver<WorkJob>,
+    state: std::sync::Mutex<QueueState>,
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug)]
+struct QueueState {
+    images: FairQueue<WorkJob>,
+    videos: FairQueue<WorkJob>,
+    closed: bool,
 }
 
 impl Queue {
-    fn bounded(n: usize) -> Self {
-        let (tx, rx) = async_channel::bounded(n);
-        Self { tx, rx }
+    fn new(capacity: usize, aging: Duration) -> Self {
+        let q = || FairQueue::new(Some(capacity), aging);
+        Self {
+            state: std::sync::Mutex::new(QueueState {
+                images: q(),
+                videos: q(),
+                closed: false,
+            }),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+impl QueueState {
+    /// The next job: the better-placed head of the two queues (by the
+    /// class it reached, then its own), videos only when `video` allows.
+    fn pop(&mut self, video: bool) -> Option<WorkJob> {
+        let now = Instant::now();
+        let image = self.images.peek_class(now);
+        let take_video = video
+            && match (image, self.videos.peek_class(now)) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(i), Some(v)) => v < i,
+            };
+        let q = if take_video {
+            &mut self.videos
+        } else {
+            &mut self.images
+        };
+        q.pop(now).map(|(job, _)| job)
     }
 }
 
@@ -246,11 +302,12 @@ impl WorkerPool {
         let threads = cfg.workers.count * cfg.workers.threads;
         let videos = video_threads(threads, cfg.video.max_worker_share);
         Arc::new(Self {
-            images: Queue::bounded(cfg.server.queue_capacity),
-            videos: Queue::bounded(cfg.server.queue_capacity),
+            queue: Queue::new(
+                cfg.server.queue_capacity,
+                Duration::from_millis(cfg.scheduling.aging_ms),
+            ),
             video_threads: Arc::new(Semaphore::new(videos)),
             ready,
-            live_changed: tokio::sync::Notify::new(),
             next_job: AtomicU64::new(1),
         })
     }
@@ -264,27 +321,48 @@ impl WorkerPool {
                 "no preprocess worker is running (they are starting or restarting)",
             ));
         }
+        let ticket = job.upload.ctx.ticket();
+        let arrived = job.upload.enqueued;
+        let mut state = self.queue.lock();
+        if state.closed {
+            return Err(ApiError::new(
+                Code::ShuttingDown,
+                "the gateway is shutting down",
+            ));
+        }
         let queue = if job.is_video() {
-            &self.videos
+            &mut state.videos
         } else {
-            &self.images
+            &mut state.images
         };
-        queue.tx.try_send(job).map_err(|e| match e {
-            async_channel::TrySendError::Full(_) => ApiError::new(
+        if queue.push(job, &ticket, arrived).is_err() {
+            return Err(ApiError::new(
                 Code::QueueFull,
                 format!(
                     "the preprocess queue is full ({} jobs waiting); retry later",
-                    queue.tx.capacity().unwrap_or(0)
+                    queue.len()
                 ),
-            ),
-            async_channel::TrySendError::Closed(_) => {
-                ApiError::new(Code::ShuttingDown, "the gateway is shutting down")
-            }
-        })
+            ));
+        }
+        drop(state);
+        self.queue.wake();
+        Ok(())
     }
 
     pub fn queued(&self) -> usize {
-        self.images.tx.len() + self.videos.tx.len()
+        let state = self.queue.lock();
+        state.images.len() + state.videos.len()
+    }
+
+    /// How long the oldest queued job of `classes` has waited: the queue
+    /// delay those classes feel now.
+    pub fn queue_delay(&self, classes: &[config::Class]) -> Duration {
+        let state = self.queue.lock();
+        [&state.images, &state.videos]
+            .iter()
+            .filter_map(|q| q.oldest_of(classes))
+            .min()
+            .map_or(Duration::ZERO, |t| t.elapsed())
     }
 
     pub fn ready_count(&self) -> usize {
@@ -300,8 +378,8 @@ impl WorkerPool {
 
     /// Stops taking new jobs; queued ones are still served.
     pub fn close(&self) {
-        self.images.tx.close();
-        self.videos.tx.close();
+        self.queue.lock().closed = true;
+        self.queue.wake();
     }
 
     /// Supervises worker `index` until shutdown: start, serve, restart.
@@ -396,29 +474,22 @@ impl WorkerPool {
         input: Arc<InputRegion>,
         k: u32,
     ) {
-        let (mut images_open, mut videos_open) = (true, true);
-        while images_open || videos_open {
+        loop {
             // A video is taken only with a video thread permit, held while
             // it runs; images are taken by any free thread.
-            let video = self.next_video(&core);
-            let (mut job, _video_permit) = tokio::select! {
+            let (mut job, video_permit) = tokio::select! {
                 biased;
                 _ = conn.dying.cancelled() => return,
-                job = self.images.rx.recv(), if images_open => match job {
-                    Ok(job) => (job, None),
-                    Err(_) => {
-                        images_open = false;
-                        continue;
-                    }
-                },
-                got = video, if videos_open => match got {
-                    Some((Ok(job), permit)) => (job, Some(permit)),
-                    _ => {
-                        videos_open = false;
-                        continue;
-                    }
+                next = self.next_job(&core) => match next {
+                    Some(next) => next,
+                    None => return,
                 },
             };
+            // A video's end may let a waiting thread take the next video.
+            let _video_permit = video_permit.map(|p| VideoPermit {
+                permit: Some(p),
+                queue: &self.queue,
+            });
             // Work nobody waits for any more (its deadline passed, its
             // caller went away or gave up) is not decoded.
             let waited_for = !job.upload.ctx.expired() && !job.task.caller_gone();
@@ -450,46 +521,63 @@ impl WorkerPool {
 impl WorkerPool {
     fn set_ready(&self, index: u32, ready: bool) {
         self.ready[index as usize].store(ready, Ordering::Relaxed);
-        self.live_changed.notify_waiters();
+        self.queue.wake();
     }
 
-    /// The next video and a permit to run it, taken only while that leaves
-    /// a live thread for images: the share is of the configured threads,
-    /// but while a worker restarts fewer are alive, and the last live
-    /// thread is never given to a video (unless the pool has a single
-    /// thread in all). The rule is checked again whenever a worker comes
-    /// or goes while this thread waits for a video: a permit granted while
-    /// both workers lived must not take the last thread once one is dead.
-    async fn next_video(
+    /// The next job in scheduling order (`None` once the queue is closed
+    /// and empty), with a video thread permit if it is a video. A video is
+    /// taken only while that leaves a live thread for images: the share is
+    /// of the configured threads, but while a worker restarts fewer are
+    /// alive, and the last live thread is never given to a video (unless
+    /// the pool has a single thread in all). Cancel-safe: a job is only
+    /// taken when returned.
+    async fn next_job(
         &self,
         core: &Core,
-    ) -> Option<(
-        Result<WorkJob, async_channel::RecvError>,
-        tokio::sync::OwnedSemaphorePermit,
-    )> {
+    ) -> Option<(WorkJob, Option<tokio::sync::OwnedSemaphorePermit>)> {
         let cfg = &core.cfg.workers;
         let configured = (cfg.count * cfg.threads) as usize;
         let share = video_threads(configured as u32, core.cfg.video.max_worker_share);
         loop {
-            let changed = self.live_changed.notified();
+            let changed = self.queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let permit = self.video_threads.clone().acquire_owned().await.ok()?;
+            let permit = self.video_threads.clone().try_acquire_owned().ok();
             let live = self.ready_count() * cfg.threads as usize;
             let videos_running = share - self.video_threads.available_permits();
-            if configured == 1 || videos_running < live {
-                // recv is cancel-safe: a video is only taken when returned.
-                tokio::select! {
-                    job = self.videos.rx.recv() => return Some((job, permit)),
-                    () = &mut changed => continue,
+            let permit = permit.filter(|_| configured == 1 || videos_running < live);
+            {
+                let mut state = self.queue.lock();
+                if let Some(job) = state.pop(permit.is_some()) {
+                    let permit = if job.is_video() { permit } else { None };
+                    return Some((job, permit));
+                }
+                if state.closed && state.images.is_empty() && state.videos.is_empty() {
+                    return None;
                 }
             }
             drop(permit);
+            // Woken by any change; the timer only backs up a missed one.
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = tokio::time::sleep(Duration::from_millis(200)) => {}
                 () = &mut changed => {}
             }
         }
+    }
+}
+
+/// A video's thread permit: its release wakes the dispatchers, one of
+/// which may now take a queued video.
+struct VideoPermit<'a> {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    queue: &'a Queue,
+}
+
+impl Drop for VideoPermit<'_> {
+    fn drop(&mut self) {
+        // Released before waking, so a woken dispatcher can take it.
+        drop(self.permit.take());
+        self.queue.wake();
     }
 }
 
@@ -557,7 +645,7 @@ impl WorkerThread<'_> {
         if self.conn.send(&msg).await.is_err() {
             return Err(Held::new(vec![lease], reply));
         }
-        let limit = Duration::from_millis(self.core.cfg.limits.decode_deadline_ms + 500);
+        let limit = hung_after(self.core.cfg.limits.decode_deadline_ms);
         let answer = tokio::time::timeout(limit, rx.recv()).await;
         drop(pending);
         let result = match answer {

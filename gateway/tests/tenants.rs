@@ -151,13 +151,16 @@ async fn work_past_its_deadline_is_dropped_and_answered_504() {
     .await;
     let url = gw.url("/v1/models/open_nsfw/score");
     let big = fixture("images/astronaut_1536.jpg");
-    // A queue of 48 large images on one worker thread: well over 50 ms.
+    // A queue of 48 large images on one worker thread, 24 of each tenant
+    // (fair queuing puts each tenant's late requests behind its own
+    // backlog): well over 50 ms. Tenant a's backlog overrides its 50 ms.
     let backlog: Vec<_> = (0..48)
         .map(|i| {
             let req = gw
                 .client
                 .post(&url)
-                .header("x-api-key", "key-b")
+                .header("x-api-key", if i % 2 == 0 { "key-a" } else { "key-b" })
+                .header("x-request-timeout", "60000")
                 .header("x-request-id", format!("backlog-{i}"))
                 .body(big.clone());
             tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })

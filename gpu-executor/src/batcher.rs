@@ -12,11 +12,11 @@
 //! it gets and reports the loss once on its `lost` channel: the process
 //! cannot serve that model any more and should exit so that it is restarted.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use config::{BatchingSpec, ModelSpec};
+use fair_queue::FairQueue;
 use shm::{FromExecutor, InferJob, SharedTensors};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -90,6 +90,7 @@ impl Batcher {
         tensors: Arc<SharedTensors>,
         answers: mpsc::UnboundedSender<FromExecutor>,
         lost: mpsc::UnboundedSender<ExecError>,
+        aging: Duration,
     ) -> Result<Self, ExecError> {
         let model = Arc::new(ModelInfo {
             name: spec.name.clone(),
@@ -118,7 +119,7 @@ impl Batcher {
             free: (0..instances.len()).rev().collect(),
             lane: None,
             instances,
-            queue: VecDeque::new(),
+            queue: FairQueue::new(None, aging),
             flush: false,
             answers,
             lost: Some(lost),
@@ -154,7 +155,9 @@ struct Actor {
     /// other batch starts until it is done, or the two would share cores
     /// the lone batch was given.
     lane: Option<usize>,
-    queue: VecDeque<(InferJob, Instant)>,
+    /// Samples in scheduling order: class, then fair shares of tenants
+    /// (the tensor pool bounds its depth).
+    queue: FairQueue<InferJob>,
     /// The newest job's `pending` was 0, or the inbox is closed.
     flush: bool,
     answers: mpsc::UnboundedSender<FromExecutor>,
@@ -199,7 +202,7 @@ impl Actor {
                 job = inbox.recv(), if open => match job {
                     Some(job) => {
                         self.flush = job.pending == 0;
-                        self.queue.push_back((job, Instant::now()));
+                        self.enqueue(job, Instant::now());
                     }
                     None => {
                         open = false;
@@ -232,7 +235,15 @@ impl Actor {
         if self.free.is_empty() || self.flush || self.lane.is_some() {
             return None;
         }
-        self.queue.front().map(|(_, t)| *t + self.policy.max_delay)
+        self.queue
+            .oldest()
+            .map(|t| Instant::from_std(t) + self.policy.max_delay)
+    }
+
+    fn enqueue(&mut self, job: InferJob, arrived: Instant) {
+        let ticket = job.ctx.ticket();
+        // Unbounded: never gives the job back.
+        let _ = self.queue.push(job, &ticket, arrived.into_std());
     }
 
     /// Sends batches to free instances while the policy says so.
@@ -245,7 +256,10 @@ impl Actor {
                 return;
             }
             let now = Instant::now();
-            let oldest = self.queue.front().map_or(Duration::ZERO, |(_, t)| now - *t);
+            let oldest = self
+                .queue
+                .oldest()
+                .map_or(Duration::ZERO, |t| now.into_std() - t);
             let Some(n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
                 return;
             };
@@ -257,12 +271,11 @@ impl Actor {
             // Nothing else running, queued, or in preprocessing: the engine
             // may use every core for this batch.
             let alone = idle && self.flush && self.queue.len() == n;
-            let jobs: Vec<Queued> = self
-                .queue
-                .drain(..n)
+            let jobs: Vec<Queued> = std::iter::from_fn(|| self.queue.pop(now.into_std()))
+                .take(n)
                 .map(|(job, t)| Queued {
                     job,
-                    queue_us: (now - t).as_micros() as u64,
+                    queue_us: (now.into_std() - t).as_micros() as u64,
                 })
                 .collect();
             if alone {
@@ -272,8 +285,9 @@ impl Actor {
                 self.lane = None;
                 tracing::error!(model = %self.model, instance = id, "instance thread is gone");
                 self.instances[id] = None;
-                for q in jobs.into_iter().rev() {
-                    self.queue.push_front((q.job, now));
+                for q in jobs {
+                    let arrived = now - Duration::from_micros(q.queue_us);
+                    self.enqueue(q.job, arrived);
                 }
                 if self.instances.iter().all(Option::is_none) {
                     return self.no_instance_left();
@@ -295,7 +309,7 @@ impl Actor {
     }
 
     fn fail_queued(&mut self, message: &str) {
-        for (job, _) in self.queue.drain(..) {
+        for job in self.queue.drain() {
             let _ = self.answers.send(FromExecutor::Failed {
                 job_id: job.job_id,
                 message: format!("model {}: {message}", self.model),

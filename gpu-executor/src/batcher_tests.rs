@@ -157,7 +157,15 @@ fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u
         .collect();
     let (tx, answers) = unbounded_channel();
     let (lost_tx, lost) = unbounded_channel();
-    let batcher = Batcher::spawn(spec, engines, tensors.clone(), tx, lost_tx).unwrap();
+    let batcher = Batcher::spawn(
+        spec,
+        engines,
+        tensors.clone(),
+        tx,
+        lost_tx,
+        Duration::from_secs(2),
+    )
+    .unwrap();
     Rig {
         batcher,
         lost,
@@ -173,6 +181,12 @@ impl Rig {
     /// Writes a sample whose first value is the job id into slot `job % SLOTS`
     /// and submits it.
     async fn send(&self, job_id: u64, pending: u32) {
+        self.send_as(job_id, pending, config::Class::Standard, "t")
+            .await;
+    }
+
+    /// [`send`](Self::send) for a tenant of a class.
+    async fn send_as(&self, job_id: u64, pending: u32, class: config::Class, tenant: &str) {
         let slot = SlotRef {
             model: 0,
             slot: (job_id % SLOTS as u64) as u32,
@@ -182,16 +196,27 @@ impl Rig {
         self.tensors
             .write_f32(slot, |s| s.fill(job_id as f32))
             .unwrap();
-        self.submit(job_id, slot, pending).await;
+        let ctx = shm::RequestContext {
+            request_id: format!("test-{job_id}"),
+            class,
+            tenant: tenant.into(),
+            ..Default::default()
+        };
+        self.submit_ctx(job_id, slot, pending, ctx).await;
     }
 
     async fn submit(&self, job_id: u64, slot: SlotRef, pending: u32) {
+        let ctx = shm::RequestContext {
+            request_id: format!("test-{job_id}"),
+            ..Default::default()
+        };
+        self.submit_ctx(job_id, slot, pending, ctx).await;
+    }
+
+    async fn submit_ctx(&self, job_id: u64, slot: SlotRef, pending: u32, ctx: shm::RequestContext) {
         let job = InferJob {
             job_id,
-            ctx: shm::RequestContext {
-                request_id: format!("test-{job_id}"),
-                ..Default::default()
-            },
+            ctx,
             slot,
             pending,
         };
@@ -241,6 +266,32 @@ fn policy_decides_from_queue_length_wait_and_flush() {
     assert_eq!(p.ready(7, early, false), Some(6));
     assert_eq!(p.ready(7, late, false), Some(7));
     assert_eq!(p.ready(20, early, false), Some(8));
+}
+
+/// While the instance is busy, queued samples are taken by class, then by
+/// fair shares of tenants within a class: a flooding tenant's backlog does
+/// not hold back another tenant's sample that came after it.
+#[tokio::test(start_paused = true)]
+async fn queued_samples_run_by_class_then_fair_share() {
+    use config::Class::{Batch, Critical, Standard};
+    let mut r = rig(&spec(1, 0, &[]), 1, true, false);
+    r.send_as(0, 9, Standard, "a").await;
+    assert_eq!(r.started.recv().await, Some(1), "job 0 runs first");
+    r.send_as(1, 9, Batch, "bulk").await;
+    for id in 2..6 {
+        r.send_as(id, 9, Standard, "a").await;
+    }
+    r.send_as(6, 9, Standard, "b").await;
+    r.send_as(7, 9, Critical, "vip").await;
+    tokio::task::yield_now().await;
+    let mut order = Vec::new();
+    for _ in 0..8 {
+        r.release(0);
+        order.push(r.scores().await.job_id);
+    }
+    // Critical first; then a and b alternate (b's sample ties with a's
+    // next one and came later), then the rest of a's backlog; batch last.
+    assert_eq!(order, [0, 7, 2, 6, 3, 4, 5, 1]);
 }
 
 #[tokio::test(start_paused = true)]

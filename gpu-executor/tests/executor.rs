@@ -75,6 +75,7 @@ impl Executor {
             layout,
             models,
             executor,
+            scheduling: config::Scheduling::default(),
         }));
         self.recv()
     }

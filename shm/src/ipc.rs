@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PoolLayout, SlotRef};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTO_VERSION: u32 = 4;
+pub const PROTO_VERSION: u32 = 5;
 
 /// What every process knows of the request a job belongs to: created once
 /// by the gateway and carried in every job message, so one id follows a
@@ -20,6 +20,11 @@ pub struct RequestContext {
     pub request_id: String,
     /// The tenant's name (`anonymous` without tenants).
     pub tenant: String,
+    /// The tenant's priority class and its weight within it.
+    pub class: config::Class,
+    pub weight: u32,
+    /// Samples the job runs: 1 for an image, the frame cap for a video.
+    pub cost: u32,
     /// `CLOCK_MONOTONIC` nanoseconds (shared by every process on the host)
     /// past which the answer is useless; 0 = no deadline.
     pub deadline_ns: u64,
@@ -29,6 +34,24 @@ impl RequestContext {
     /// The deadline has passed.
     pub fn expired(&self) -> bool {
         deadline_passed(self.deadline_ns)
+    }
+
+    /// How a queue schedules this request's work.
+    pub fn ticket(&self) -> fair_queue::Ticket {
+        fair_queue::Ticket {
+            class: self.class,
+            tenant: self.tenant.clone(),
+            weight: self.weight,
+            cost: self.cost,
+        }
+    }
+
+    /// The same request, for a job that runs `cost` samples.
+    pub fn costing(&self, cost: u32) -> Self {
+        Self {
+            cost,
+            ..self.clone()
+        }
     }
 }
 
@@ -238,6 +261,8 @@ pub struct ExecutorInit {
     pub models: Vec<ModelSpec>,
     /// Engine libraries and caches (absolute paths).
     pub executor: ExecutorSection,
+    /// How batchers order queued samples (`aging_ms`).
+    pub scheduling: config::Scheduling,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

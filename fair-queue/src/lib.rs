@@ -1,0 +1,233 @@
+//! The queue every stage of mmgate that can build up schedules from: the
+//! gateway's preprocess queue and each model's batcher in the executor.
+//!
+//! - **Classes in strict order, with aging.** `critical` before `standard`
+//!   before `batch`; a job is promoted one class for every `aging` it has
+//!   waited, and a promoted job is served before unpromoted jobs of the
+//!   class it reached (oldest first), so `batch` is never starved forever.
+//! - **Weighted fair queuing between tenants within a class**, by cost (an
+//!   image costs 1, a video its sampled frames): self-clocked fair queuing
+//!   (Golestani, 1994). A job's finish tag is `max(virtual time, its
+//!   tenant's last tag) + cost / weight`; the lowest tag is served next, and
+//!   the virtual time becomes its tag. A tenant that floods only queues
+//!   behind itself: another tenant's next job is tagged from the virtual
+//!   time, not behind the flood.
+//!
+//! The queue is a plain data structure; callers lock it and pass the time,
+//! so its behaviour is a pure function of its inputs (and tested as one).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+pub use config::Class;
+
+/// Fixed-point unit of virtual time: one unit of cost at weight 1.
+const UNIT: u64 = 1 << 20;
+
+/// Who a job is scheduled for, and what it costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    pub class: Class,
+    pub tenant: String,
+    /// The tenant's weight within its class (at least 1).
+    pub weight: u32,
+    /// Samples the job will run (at least 1).
+    pub cost: u32,
+}
+
+/// A bounded (or unbounded) scheduling queue of `T`.
+#[derive(Debug)]
+pub struct FairQueue<T> {
+    lanes: [Lane<T>; 3],
+    /// A job is promoted one class per `aging` waited; zero = never.
+    aging: Duration,
+    capacity: Option<usize>,
+    len: usize,
+    seq: u64,
+}
+
+#[derive(Debug)]
+struct Lane<T> {
+    /// The finish tag of the job served last.
+    vtime: u64,
+    /// Per tenant: its last finish tag and its jobs queued here.
+    tenants: HashMap<String, (u64, usize)>,
+    /// Jobs by (finish tag, arrival order).
+    by_tag: BTreeMap<(u64, u64), Queued<T>>,
+    /// The same jobs by arrival order: (finish tag, arrival time).
+    by_age: BTreeMap<u64, (u64, Instant)>,
+}
+
+#[derive(Debug)]
+struct Queued<T> {
+    item: T,
+    tenant: String,
+    arrived: Instant,
+}
+
+impl<T> Default for Lane<T> {
+    fn default() -> Self {
+        Self {
+            vtime: 0,
+            tenants: HashMap::new(),
+            by_tag: BTreeMap::new(),
+            by_age: BTreeMap::new(),
+        }
+    }
+}
+
+impl<T> Lane<T> {
+    fn oldest(&self) -> Option<Instant> {
+        self.by_age.first_key_value().map(|(_, &(_, t))| t)
+    }
+
+    /// Takes the job with the lowest finish tag, or the oldest one.
+    fn take(&mut self, oldest: bool) -> Option<Queued<T>> {
+        let key = if oldest {
+            let (&seq, &(tag, _)) = self.by_age.first_key_value()?;
+            (tag, seq)
+        } else {
+            *self.by_tag.first_key_value()?.0
+        };
+        self.by_age.remove(&key.1);
+        let q = self.by_tag.remove(&key)?;
+        // Only jobs served in tag order move the clock: a job served early
+        // because it aged must not push other tenants' next tags ahead.
+        if !oldest {
+            self.vtime = self.vtime.max(key.0);
+        }
+        let vtime = self.vtime;
+        if let Some((last, queued)) = self.tenants.get_mut(&q.tenant) {
+            *queued -= 1;
+            // A tenant with nothing queued whose tag the clock has passed
+            // has no credit or debt left: forget it.
+            if *queued == 0 && *last <= vtime {
+                self.tenants.remove(&q.tenant);
+            }
+        }
+        Some(q)
+    }
+}
+
+impl<T> FairQueue<T> {
+    /// A queue holding at most `capacity` jobs (`None` = unbounded), whose
+    /// jobs are promoted one class per `aging` waited (zero = never).
+    pub fn new(capacity: Option<usize>, aging: Duration) -> Self {
+        Self {
+            lanes: Default::default(),
+            aging,
+            capacity,
+            len: 0,
+            seq: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    /// Queues `item`, which arrived at `arrived`; gives it back when full.
+    pub fn push(&mut self, item: T, ticket: &Ticket, arrived: Instant) -> Result<(), T> {
+        if self.capacity.is_some_and(|c| self.len >= c) {
+            return Err(item);
+        }
+        let lane = &mut self.lanes[ticket.class.rank()];
+        let (last, queued) = lane.tenants.entry(ticket.tenant.clone()).or_insert((0, 0));
+        let cost = u64::from(ticket.cost.max(1)) * UNIT / u64::from(ticket.weight.max(1));
+        let tag = (*last).max(lane.vtime).saturating_add(cost.max(1));
+        *last = tag;
+        *queued += 1;
+        self.seq += 1;
+        lane.by_age.insert(self.seq, (tag, arrived));
+        lane.by_tag.insert(
+            (tag, self.seq),
+            Queued {
+                item,
+                tenant: ticket.tenant.clone(),
+                arrived,
+            },
+        );
+        self.len += 1;
+        Ok(())
+    }
+
+    /// The lane to serve next at `now`, and whether its oldest job is
+    /// served because it was promoted.
+    fn next_lane(&self, now: Instant) -> Option<(usize, bool)> {
+        self.lanes
+            .iter()
+            .enumerate()
+            .filter_map(|(rank, lane)| {
+                let waited = now.saturating_duration_since(lane.oldest()?);
+                let steps = if self.aging.is_zero() {
+                    0
+                } else {
+                    (waited.as_nanos() / self.aging.as_nanos()).min(rank as u128) as usize
+                };
+                // Ordered by the class reached; a promoted job goes first
+                // within it.
+                Some(((rank - steps, steps == 0, rank), (rank, steps > 0)))
+            })
+            .min_by_key(|(key, _)| *key)
+            .map(|(_, next)| next)
+    }
+
+    /// The class of the job that [`pop`](Self::pop) would take at `now`
+    /// after promotion (for choosing between two queues), and its own.
+    pub fn peek_class(&self, now: Instant) -> Option<(Class, Class)> {
+        let (rank, promoted) = self.next_lane(now)?;
+        let own = Class::ALL[rank];
+        if !promoted {
+            return Some((own, own));
+        }
+        let waited = now.saturating_duration_since(self.lanes[rank].oldest()?);
+        let steps = (waited.as_nanos() / self.aging.as_nanos()).min(rank as u128) as usize;
+        Some((Class::ALL[rank - steps], own))
+    }
+
+    /// Takes the next job at `now`, with the time it arrived.
+    pub fn pop(&mut self, now: Instant) -> Option<(T, Instant)> {
+        let (rank, promoted) = self.next_lane(now)?;
+        let q = self.lanes[rank].take(promoted)?;
+        self.len -= 1;
+        Some((q.item, q.arrived))
+    }
+
+    /// When the longest-waiting job of the given classes arrived.
+    pub fn oldest_of(&self, classes: &[Class]) -> Option<Instant> {
+        classes
+            .iter()
+            .filter_map(|c| self.lanes[c.rank()].oldest())
+            .min()
+    }
+
+    /// When the longest-waiting job arrived.
+    pub fn oldest(&self) -> Option<Instant> {
+        self.oldest_of(&Class::ALL)
+    }
+
+    /// Takes every job, in no particular order.
+    pub fn drain(&mut self) -> Vec<T> {
+        self.len = 0;
+        self.lanes
+            .iter_mut()
+            .flat_map(|lane| {
+                lane.tenants.clear();
+                lane.by_age.clear();
+                std::mem::take(&mut lane.by_tag).into_values()
+            })
+            .map(|q| q.item)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

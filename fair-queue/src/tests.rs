@@ -1,0 +1,179 @@
+use super::*;
+
+fn ticket(class: Class, tenant: &str, weight: u32, cost: u32) -> Ticket {
+    Ticket {
+        class,
+        tenant: tenant.into(),
+        weight,
+        cost,
+    }
+}
+
+fn std(tenant: &str) -> Ticket {
+    ticket(Class::Standard, tenant, 1, 1)
+}
+
+fn drain_all(q: &mut FairQueue<String>, now: Instant) -> Vec<String> {
+    std::iter::from_fn(|| q.pop(now).map(|(s, _)| s)).collect()
+}
+
+#[test]
+fn a_flooding_tenant_queues_behind_itself() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::ZERO);
+    for i in 0..100 {
+        q.push(format!("a{i}"), &std("a"), t0).unwrap();
+    }
+    q.push("b0".into(), &std("b"), t0).unwrap();
+    // b's job is tagged from the virtual clock, not behind a's flood.
+    let order = drain_all(&mut q, t0);
+    let b = order.iter().position(|s| s == "b0").unwrap();
+    assert!(b <= 1, "b served at position {b}: {order:?}");
+}
+
+#[test]
+fn backlogged_tenants_share_by_weight_and_cost() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::ZERO);
+    // a: weight 3, images (cost 1); b: weight 1, images; c: weight 1,
+    // videos of 4 frames.
+    for i in 0..300 {
+        q.push(format!("a{i}"), &ticket(Class::Standard, "a", 3, 1), t0)
+            .unwrap();
+        q.push(format!("b{i}"), &ticket(Class::Standard, "b", 1, 1), t0)
+            .unwrap();
+        q.push(format!("c{i}"), &ticket(Class::Standard, "c", 1, 4), t0)
+            .unwrap();
+    }
+    // Served cost over the first 200 jobs: a gets 3 shares, b and c one each.
+    let first: Vec<String> = (0..200).map(|_| q.pop(t0).unwrap().0).collect();
+    let cost = |p: char, c: u32| first.iter().filter(|s| s.starts_with(p)).count() as u32 * c;
+    let (a, b, c) = (cost('a', 1), cost('b', 1), cost('c', 4));
+    let total = f64::from(a + b + c);
+    for (got, want) in [(a, 0.6), (b, 0.2), (c, 0.2)] {
+        let share = f64::from(got) / total;
+        assert!((share - want).abs() < 0.03, "shares {a} {b} {c}");
+    }
+}
+
+#[test]
+fn classes_are_served_in_strict_order() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::from_secs(10));
+    q.push("batch".into(), &ticket(Class::Batch, "x", 1, 1), t0)
+        .unwrap();
+    q.push("standard".into(), &std("y"), t0).unwrap();
+    q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t0)
+        .unwrap();
+    assert_eq!(q.peek_class(t0), Some((Class::Critical, Class::Critical)));
+    assert_eq!(drain_all(&mut q, t0), ["critical", "standard", "batch"]);
+}
+
+#[test]
+fn waiting_promotes_a_job_one_class_per_aging_period() {
+    let t0 = Instant::now();
+    let aging = Duration::from_millis(100);
+    let mut q = FairQueue::new(None, aging);
+    q.push("old batch".into(), &ticket(Class::Batch, "x", 1, 1), t0)
+        .unwrap();
+    let t1 = t0 + Duration::from_millis(150);
+    q.push("standard".into(), &std("y"), t1).unwrap();
+    q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t1)
+        .unwrap();
+    // At 150 ms the batch job counts as standard: after critical, before
+    // the standard job that has not aged.
+    assert_eq!(q.peek_class(t1), Some((Class::Critical, Class::Critical)));
+    assert_eq!(q.pop(t1).unwrap().0, "critical");
+    assert_eq!(q.peek_class(t1), Some((Class::Standard, Class::Batch)));
+    assert_eq!(q.pop(t1).unwrap().0, "old batch");
+
+    // At 200 ms it counts as critical, ahead of fresh critical work.
+    q.push("old batch".into(), &ticket(Class::Batch, "x", 1, 1), t0)
+        .unwrap();
+    q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t1)
+        .unwrap();
+    let t2 = t0 + Duration::from_millis(200);
+    assert_eq!(drain_all(&mut q, t2), ["old batch", "critical", "standard"]);
+}
+
+#[test]
+fn a_full_queue_gives_the_job_back() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(Some(2), Duration::ZERO);
+    q.push(1, &std("a"), t0).unwrap();
+    q.push(2, &std("b"), t0).unwrap();
+    assert_eq!(q.push(3, &std("c"), t0), Err(3));
+    assert_eq!(q.len(), 2);
+    assert_eq!(q.oldest(), Some(t0));
+    let mut all = q.drain();
+    all.sort_unstable();
+    assert_eq!(all, [1, 2]);
+    assert!(q.is_empty() && q.pop(t0).is_none());
+}
+
+#[test]
+fn oldest_of_looks_only_at_the_given_classes() {
+    let t0 = Instant::now();
+    let t1 = t0 + Duration::from_millis(5);
+    let mut q = FairQueue::new(None, Duration::ZERO);
+    q.push(1, &ticket(Class::Batch, "a", 1, 1), t0).unwrap();
+    q.push(2, &std("b"), t1).unwrap();
+    assert_eq!(q.oldest_of(&[Class::Critical, Class::Standard]), Some(t1));
+    assert_eq!(q.oldest(), Some(t0));
+}
+
+#[test]
+fn an_idle_tenant_gets_no_credit_for_its_idle_time() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::ZERO);
+    // b is served alone for a while, then a arrives with a backlog: b
+    // must not have to wait for a to "catch up" on the time it was idle.
+    for i in 0..50 {
+        q.push(format!("b{i}"), &std("b"), t0).unwrap();
+    }
+    for _ in 0..40 {
+        q.pop(t0).unwrap();
+    }
+    for i in 0..50 {
+        q.push(format!("a{i}"), &std("a"), t0).unwrap();
+    }
+    let next: Vec<String> = (0..10).map(|_| q.pop(t0).unwrap().0).collect();
+    let b = next.iter().filter(|s| s.starts_with('b')).count();
+    assert!((4..=6).contains(&b), "{next:?}");
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever is pushed comes out exactly once, and the length and
+        /// capacity are kept.
+        #[test]
+        fn every_job_comes_out_once(
+            jobs in proptest::collection::vec((0usize..3, 0u8..4, 1u32..5, 1u32..9, 0u64..500), 0..200),
+            cap in 1usize..300,
+            aging_ms in 0u64..100,
+        ) {
+            let t0 = Instant::now();
+            let mut q = FairQueue::new(Some(cap), Duration::from_millis(aging_ms));
+            let mut accepted = Vec::new();
+            for (i, &(class, tenant, weight, cost, at)) in jobs.iter().enumerate() {
+                let t = ticket(Class::ALL[class], &format!("t{tenant}"), weight, cost);
+                if q.push(i, &t, t0 + Duration::from_millis(at)).is_ok() {
+                    accepted.push(i);
+                }
+                prop_assert!(q.len() <= cap);
+            }
+            prop_assert_eq!(accepted.len(), jobs.len().min(cap));
+            let now = t0 + Duration::from_millis(600);
+            let mut out = Vec::new();
+            while let Some((i, _)) = q.pop(now) {
+                out.push(i);
+            }
+            out.sort_unstable();
+            prop_assert_eq!(out, accepted);
+            prop_assert!(q.is_empty());
+        }
+    }
+}
