@@ -1,5 +1,6 @@
 # mmgate: make setup | build | run | test | lint | bench | soak | fuzz
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+CONFIG ?= configs/default.toml
 
 .PHONY: setup build run test lint bench soak fuzz
 
@@ -10,7 +11,7 @@ build: setup
 	cargo build --release --workspace --bins
 
 run: build
-	$(TARGET_DIR)/release/mmgate serve --config configs/default.toml --listen 127.0.0.1:8080
+	$(TARGET_DIR)/release/mmgate serve --config $(CONFIG) --listen 127.0.0.1:8080
 
 # setup.sh test also builds the reference venv and .deps/expected/open_nsfw.json
 test:
