@@ -217,6 +217,18 @@ pub struct Scheduling {
     pub sparse_video_after_ms: u64,
     /// Over this, `standard` videos are sampled from keyframes only.
     pub keyframes_video_after_ms: u64,
+    /// Whether one inference batch may hold samples of several tenants or
+    /// classes. Off (the default), a batch holds one tenant's samples of
+    /// one class, so a sample never waits for another tenant's samples to
+    /// run with it; on, batches fill from every tenant (more throughput
+    /// where batching pays, as on GPUs, less isolation).
+    pub mix_tenants_in_batches: bool,
+    /// Engine instances of a model kept free for `critical` samples while
+    /// any came in the last second (only while the model has more
+    /// instances than this): a critical sample then never waits for
+    /// another batch to finish. Costs the other classes that share of the
+    /// engine while critical traffic flows; 0 = off.
+    pub critical_headroom: u32,
 }
 
 impl Default for Scheduling {
@@ -226,6 +238,8 @@ impl Default for Scheduling {
             shed_batch_after_ms: 500,
             sparse_video_after_ms: 1_000,
             keyframes_video_after_ms: 2_000,
+            mix_tenants_in_batches: false,
+            critical_headroom: 1,
         }
     }
 }
@@ -679,7 +693,9 @@ impl ServerConfig {
         }
         let workers = self.workers.count * self.workers.threads;
         let batches = model.instances.count * model.batching.max_batch * 2;
-        (workers + batches).max(8)
+        // One per worker thread filling a slot, the batches the executor
+        // runs and queues, and one per worker thread kept for critical work.
+        (2 * workers + batches).max(8)
     }
 
     /// Size of each worker's shared-memory input region slot (one per thread).

@@ -193,6 +193,20 @@ impl<T> FairQueue<T> {
         Some((Class::ALL[rank - steps], own))
     }
 
+    /// The class and tenant of the job that [`pop`](Self::pop) would take
+    /// at `now`.
+    pub fn peek_owner(&self, now: Instant) -> Option<(Class, &str)> {
+        let (rank, promoted) = self.next_lane(now)?;
+        let lane = &self.lanes[rank];
+        let key = if promoted {
+            let (&seq, &(tag, _)) = lane.by_age.first_key_value()?;
+            (tag, seq)
+        } else {
+            *lane.by_tag.first_key_value()?.0
+        };
+        Some((Class::ALL[rank], lane.by_tag.get(&key)?.tenant.as_str()))
+    }
+
     /// Takes the next job at `now`, with the time it arrived.
     pub fn pop(&mut self, now: Instant) -> Option<(T, Instant)> {
         let (rank, promoted) = self.next_lane(now)?;

@@ -97,6 +97,19 @@ fn waiting_promotes_a_job_one_class_per_aging_period() {
 }
 
 #[test]
+fn peek_owner_names_the_job_pop_takes() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::from_millis(100));
+    q.push("b", &ticket(Class::Batch, "x", 1, 1), t0).unwrap();
+    q.push("s", &std("y"), t0).unwrap();
+    assert_eq!(q.peek_owner(t0), Some((Class::Standard, "y")));
+    // Aged past two periods, the batch job is next, still of class batch.
+    let late = t0 + Duration::from_millis(250);
+    assert_eq!(q.peek_owner(late), Some((Class::Batch, "x")));
+    assert_eq!(q.pop(late).map(|(j, _)| j), Some("b"));
+}
+
+#[test]
 fn a_full_queue_gives_the_job_back() {
     let t0 = Instant::now();
     let mut q = FairQueue::new(Some(2), Duration::ZERO);

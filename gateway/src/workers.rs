@@ -612,7 +612,8 @@ impl WorkerThread<'_> {
             pending,
             claim: _,
         } = upload;
-        let lease = match lease_within(self.core, model, enqueued).await {
+        let critical = ctx.class == config::Class::Critical;
+        let lease = match lease_within(self.core, model, enqueued, critical).await {
             Ok(lease) => lease,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -687,15 +688,24 @@ impl WorkerThread<'_> {
     }
 }
 
-/// Leases a slot of `model`, waiting at most what is left of the queue timeout.
+/// Leases a slot of `model` (critical work may take the reserved ones),
+/// waiting at most what is left of the queue timeout.
 pub(crate) async fn lease_within(
     core: &Core,
     model: u16,
     enqueued: Instant,
+    critical: bool,
 ) -> Result<SlotLease, ApiError> {
     let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
     let left = limit.saturating_sub(enqueued.elapsed());
-    match tokio::time::timeout(left, core.ledger.lease(model)).await {
+    let lease = async {
+        if critical {
+            core.ledger.lease_critical(model).await
+        } else {
+            core.ledger.lease(model).await
+        }
+    };
+    match tokio::time::timeout(left, lease).await {
         Ok(Ok(lease)) => Ok(lease),
         Ok(Err(e)) => Err(ApiError::new(Code::Internal, e.to_string())),
         Err(_) => Err(ApiError::new(

@@ -29,6 +29,10 @@ use crate::{Engine, ExecError};
 /// tensor slot, so the gateway's pool already bounds the real depth.
 const INBOX: usize = 1024;
 
+/// How long traffic of another tenant, or of class critical, counts as
+/// present after its last sample.
+const RECENT: Duration = Duration::from_secs(1);
+
 /// When to dispatch, as a pure function of the queue's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPolicy {
@@ -90,7 +94,7 @@ impl Batcher {
         tensors: Arc<SharedTensors>,
         answers: mpsc::UnboundedSender<FromExecutor>,
         lost: mpsc::UnboundedSender<ExecError>,
-        aging: Duration,
+        scheduling: &config::Scheduling,
     ) -> Result<Self, ExecError> {
         let model = Arc::new(ModelInfo {
             name: spec.name.clone(),
@@ -119,7 +123,12 @@ impl Batcher {
             free: (0..instances.len()).rev().collect(),
             lane: None,
             instances,
-            queue: FairQueue::new(None, aging),
+            queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
+            mix_tenants: scheduling.mix_tenants_in_batches,
+            headroom: scheduling.critical_headroom as usize,
+            last_owner: None,
+            contended_until: Instant::now(),
+            critical_until: Instant::now(),
             flush: false,
             answers,
             lost: Some(lost),
@@ -158,6 +167,18 @@ struct Actor {
     /// Samples in scheduling order: class, then fair shares of tenants
     /// (the tensor pool bounds its depth).
     queue: FairQueue<InferJob>,
+    /// Batches may hold several tenants' or classes' samples.
+    mix_tenants: bool,
+    /// Instances kept free for critical samples while they flow.
+    headroom: usize,
+    /// The (class, tenant) of the newest sample.
+    last_owner: Option<(config::Class, String)>,
+    /// Samples of more than one (class, tenant) came in the last
+    /// [`RECENT`]: unless tenants mix, batches hold one sample, so none
+    /// waits long for an instance busy with another's batch.
+    contended_until: Instant,
+    /// A critical sample came in the last [`RECENT`].
+    critical_until: Instant,
     /// The newest job's `pending` was 0, or the inbox is closed.
     flush: bool,
     answers: mpsc::UnboundedSender<FromExecutor>,
@@ -232,7 +253,13 @@ impl Actor {
     /// When the oldest sample's delay runs out, if a free instance could
     /// take it then.
     fn deadline(&self) -> Option<Instant> {
-        if self.free.is_empty() || self.flush || self.lane.is_some() {
+        if self.free.is_empty() || self.lane.is_some() {
+            return None;
+        }
+        if self.held_for_critical(Instant::now()) {
+            return Some(self.critical_until);
+        }
+        if self.flush {
             return None;
         }
         self.queue
@@ -240,7 +267,36 @@ impl Actor {
             .map(|t| Instant::from_std(t) + self.policy.max_delay)
     }
 
+    /// Whether the next batch must wait because it is not critical and
+    /// would take an instance kept free for critical samples.
+    fn held_for_critical(&self, now: Instant) -> bool {
+        let live = self.instances.iter().flatten().count();
+        self.headroom > 0
+            && live > self.headroom
+            && now < self.critical_until
+            && self.free.len() <= self.headroom
+            && self
+                .queue
+                .peek_owner(now.into_std())
+                .is_some_and(|(class, _)| class != config::Class::Critical)
+    }
+
     fn enqueue(&mut self, job: InferJob, arrived: Instant) {
+        let now = Instant::now();
+        let owner = (job.ctx.class, job.ctx.tenant.as_str());
+        if owner.0 == config::Class::Critical {
+            self.critical_until = now + RECENT;
+        }
+        if self
+            .last_owner
+            .as_ref()
+            .is_none_or(|(c, t)| (*c, t.as_str()) != owner)
+        {
+            if self.last_owner.is_some() {
+                self.contended_until = now + RECENT;
+            }
+            self.last_owner = Some((owner.0, owner.1.to_string()));
+        }
         let ticket = job.ctx.ticket();
         // Unbounded: never gives the job back.
         let _ = self.queue.push(job, &ticket, arrived.into_std());
@@ -260,27 +316,30 @@ impl Actor {
                 .queue
                 .oldest()
                 .map_or(Duration::ZERO, |t| now.into_std() - t);
-            let Some(n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
+            if self.held_for_critical(now) {
+                return;
+            }
+            let Some(mut n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
                 return;
             };
+            if !self.mix_tenants && now < self.contended_until {
+                n = 1;
+            }
             let idle = self.free.len() == self.instances.iter().flatten().count();
             self.free.pop();
-            let Some(instance) = &self.instances[id] else {
+            if self.instances[id].is_none() {
                 continue;
-            };
+            }
+            let jobs = self.take_batch(n, now);
             // Nothing else running, queued, or in preprocessing: the engine
             // may use every core for this batch.
-            let alone = idle && self.flush && self.queue.len() == n;
-            let jobs: Vec<Queued> = std::iter::from_fn(|| self.queue.pop(now.into_std()))
-                .take(n)
-                .map(|(job, t)| Queued {
-                    job,
-                    queue_us: (now.into_std() - t).as_micros() as u64,
-                })
-                .collect();
+            let alone = idle && self.flush && self.queue.is_empty();
             if alone {
                 self.lane = Some(id);
             }
+            let Some(instance) = &self.instances[id] else {
+                continue;
+            };
             if let Err(jobs) = instance.dispatch(Batch { jobs, alone }) {
                 self.lane = None;
                 tracing::error!(model = %self.model, instance = id, "instance thread is gone");
@@ -294,6 +353,33 @@ impl Actor {
                 }
             }
         }
+    }
+
+    /// Up to `n` samples in scheduling order; unless tenants may mix, only
+    /// those of the first one's tenant and class (the batch ends at the
+    /// first sample of another).
+    fn take_batch(&mut self, n: usize, now: Instant) -> Vec<Queued> {
+        let at = now.into_std();
+        let mut owner: Option<(config::Class, String)> = None;
+        let mut jobs = Vec::with_capacity(n);
+        while jobs.len() < n {
+            let Some((class, tenant)) = self.queue.peek_owner(at) else {
+                break;
+            };
+            match &owner {
+                None => owner = Some((class, tenant.to_string())),
+                Some((c, t)) if !self.mix_tenants && (*c != class || t != tenant) => break,
+                Some(_) => {}
+            }
+            let Some((job, arrived)) = self.queue.pop(at) else {
+                break;
+            };
+            jobs.push(Queued {
+                job,
+                queue_us: (at - arrived).as_micros() as u64,
+            });
+        }
+        jobs
     }
 
     /// Fails what is queued and, the first time, reports the loss.

@@ -135,6 +135,24 @@ fn rig(spec: &ModelSpec, instances: usize, gated: bool, fail: bool) -> Rig {
 }
 
 fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u32) -> Rig {
+    rig_scheduled(
+        spec,
+        instances,
+        gated,
+        fail,
+        bomb,
+        &config::Scheduling::default(),
+    )
+}
+
+fn rig_scheduled(
+    spec: &ModelSpec,
+    instances: usize,
+    gated: bool,
+    fail: bool,
+    bomb: u32,
+    scheduling: &config::Scheduling,
+) -> Rig {
     let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(SLOTS, ELEMS * 4)])).unwrap());
     let (started_tx, started) = unbounded_channel();
     let (alone_tx, alone) = unbounded_channel();
@@ -157,15 +175,7 @@ fn rig_with(spec: &ModelSpec, instances: usize, gated: bool, fail: bool, bomb: u
         .collect();
     let (tx, answers) = unbounded_channel();
     let (lost_tx, lost) = unbounded_channel();
-    let batcher = Batcher::spawn(
-        spec,
-        engines,
-        tensors.clone(),
-        tx,
-        lost_tx,
-        Duration::from_secs(2),
-    )
-    .unwrap();
+    let batcher = Batcher::spawn(spec, engines, tensors.clone(), tx, lost_tx, scheduling).unwrap();
     Rig {
         batcher,
         lost,
@@ -206,8 +216,10 @@ impl Rig {
     }
 
     async fn submit(&self, job_id: u64, slot: SlotRef, pending: u32) {
+        // The same tenant as `send`'s: their samples batch together.
         let ctx = shm::RequestContext {
             request_id: format!("test-{job_id}"),
+            tenant: "t".into(),
             ..Default::default()
         };
         self.submit_ctx(job_id, slot, pending, ctx).await;
@@ -292,6 +304,77 @@ async fn queued_samples_run_by_class_then_fair_share() {
     // Critical first; then a and b alternate (b's sample ties with a's
     // next one and came later), then the rest of a's backlog; batch last.
     assert_eq!(order, [0, 7, 2, 6, 3, 4, 5, 1]);
+}
+
+/// By default a batch holds one tenant's samples of one class; with
+/// `mix_tenants_in_batches` it fills from everyone, in scheduling order.
+#[tokio::test(start_paused = true)]
+async fn batches_hold_one_tenant_and_class_unless_mixing_is_on() {
+    use config::Class::{Critical, Standard};
+    for mix in [false, true] {
+        let scheduling = config::Scheduling {
+            mix_tenants_in_batches: mix,
+            ..Default::default()
+        };
+        let mut r = rig_scheduled(&spec(4, 0, &[]), 1, true, false, 0, &scheduling);
+        r.send_as(0, 9, Standard, "a").await;
+        assert_eq!(r.started.recv().await, Some(1));
+        r.send_as(1, 9, Standard, "a").await;
+        r.send_as(2, 9, Standard, "a").await;
+        r.send_as(3, 9, Standard, "b").await;
+        r.send_as(4, 9, Critical, "vip").await;
+        tokio::task::yield_now().await;
+        r.release(0);
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < 4 {
+            sizes.push(r.started.recv().await.unwrap());
+            r.release(0);
+        }
+        let mut order = Vec::new();
+        for _ in 0..5 {
+            order.push(r.scores().await.job_id);
+        }
+        let want: &[usize] = if mix { &[4] } else { &[1, 1, 1, 1] };
+        assert_eq!(sizes, want, "mix = {mix}");
+        // Critical first, then a and b alternate by fair share.
+        assert_eq!(order, [0, 4, 1, 3, 2], "mix = {mix}");
+    }
+}
+
+/// While critical samples flow, one instance stays free for them: a
+/// standard sample waits rather than take it, a critical one runs at once,
+/// and a second after the last critical sample the instance is shared
+/// again.
+#[tokio::test(start_paused = true)]
+async fn an_instance_stays_free_for_critical_samples_while_they_flow() {
+    use config::Class::{Critical, Standard};
+    let mut r = rig(&spec(1, 0, &[]), 2, true, false);
+    let quiet = |r: &mut Rig| {
+        let got = r.started.try_recv();
+        assert!(got.is_err(), "a batch started: {got:?}");
+    };
+    r.send_as(0, 9, Critical, "vip").await;
+    assert_eq!(r.started.recv().await, Some(1));
+    r.release(0);
+    assert_eq!(r.scores().await.job_id, 0);
+    r.send_as(1, 9, Standard, "a").await;
+    assert_eq!(r.started.recv().await, Some(1), "one instance is shared");
+    r.send_as(2, 9, Standard, "a").await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    quiet(&mut r);
+    r.send_as(3, 9, Critical, "vip").await;
+    assert_eq!(r.started.recv().await, Some(1), "critical runs at once");
+    r.release(1);
+    assert_eq!(r.scores().await.job_id, 3);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    quiet(&mut r);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(r.started.recv().await, Some(1), "shared again");
+    r.release(0);
+    r.release(1);
+    let mut rest = [r.scores().await.job_id, r.scores().await.job_id];
+    rest.sort_unstable();
+    assert_eq!(rest, [1, 2]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -111,15 +111,15 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
 pub struct Loaded {
     pub tensors: Arc<SharedTensors>,
     pub models: Vec<(ModelSpec, LoadedModel)>,
-    /// A queued sample is promoted one class per `aging` waited.
-    pub aging: Duration,
+    /// How batchers order and group queued samples.
+    pub scheduling: config::Scheduling,
 }
 
 /// Maps the tensor pool and loads `instances.count` warmed-up engines per
 /// model. Model `i` of `init.models` is region `i` of the pool and the
 /// `slot.model` index of its jobs.
 pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loaded, ExecError> {
-    let aging_ms = init.scheduling.aging_ms;
+    let scheduling = init.scheduling.clone();
     if init.models.len() != init.layout.regions.len() {
         return Err(ExecError::Protocol(format!(
             "Init has {} models but the tensor pool has {} regions",
@@ -158,7 +158,7 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
     Ok(Loaded {
         tensors,
         models,
-        aging: Duration::from_millis(aging_ms),
+        scheduling,
     })
 }
 
@@ -189,7 +189,14 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
         .map(|(spec, model)| {
             let (tensors, answers, lost) =
                 (loaded.tensors.clone(), answers.clone(), lost_tx.clone());
-            Batcher::spawn(&spec, model.engines, tensors, answers, lost, loaded.aging)
+            Batcher::spawn(
+                &spec,
+                model.engines,
+                tensors,
+                answers,
+                lost,
+                &loaded.scheduling,
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     drop(lost_tx);

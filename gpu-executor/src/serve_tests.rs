@@ -49,7 +49,7 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
                 },
             },
         )],
-        aging: Duration::from_secs(2),
+        scheduling: config::Scheduling::default(),
     };
     let (mut gateway, ours) = UnixStream::pair().unwrap();
     // The gateway's side: one job, then read until the executor hangs up.

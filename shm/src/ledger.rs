@@ -18,6 +18,8 @@ pub struct Ledger {
 struct ModelPool {
     model: u16,
     free: Arc<Semaphore>,
+    /// Slots any lease may take: all but those reserved for critical work.
+    general: Arc<Semaphore>,
     state: Mutex<PoolState>,
 }
 
@@ -33,19 +35,30 @@ pub struct SlotLease {
     pool: Arc<ModelPool>,
     slot: SlotRef,
     _permit: OwnedSemaphorePermit,
+    /// Held by a lease that is not critical.
+    _general: Option<OwnedSemaphorePermit>,
 }
 
 impl Ledger {
     pub fn new(tensors: Arc<SharedTensors>) -> Self {
+        Self::with_reserve(tensors, 0)
+    }
+
+    /// A ledger keeping `reserve` slots of each model (at most half of
+    /// them) for [`lease_critical`](Self::lease_critical): critical work
+    /// finds a slot even while other work holds all the rest.
+    pub fn with_reserve(tensors: Arc<SharedTensors>, reserve: usize) -> Self {
         let pools = tensors
             .layout()
             .regions
             .iter()
             .enumerate()
             .map(|(i, r)| {
+                let slots = r.slots as usize;
                 Arc::new(ModelPool {
                     model: i as u16,
-                    free: Arc::new(Semaphore::new(r.slots as usize)),
+                    free: Arc::new(Semaphore::new(slots)),
+                    general: Arc::new(Semaphore::new(slots - reserve.min(slots / 2))),
                     state: Mutex::new(PoolState {
                         free: (0..r.slots).rev().collect(),
                         next_generation: 1,
@@ -60,8 +73,18 @@ impl Ledger {
         &self.tensors
     }
 
-    /// Waits for a free slot of `model`. Bound the wait with a timeout.
+    /// Waits for a free slot of `model` that is not reserved. Bound the
+    /// wait with a timeout.
     pub async fn lease(&self, model: u16) -> Result<SlotLease, ShmError> {
+        let pool = self.pool(model)?;
+        let closed = |_| ShmError::NoSuchSlot { model, slot: 0 };
+        let general = pool.general.clone().acquire_owned().await.map_err(closed)?;
+        let permit = pool.free.clone().acquire_owned().await.map_err(closed)?;
+        self.finish_lease(pool, permit, Some(general))
+    }
+
+    /// Waits for any free slot of `model`, the reserved ones included.
+    pub async fn lease_critical(&self, model: u16) -> Result<SlotLease, ShmError> {
         let pool = self.pool(model)?;
         let permit = pool
             .free
@@ -69,14 +92,17 @@ impl Ledger {
             .acquire_owned()
             .await
             .map_err(|_| ShmError::NoSuchSlot { model, slot: 0 })?;
-        self.finish_lease(pool, permit)
+        self.finish_lease(pool, permit, None)
     }
 
-    /// A free slot of `model` now, or `None`.
+    /// A free slot of `model` that is not reserved now, or `None`.
     pub fn try_lease(&self, model: u16) -> Result<Option<SlotLease>, ShmError> {
         let pool = self.pool(model)?;
+        let Ok(general) = pool.general.clone().try_acquire_owned() else {
+            return Ok(None);
+        };
         match pool.free.clone().try_acquire_owned() {
-            Ok(permit) => self.finish_lease(pool, permit).map(Some),
+            Ok(permit) => self.finish_lease(pool, permit, Some(general)).map(Some),
             Err(_) => Ok(None),
         }
     }
@@ -91,6 +117,7 @@ impl Ledger {
         &self,
         pool: &Arc<ModelPool>,
         permit: OwnedSemaphorePermit,
+        general: Option<OwnedSemaphorePermit>,
     ) -> Result<SlotLease, ShmError> {
         let slot = {
             let mut st = pool.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -107,6 +134,7 @@ impl Ledger {
             pool: pool.clone(),
             slot,
             _permit: permit,
+            _general: general,
         };
         self.tensors.stamp(slot)?;
         Ok(lease)
@@ -167,5 +195,26 @@ mod tests {
         assert!(l.tensors().write_f32(old, |_| ()).is_err());
         drop((b, c));
         assert_eq!(l.free(0), l.capacity(0));
+    }
+
+    #[tokio::test]
+    async fn reserved_slots_go_to_critical_leases_only() {
+        let t = Arc::new(SharedTensors::create(PoolLayout::new(&[(4, 16)])).unwrap());
+        let l = Ledger::with_reserve(t, 1);
+        let general: Vec<_> = (0..3).map(|_| l.try_lease(0).unwrap().unwrap()).collect();
+        assert!(
+            l.try_lease(0).unwrap().is_none(),
+            "the last slot is reserved"
+        );
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(20), l.lease(0));
+        assert!(waiting.await.is_err(), "a general lease waits");
+        let critical = l.lease_critical(0).await.unwrap();
+        assert_eq!(l.free(0), 0);
+        drop(critical);
+        drop(general);
+        // The reserve is capped at half the slots.
+        let t = Arc::new(SharedTensors::create(PoolLayout::new(&[(2, 16)])).unwrap());
+        let l = Ledger::with_reserve(t, 5);
+        assert!(l.try_lease(0).unwrap().is_some());
     }
 }
