@@ -193,9 +193,9 @@ impl<T> FairQueue<T> {
         Some((Class::ALL[rank - steps], own))
     }
 
-    /// The class and tenant of the job that [`pop`](Self::pop) would take
-    /// at `now`.
-    pub fn peek_owner(&self, now: Instant) -> Option<(Class, &str)> {
+    /// The lane and key of the job that [`pop`](Self::pop) would take at
+    /// `now`, and whether it is taken because it aged.
+    fn next_key(&self, now: Instant) -> Option<(usize, (u64, u64), bool)> {
         let (rank, promoted) = self.next_lane(now)?;
         let lane = &self.lanes[rank];
         let key = if promoted {
@@ -204,12 +204,26 @@ impl<T> FairQueue<T> {
         } else {
             *lane.by_tag.first_key_value()?.0
         };
-        Some((Class::ALL[rank], lane.by_tag.get(&key)?.tenant.as_str()))
+        Some((rank, key, promoted))
+    }
+
+    /// The class and tenant of the job that [`pop`](Self::pop) would take
+    /// at `now`.
+    pub fn peek_owner(&self, now: Instant) -> Option<(Class, &str)> {
+        let (rank, key, _) = self.next_key(now)?;
+        let q = self.lanes[rank].by_tag.get(&key)?;
+        Some((Class::ALL[rank], q.tenant.as_str()))
+    }
+
+    /// The job that [`pop`](Self::pop) would take at `now`.
+    pub fn peek(&self, now: Instant) -> Option<&T> {
+        let (rank, key, _) = self.next_key(now)?;
+        self.lanes[rank].by_tag.get(&key).map(|q| &q.item)
     }
 
     /// Takes the next job at `now`, with the time it arrived.
     pub fn pop(&mut self, now: Instant) -> Option<(T, Instant)> {
-        let (rank, promoted) = self.next_lane(now)?;
+        let (rank, _, promoted) = self.next_key(now)?;
         let q = self.lanes[rank].take(promoted)?;
         self.len -= 1;
         Some((q.item, q.arrived))

@@ -103,8 +103,12 @@ fn peek_owner_names_the_job_pop_takes() {
     q.push("b", &ticket(Class::Batch, "x", 1, 1), t0).unwrap();
     q.push("s", &std("y"), t0).unwrap();
     assert_eq!(q.peek_owner(t0), Some((Class::Standard, "y")));
-    // Aged past two periods, the batch job is next, still of class batch.
-    let late = t0 + Duration::from_millis(250);
+    assert_eq!(q.peek(t0), Some(&"s"));
+    assert_eq!(q.pop(t0).map(|(j, _)| j), Some("s"));
+    // Aged one period, the batch job goes before a fresh standard one,
+    // and is still named as class batch.
+    let late = t0 + Duration::from_millis(150);
+    q.push("s2", &std("y"), late).unwrap();
     assert_eq!(q.peek_owner(late), Some((Class::Batch, "x")));
     assert_eq!(q.pop(late).map(|(j, _)| j), Some("b"));
 }

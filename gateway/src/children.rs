@@ -75,6 +75,39 @@ pub fn spawn(bin: &Path, fds: Vec<(&str, OwnedFd)>) -> Result<Spawned, StartErro
     Ok(Spawned { child, stream, pid })
 }
 
+/// Why one incarnation of a child ended: the `reason` label of
+/// `mmgate_worker_restarts_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The process exited (or was killed from outside).
+    Exited,
+    /// Its socket closed or broke.
+    SocketClosed,
+    /// The gateway killed it: a worker over its decode deadline or whose
+    /// socket write failed.
+    Killed,
+    /// The gateway killed it: the executor did not answer within
+    /// `executor.infer_timeout_ms`.
+    Timeout,
+    /// The gateway is shutting down.
+    Shutdown,
+    /// It could not be started or did not become ready.
+    StartFailed,
+}
+
+impl Exit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Exit::Exited => "exited",
+            Exit::SocketClosed => "socket_closed",
+            Exit::Killed => "killed",
+            Exit::Timeout => "timeout",
+            Exit::Shutdown => "shutdown",
+            Exit::StartFailed => "start_failed",
+        }
+    }
+}
+
 /// What a child's first messages look like, for the generic handshake.
 pub trait ChildProtocol: DeserializeOwned {
     fn hello(&self) -> Option<&shm::Hello>;
@@ -159,24 +192,24 @@ async fn recv_within<In: DeserializeOwned>(
 pub async fn keep_running<F, Fut>(core: &Core, pool: &'static str, child: &str, mut incarnation: F)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<&'static str, StartError>>,
+    Fut: Future<Output = Result<Exit, StartError>>,
 {
     let mut backoff = Backoff::default();
     while !core.is_shutting_down() {
         let started = Instant::now();
         let reason = incarnation().await.unwrap_or_else(|e| {
             tracing::error!(child, error = %e, "child failed to start");
-            "start_failed"
+            Exit::StartFailed
         });
         if core.is_shutting_down() {
             break;
         }
         core.metrics
             .worker_restarts
-            .with_label_values(&[pool, reason])
+            .with_label_values(&[pool, reason.as_str()])
             .inc();
         let delay = backoff.after(started.elapsed());
-        tracing::warn!(child, reason, ?delay, "restarting child");
+        tracing::warn!(child, reason = reason.as_str(), ?delay, "restarting child");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = core.shutting_down() => break,

@@ -16,7 +16,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::children::{self, StartError};
+use crate::children::{self, Exit, StartError};
 use crate::core::Core;
 use crate::error::{ApiError, Code};
 use crate::metrics::{DropReason, DropStage};
@@ -115,7 +115,7 @@ impl Executor {
         children::keep_running(&core, "executor", "gpu-executor", || self.run_once(&core)).await;
     }
 
-    async fn run_once(&self, core: &Arc<Core>) -> Result<&'static str, StartError> {
+    async fn run_once(&self, core: &Arc<Core>) -> Result<Exit, StartError> {
         let fd = core
             .ledger
             .tensors()
@@ -179,14 +179,14 @@ impl Executor {
         let reader = conn.clone();
         let metrics = core.clone();
         let reason = tokio::select! {
-            _ = sp.child.wait() => "exited",
+            _ = sp.child.wait() => Exit::Exited,
             _ = async move {
                 while let Ok(Some(msg)) = shm::recv::<FromExecutor>(&mut rd).await {
                     reader.deliver(msg, &metrics);
                 }
-            } => "socket_closed",
-            _ = conn.kill.cancelled() => "timeout",
-            _ = core.shutting_down() => "shutdown",
+            } => Exit::SocketClosed,
+            _ = conn.kill.cancelled() => Exit::Timeout,
+            _ = core.shutting_down() => Exit::Shutdown,
         };
         self.ready.store(false, Ordering::Relaxed);
         core.metrics
@@ -194,7 +194,7 @@ impl Executor {
             .with_label_values(&["executor"])
             .set(0);
         self.conn.write().unwrap_or_else(|e| e.into_inner()).take();
-        if reason == "shutdown" {
+        if reason == Exit::Shutdown {
             writer.abort();
             let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
         }

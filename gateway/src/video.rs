@@ -64,7 +64,7 @@ async fn first_grant(
     since: Instant,
 ) -> Result<Grant, ApiError> {
     let permit = window.clone().try_acquire_owned().expect("a fresh window");
-    let lease = lease_within(core, model, since, false).await?;
+    let lease = lease_within(core, model, since).await?;
     Ok(Grant {
         lease,
         _window: permit,

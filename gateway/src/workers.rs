@@ -22,7 +22,7 @@ use shm::{
 use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
-use crate::children::{self, StartError};
+use crate::children::{self, Exit, StartError};
 use crate::conn::Conn;
 use crate::core::{Core, PendingGuard};
 use crate::error::{ApiError, Code};
@@ -264,25 +264,47 @@ impl Queue {
 }
 
 impl QueueState {
-    /// The next job: the better-placed head of the two queues (by the
-    /// class it reached, then its own), videos only when `video` allows.
-    fn pop(&mut self, video: bool) -> Option<WorkJob> {
-        let now = Instant::now();
+    /// Which queue the next job comes from at `now`: the better-placed
+    /// head of the two (by the class it reached, then its own), videos
+    /// only when `video` allows; `true` = the video queue.
+    fn next_is_video(&self, video: bool, now: Instant) -> Option<bool> {
         let image = self.images.peek_class(now);
-        let take_video = video
+        let from_videos = video
             && match (image, self.videos.peek_class(now)) {
                 (_, None) => false,
                 (None, Some(_)) => true,
                 (Some(i), Some(v)) => v < i,
             };
-        let q = if take_video {
+        (from_videos || image.is_some()).then_some(from_videos)
+    }
+
+    fn queue(&mut self, video: bool) -> &mut FairQueue<WorkJob> {
+        if video {
             &mut self.videos
         } else {
             &mut self.images
-        };
+        }
+    }
+
+    /// The next job, if `ok` accepts it.
+    fn pop_if(&mut self, video: bool, ok: impl FnOnce(&WorkJob) -> bool) -> Option<WorkJob> {
+        let now = Instant::now();
+        let from_videos = self.next_is_video(video, now)?;
+        let q = self.queue(from_videos);
+        if !ok(q.peek(now)?) {
+            return None;
+        }
         q.pop(now).map(|(job, _)| job)
     }
 }
+
+/// What a dispatcher takes: a job, with its video thread permit if it is
+/// a video, or its tensor slot if it is an image.
+type Taken = (
+    WorkJob,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+    Option<SlotLease>,
+);
 
 /// Worker threads videos may hold: `share` of them, at least one, and one
 /// fewer than all when there are two or more (one is kept for images).
@@ -389,11 +411,7 @@ impl WorkerPool {
     }
 
     /// One incarnation of a worker process. Returns why it ended.
-    async fn run_once(
-        self: &Arc<Self>,
-        core: &Arc<Core>,
-        index: u32,
-    ) -> Result<&'static str, StartError> {
+    async fn run_once(self: &Arc<Self>, core: &Arc<Core>, index: u32) -> Result<Exit, StartError> {
         let cfg = &core.cfg;
         let threads = cfg.workers.threads;
         let input = Arc::new(InputRegion::create(threads, cfg.input_slot_bytes())?);
@@ -438,14 +456,14 @@ impl WorkerPool {
 
         let reader = conn.clone();
         let reason = tokio::select! {
-            _ = sp.child.wait() => "exited",
+            _ = sp.child.wait() => Exit::Exited,
             _ = async move {
                 while let Ok(Some(msg)) = shm::recv::<FromWorker>(&mut rd).await {
                     reader.deliver(msg);
                 }
-            } => "socket_closed",
-            _ = conn.dying.cancelled() => "killed",
-            _ = core.shutting_down() => "shutdown",
+            } => Exit::SocketClosed,
+            _ = conn.dying.cancelled() => Exit::Killed,
+            _ = core.shutting_down() => Exit::Shutdown,
         };
         conn.kill(); // its dispatchers stop taking jobs now
         self.set_ready(index, false);
@@ -453,7 +471,7 @@ impl WorkerPool {
             .children_ready
             .with_label_values(&["preprocess"])
             .dec();
-        if reason == "shutdown" {
+        if reason == Exit::Shutdown {
             // The HTTP server has drained by now: close the socket and give
             // the worker a moment to exit on its own.
             conn.close_writer().await;
@@ -477,7 +495,7 @@ impl WorkerPool {
         loop {
             // A video is taken only with a video thread permit, held while
             // it runs; images are taken by any free thread.
-            let (mut job, video_permit) = tokio::select! {
+            let (mut job, video_permit, lease) = tokio::select! {
                 biased;
                 _ = conn.dying.cancelled() => return,
                 next = self.next_job(&core) => match next {
@@ -507,7 +525,7 @@ impl WorkerPool {
                 input: &input,
                 k,
             };
-            if let Err(held) = thread.run(job_id, job).await {
+            if let Err(held) = thread.run(job_id, job, lease).await {
                 // The worker is dying. Keep its leases (and the caller's
                 // reply) until this task is aborted, which happens only
                 // after the process has been reaped.
@@ -525,16 +543,17 @@ impl WorkerPool {
     }
 
     /// The next job in scheduling order (`None` once the queue is closed
-    /// and empty), with a video thread permit if it is a video. A video is
-    /// taken only while that leaves a live thread for images: the share is
-    /// of the configured threads, but while a worker restarts fewer are
-    /// alive, and the last live thread is never given to a video (unless
-    /// the pool has a single thread in all). Cancel-safe: a job is only
-    /// taken when returned.
-    async fn next_job(
-        &self,
-        core: &Core,
-    ) -> Option<(WorkJob, Option<tokio::sync::OwnedSemaphorePermit>)> {
+    /// and empty), with a video thread permit if it is a video, or its
+    /// tensor slot if it is an image. A video is taken only while that
+    /// leaves a live thread for images: the share is of the configured
+    /// threads, but while a worker restarts fewer are alive, and the last
+    /// live thread is never given to a video (unless the pool has a single
+    /// thread in all). An image's slot is leased *before* the image is
+    /// taken, so a thread never sits on a job while it waits for a slot:
+    /// whatever is at the head when a slot frees (a critical job that came
+    /// meanwhile, say) gets it. Cancel-safe: a job is only taken when
+    /// returned.
+    async fn next_job(&self, core: &Core) -> Option<Taken> {
         let cfg = &core.cfg.workers;
         let configured = (cfg.count * cfg.threads) as usize;
         let share = video_threads(configured as u32, core.cfg.video.max_worker_share);
@@ -546,21 +565,50 @@ impl WorkerPool {
             let live = self.ready_count() * cfg.threads as usize;
             let videos_running = share - self.video_threads.available_permits();
             let permit = permit.filter(|_| configured == 1 || videos_running < live);
-            {
+            let head = {
                 let mut state = self.queue.lock();
-                if let Some(job) = state.pop(permit.is_some()) {
-                    let permit = if job.is_video() { permit } else { None };
-                    return Some((job, permit));
+                let now = Instant::now();
+                match state.next_is_video(permit.is_some(), now) {
+                    Some(true) => {
+                        let job = state.videos.pop(now).map(|(job, _)| job);
+                        return job.map(|job| (job, permit, None));
+                    }
+                    Some(false) => state.images.peek(now).map(|job| {
+                        let critical = job.upload.ctx.class == config::Class::Critical;
+                        (job.upload.model, critical)
+                    }),
+                    None if state.closed && state.images.is_empty() && state.videos.is_empty() => {
+                        return None;
+                    }
+                    None => None,
                 }
-                if state.closed && state.images.is_empty() && state.videos.is_empty() {
-                    return None;
-                }
-            }
+            };
             drop(permit);
-            // Woken by any change; the timer only backs up a missed one.
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(200)) => {}
-                () = &mut changed => {}
+            let Some((model, critical)) = head else {
+                // Woken by any change; the timer only backs up a missed one.
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    () = &mut changed => {}
+                }
+                continue;
+            };
+            // A slot for the head image, unless the head changes first.
+            let lease = async {
+                if critical {
+                    core.ledger.lease_critical(model).await
+                } else {
+                    core.ledger.lease(model).await
+                }
+            };
+            let lease = tokio::select! {
+                lease = lease => lease,
+                () = &mut changed => continue,
+            };
+            let Ok(lease) = lease else { continue };
+            let mut state = self.queue.lock();
+            let same = |job: &WorkJob| !job.is_video() && job.upload.model == model;
+            if let Some(job) = state.pop_if(false, same) {
+                return Some((job, None, Some(lease)));
             }
         }
     }
@@ -591,9 +639,13 @@ pub(crate) struct WorkerThread<'a> {
 
 impl WorkerThread<'_> {
     /// Runs one job. `Err` = the worker is lost; what it holds must outlive it.
-    async fn run(&self, job_id: u64, job: WorkJob) -> Result<(), Held> {
+    /// An image comes with its slot.
+    async fn run(&self, job_id: u64, job: WorkJob, lease: Option<SlotLease>) -> Result<(), Held> {
         match job.task {
-            Task::Image(reply) => self.run_image(job_id, job.upload, reply).await,
+            Task::Image(reply) => {
+                let lease = lease.expect("an image is taken with its slot");
+                self.run_image(job_id, job.upload, lease, reply).await
+            }
             Task::Video(video) => self.run_video(job_id, job.upload, video).await,
         }
     }
@@ -602,26 +654,19 @@ impl WorkerThread<'_> {
         &self,
         job_id: u64,
         upload: QueuedUpload,
+        lease: SlotLease,
         reply: oneshot::Sender<Result<Preprocessed, ApiError>>,
     ) -> Result<(), Held> {
         let QueuedUpload {
             ctx,
-            model,
+            model: _,
             data,
             enqueued,
             pending,
             claim: _,
         } = upload;
-        let critical = ctx.class == config::Class::Critical;
-        let lease = match lease_within(self.core, model, enqueued, critical).await {
-            Ok(lease) => lease,
-            Err(e) => {
-                let _ = reply.send(Err(e));
-                return Ok(());
-            }
-        };
         if ctx.expired() {
-            // Its deadline passed while it waited for a slot.
+            // Its deadline passed while it was being taken.
             let (stage, reason) = (DropStage::Preprocess, DropReason::Deadline);
             self.core.metrics.drop_work(stage, reason);
             let _ = reply.send(Err(crate::score::deadline_exceeded()));
@@ -688,24 +733,16 @@ impl WorkerThread<'_> {
     }
 }
 
-/// Leases a slot of `model` (critical work may take the reserved ones),
-/// waiting at most what is left of the queue timeout.
+/// Leases a slot of `model`, waiting at most what is left of the queue
+/// timeout.
 pub(crate) async fn lease_within(
     core: &Core,
     model: u16,
     enqueued: Instant,
-    critical: bool,
 ) -> Result<SlotLease, ApiError> {
     let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
     let left = limit.saturating_sub(enqueued.elapsed());
-    let lease = async {
-        if critical {
-            core.ledger.lease_critical(model).await
-        } else {
-            core.ledger.lease(model).await
-        }
-    };
-    match tokio::time::timeout(left, lease).await {
+    match tokio::time::timeout(left, core.ledger.lease(model)).await {
         Ok(Ok(lease)) => Ok(lease),
         Ok(Err(e)) => Err(ApiError::new(Code::Internal, e.to_string())),
         Err(_) => Err(ApiError::new(
