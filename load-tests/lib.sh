@@ -1,6 +1,6 @@
 # Sourced by the benchmark scripts. Builds (unless NO_BUILD is set) and sets T
 # (the binaries). start_mmgate NAME [VAR=value…] starts `mmgate serve` with the
-# default config (and those environment overrides) on a free port, waits until
+# default config (or $CONFIG, and those environment overrides) on a free port, waits until
 # it is ready and sets URL_<NAME> and PID_<NAME>; every service started here
 # is stopped on exit. Needs OUT.
 T=${CARGO_TARGET_DIR:-target}/release
@@ -10,7 +10,7 @@ trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null' E
 
 start_mmgate() {
   local name=$1; shift
-  env "$@" "$T/mmgate" serve --config configs/default.toml --listen 127.0.0.1:0 \
+  env "$@" "$T/mmgate" serve --config "${CONFIG:-configs/default.toml}" --listen 127.0.0.1:0 \
     >"$OUT/mmgate-$name.out" 2>"$OUT/mmgate-$name.err" &
   local pid=$!
   PIDS+=("$pid")

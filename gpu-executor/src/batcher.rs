@@ -332,8 +332,16 @@ impl Actor {
             }
             let jobs = self.take_batch(n, now);
             // Nothing else running, queued, or in preprocessing: the engine
-            // may use every core for this batch.
-            let alone = idle && self.flush && self.queue.is_empty();
+            // may use every core for this batch. Not while critical samples
+            // flow, unless it is theirs: one could come any moment, and
+            // nothing starts beside a batch that runs alone.
+            let critical = jobs
+                .first()
+                .is_some_and(|q| q.job.ctx.class == config::Class::Critical);
+            let alone = idle
+                && self.flush
+                && self.queue.is_empty()
+                && (critical || self.headroom == 0 || now >= self.critical_until);
             if alone {
                 self.lane = Some(id);
             }

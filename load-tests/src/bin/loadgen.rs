@@ -28,14 +28,22 @@ struct Args {
     /// Gateway pid, to sample the tree's memory.
     #[arg(long)]
     pid: Option<u32>,
+    /// Sent as `x-api-key` (a tenant's key).
+    #[arg(long)]
+    api_key: Option<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     let body = bytes_of(&a.file)?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(k) = &a.api_key {
+        headers.insert("x-api-key", k.parse()?);
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(a.concurrency)
+        .default_headers(headers)
         .build()?;
     let url = format!("{}/v1/models/{}/score", a.url, a.model);
     run(&client, &url, &body, a.concurrency, a.warmup).await;
