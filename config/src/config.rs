@@ -201,13 +201,15 @@ impl Default for VideoLimits {
 
 /// How queued work is ordered, and how the gateway degrades before it
 /// rejects. The queue delay is how long the oldest `critical` or
-/// `standard` job has waited in the preprocess queue (what those classes
+/// `standard` image has waited in the preprocess queue (what those classes
 /// feel now); each threshold is in ms, 0 = off.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Scheduling {
-    /// A queued job is promoted one class for every `aging_ms` it waited,
-    /// so `batch` work is never starved forever; 0 = never.
+    /// Once the oldest queued `batch` job has waited this long, the batch
+    /// queue competes as `standard` (the older of the two goes first), so
+    /// `batch` is never starved by `standard`; nothing is promoted into
+    /// `critical`. 0 = never.
     pub aging_ms: u64,
     /// Over this queue delay, new `batch` requests are shed (503
     /// `load_shed` with `Retry-After`).

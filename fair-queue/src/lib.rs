@@ -2,9 +2,10 @@
 //! gateway's preprocess queue and each model's batcher in the executor.
 //!
 //! - **Classes in strict order, with aging.** `critical` before `standard`
-//!   before `batch`; a job is promoted one class for every `aging` it has
-//!   waited, and a promoted job is served before unpromoted jobs of the
-//!   class it reached (oldest first), so `batch` is never starved forever.
+//!   before `batch`. A `batch` lane whose oldest job has waited `aging`
+//!   competes as `standard`: the two lanes are then served by which has
+//!   the older oldest job, so `batch` is never starved by `standard`.
+//!   Nothing is promoted into `critical`, which keeps its latency.
 //! - **Weighted fair queuing between tenants within a class**, by cost (an
 //!   image costs 1, a video its sampled frames): self-clocked fair queuing
 //!   (Golestani, 1994). A job's finish tag is `max(virtual time, its
@@ -81,21 +82,12 @@ impl<T> Lane<T> {
         self.by_age.first_key_value().map(|(_, &(_, t))| t)
     }
 
-    /// Takes the job with the lowest finish tag, or the oldest one.
-    fn take(&mut self, oldest: bool) -> Option<Queued<T>> {
-        let key = if oldest {
-            let (&seq, &(tag, _)) = self.by_age.first_key_value()?;
-            (tag, seq)
-        } else {
-            *self.by_tag.first_key_value()?.0
-        };
+    /// Takes the job with the lowest finish tag.
+    fn take(&mut self) -> Option<Queued<T>> {
+        let key = *self.by_tag.first_key_value()?.0;
         self.by_age.remove(&key.1);
         let q = self.by_tag.remove(&key)?;
-        // Only jobs served in tag order move the clock: a job served early
-        // because it aged must not push other tenants' next tags ahead.
-        if !oldest {
-            self.vtime = self.vtime.max(key.0);
-        }
+        self.vtime = self.vtime.max(key.0);
         let vtime = self.vtime;
         if let Some((last, queued)) = self.tenants.get_mut(&q.tenant) {
             *queued -= 1;
@@ -159,72 +151,63 @@ impl<T> FairQueue<T> {
         Ok(())
     }
 
-    /// The lane to serve next at `now`, and whether its oldest job is
-    /// served because it was promoted.
-    fn next_lane(&self, now: Instant) -> Option<(usize, bool)> {
-        self.lanes
-            .iter()
-            .enumerate()
-            .filter_map(|(rank, lane)| {
-                let waited = now.saturating_duration_since(lane.oldest()?);
-                let steps = if self.aging.is_zero() {
-                    0
-                } else {
-                    (waited.as_nanos() / self.aging.as_nanos()).min(rank as u128) as usize
-                };
-                // Ordered by the class reached; a promoted job goes first
-                // within it.
-                Some(((rank - steps, steps == 0, rank), (rank, steps > 0)))
-            })
-            .min_by_key(|(key, _)| *key)
-            .map(|(_, next)| next)
+    /// The class lane `rank` competes as at `now`, and when its oldest job
+    /// arrived: a lane other than `critical` is promoted one class per
+    /// `aging` its oldest job waited, up to `standard`.
+    fn standing(&self, rank: usize, now: Instant) -> Option<(usize, Instant)> {
+        let oldest = self.lanes[rank].oldest()?;
+        let waited = now.saturating_duration_since(oldest);
+        let steps = if self.aging.is_zero() || rank == 0 {
+            0
+        } else {
+            (waited.as_nanos() / self.aging.as_nanos()).min(rank as u128 - 1) as usize
+        };
+        Some((rank - steps, oldest))
     }
 
-    /// The class of the job that [`pop`](Self::pop) would take at `now`
-    /// after promotion (for choosing between two queues), and its own.
-    pub fn peek_class(&self, now: Instant) -> Option<(Class, Class)> {
-        let (rank, promoted) = self.next_lane(now)?;
-        let own = Class::ALL[rank];
-        if !promoted {
-            return Some((own, own));
-        }
-        let waited = now.saturating_duration_since(self.lanes[rank].oldest()?);
-        let steps = (waited.as_nanos() / self.aging.as_nanos()).min(rank as u128) as usize;
-        Some((Class::ALL[rank - steps], own))
+    /// The lane to serve next at `now`: the best class reached, then the
+    /// older oldest job. Within the lane, jobs go by finish tag.
+    fn next_lane(&self, now: Instant) -> Option<usize> {
+        (0..self.lanes.len())
+            .filter_map(|rank| Some((self.standing(rank, now)?, rank)))
+            .min()
+            .map(|(_, rank)| rank)
+    }
+
+    /// Where the job [`pop`](Self::pop) would take at `now` stands: the
+    /// class it competes as and when its lane's oldest job arrived (to
+    /// choose between two queues), and its own class.
+    pub fn peek_class(&self, now: Instant) -> Option<((Class, Instant), Class)> {
+        let rank = self.next_lane(now)?;
+        let (reached, oldest) = self.standing(rank, now)?;
+        Some(((Class::ALL[reached], oldest), Class::ALL[rank]))
     }
 
     /// The lane and key of the job that [`pop`](Self::pop) would take at
-    /// `now`, and whether it is taken because it aged.
-    fn next_key(&self, now: Instant) -> Option<(usize, (u64, u64), bool)> {
-        let (rank, promoted) = self.next_lane(now)?;
-        let lane = &self.lanes[rank];
-        let key = if promoted {
-            let (&seq, &(tag, _)) = lane.by_age.first_key_value()?;
-            (tag, seq)
-        } else {
-            *lane.by_tag.first_key_value()?.0
-        };
-        Some((rank, key, promoted))
+    /// `now`.
+    fn next_key(&self, now: Instant) -> Option<(usize, (u64, u64))> {
+        let rank = self.next_lane(now)?;
+        Some((rank, *self.lanes[rank].by_tag.first_key_value()?.0))
     }
 
     /// The class and tenant of the job that [`pop`](Self::pop) would take
     /// at `now`.
     pub fn peek_owner(&self, now: Instant) -> Option<(Class, &str)> {
-        let (rank, key, _) = self.next_key(now)?;
+        let (rank, key) = self.next_key(now)?;
         let q = self.lanes[rank].by_tag.get(&key)?;
         Some((Class::ALL[rank], q.tenant.as_str()))
     }
 
     /// The job that [`pop`](Self::pop) would take at `now`.
     pub fn peek(&self, now: Instant) -> Option<&T> {
-        let (rank, key, _) = self.next_key(now)?;
+        let (rank, key) = self.next_key(now)?;
         self.lanes[rank].by_tag.get(&key).map(|q| &q.item)
     }
 
     /// Takes the next job at `now`, with the time it arrived.
     pub fn pop(&mut self, now: Instant) -> Option<(T, Instant)> {
-        let (rank, _, promoted) = self.next_key(now)?;
-        let q = self.lanes[rank].take(promoted)?;
+        let rank = self.next_lane(now)?;
+        let q = self.lanes[rank].take()?;
         self.len -= 1;
         Some((q.item, q.arrived))
     }

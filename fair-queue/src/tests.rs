@@ -65,35 +65,69 @@ fn classes_are_served_in_strict_order() {
     q.push("standard".into(), &std("y"), t0).unwrap();
     q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t0)
         .unwrap();
-    assert_eq!(q.peek_class(t0), Some((Class::Critical, Class::Critical)));
+    assert_eq!(
+        q.peek_class(t0),
+        Some(((Class::Critical, t0), Class::Critical))
+    );
     assert_eq!(drain_all(&mut q, t0), ["critical", "standard", "batch"]);
 }
 
 #[test]
-fn waiting_promotes_a_job_one_class_per_aging_period() {
+fn an_aged_batch_lane_competes_as_standard_by_age_never_as_critical() {
     let t0 = Instant::now();
     let aging = Duration::from_millis(100);
-    let mut q = FairQueue::new(None, aging);
+    let mut q: FairQueue<String> = FairQueue::new(None, aging);
     q.push("old batch".into(), &ticket(Class::Batch, "x", 1, 1), t0)
         .unwrap();
     let t1 = t0 + Duration::from_millis(150);
     q.push("standard".into(), &std("y"), t1).unwrap();
     q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t1)
         .unwrap();
-    // At 150 ms the batch job counts as standard: after critical, before
-    // the standard job that has not aged.
-    assert_eq!(q.peek_class(t1), Some((Class::Critical, Class::Critical)));
+    // At 150 ms the batch lane competes as standard: after critical,
+    // before the younger standard job.
     assert_eq!(q.pop(t1).unwrap().0, "critical");
-    assert_eq!(q.peek_class(t1), Some((Class::Standard, Class::Batch)));
+    assert_eq!(
+        q.peek_class(t1),
+        Some(((Class::Standard, t0), Class::Batch))
+    );
     assert_eq!(q.pop(t1).unwrap().0, "old batch");
 
-    // At 200 ms it counts as critical, ahead of fresh critical work.
-    q.push("old batch".into(), &ticket(Class::Batch, "x", 1, 1), t0)
+    // However long it waited, it never goes before critical work, and
+    // the standard lane goes first while its oldest job is older.
+    let mut q: FairQueue<String> = FairQueue::new(None, aging);
+    q.push("older standard".into(), &std("w"), t0).unwrap();
+    let t_batch = t0 + Duration::from_millis(100);
+    q.push(
+        "old batch".into(),
+        &ticket(Class::Batch, "x", 1, 1),
+        t_batch,
+    )
+    .unwrap();
+    q.push("standard".into(), &std("y"), t1).unwrap();
+    let t2 = t0 + Duration::from_secs(60);
+    q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t2)
         .unwrap();
-    q.push("critical".into(), &ticket(Class::Critical, "z", 1, 1), t1)
+    assert_eq!(
+        drain_all(&mut q, t2),
+        ["critical", "older standard", "old batch", "standard"]
+    );
+}
+
+#[test]
+fn an_aged_lane_still_serves_its_tenants_by_fair_share() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::from_millis(100));
+    for i in 0..20 {
+        q.push(format!("a{i}"), &ticket(Class::Batch, "a", 1, 1), t0)
+            .unwrap();
+    }
+    let t1 = t0 + Duration::from_millis(500);
+    q.push("b0".into(), &ticket(Class::Batch, "b", 1, 1), t1)
         .unwrap();
-    let t2 = t0 + Duration::from_millis(200);
-    assert_eq!(drain_all(&mut q, t2), ["old batch", "critical", "standard"]);
+    q.pop(t1).unwrap();
+    // b's job is younger than all of a's, yet goes next by finish tag.
+    let next: Vec<String> = (0..2).map(|_| q.pop(t1).unwrap().0).collect();
+    assert!(next.contains(&"b0".to_string()), "{next:?}");
 }
 
 #[test]

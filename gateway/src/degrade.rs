@@ -1,5 +1,5 @@
 //! Degradation before rejection. The queue delay is how long the oldest
-//! queued `critical` or `standard` job has waited for a preprocess worker:
+//! queued `critical` or `standard` image has waited for a preprocess worker:
 //! what those classes feel now. Over `scheduling`'s thresholds, in order:
 //! new `batch` requests are shed (503 `load_shed`); `standard` videos are
 //! sampled at half the rate, then from keyframes only, and their answer

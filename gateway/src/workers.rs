@@ -102,6 +102,10 @@ impl Claim {
         abandoned
     }
 
+    fn is_queued(&self) -> bool {
+        self.state.load(Ordering::Acquire) == Self::QUEUED
+    }
+
     pub fn is_taken(&self) -> bool {
         self.state.load(Ordering::Acquire) == Self::TAKEN
     }
@@ -188,6 +192,12 @@ impl WorkJob {
     fn is_video(&self) -> bool {
         matches!(self.task, Task::Video(_))
     }
+
+    /// Nobody waits for it any more: its deadline passed, or its caller
+    /// went away or gave up on it.
+    fn is_dead(&self) -> bool {
+        self.upload.ctx.expired() || self.task.caller_gone() || !self.upload.claim.is_queued()
+    }
 }
 
 /// What to do with the upload, and where the answer goes.
@@ -265,15 +275,15 @@ impl Queue {
 
 impl QueueState {
     /// Which queue the next job comes from at `now`: the better-placed
-    /// head of the two (by the class it reached, then its own), videos
-    /// only when `video` allows; `true` = the video queue.
+    /// head of the two (by the class it competes as, then the older lane),
+    /// videos only when `video` allows; `true` = the video queue.
     fn next_is_video(&self, video: bool, now: Instant) -> Option<bool> {
         let image = self.images.peek_class(now);
         let from_videos = video
             && match (image, self.videos.peek_class(now)) {
                 (_, None) => false,
                 (None, Some(_)) => true,
-                (Some(i), Some(v)) => v < i,
+                (Some((i, _)), Some((v, _))) => v < i,
             };
         (from_videos || image.is_some()).then_some(from_videos)
     }
@@ -376,14 +386,14 @@ impl WorkerPool {
         state.images.len() + state.videos.len()
     }
 
-    /// How long the oldest queued job of `classes` has waited: the queue
-    /// delay those classes feel now.
+    /// How long the oldest queued image of `classes` has waited: the queue
+    /// delay those classes feel now. (A video may wait for a video thread
+    /// while image threads are idle: that is no load.)
     pub fn queue_delay(&self, classes: &[config::Class]) -> Duration {
         let state = self.queue.lock();
-        [&state.images, &state.videos]
-            .iter()
-            .filter_map(|q| q.oldest_of(classes))
-            .min()
+        state
+            .images
+            .oldest_of(classes)
             .map_or(Duration::ZERO, |t| t.elapsed())
     }
 
@@ -573,6 +583,13 @@ impl WorkerPool {
                         let job = state.videos.pop(now).map(|(job, _)| job);
                         return job.map(|job| (job, permit, None));
                     }
+                    // Work nobody waits for any more is taken without a
+                    // slot (and dropped by the dispatcher) rather than
+                    // wait for one at the head.
+                    Some(false) if state.images.peek(now).is_some_and(WorkJob::is_dead) => {
+                        let job = state.images.pop(now).map(|(job, _)| job);
+                        return job.map(|job| (job, None, None));
+                    }
                     Some(false) => state.images.peek(now).map(|job| {
                         let critical = job.upload.ctx.class == config::Class::Critical;
                         (job.upload.model, critical)
@@ -604,11 +621,18 @@ impl WorkerPool {
                 lease = lease => lease,
                 () = &mut changed => continue,
             };
-            let Ok(lease) = lease else { continue };
             let mut state = self.queue.lock();
-            let same = |job: &WorkJob| !job.is_video() && job.upload.model == model;
+            // The image the slot was leased for, or one like it: a slot
+            // kept for critical work goes to a critical image only.
+            let same = |job: &WorkJob| {
+                !job.is_video()
+                    && job.upload.model == model
+                    && (!critical || job.upload.ctx.class == config::Class::Critical)
+            };
             if let Some(job) = state.pop_if(false, same) {
-                return Some((job, None, Some(lease)));
+                // No slot (the model is unknown to the ledger): the job is
+                // answered with the error, not waited on forever.
+                return Some((job, None, lease.ok()));
             }
         }
     }
@@ -642,10 +666,14 @@ impl WorkerThread<'_> {
     /// An image comes with its slot.
     async fn run(&self, job_id: u64, job: WorkJob, lease: Option<SlotLease>) -> Result<(), Held> {
         match job.task {
-            Task::Image(reply) => {
-                let lease = lease.expect("an image is taken with its slot");
-                self.run_image(job_id, job.upload, lease, reply).await
-            }
+            Task::Image(reply) => match lease {
+                Some(lease) => self.run_image(job_id, job.upload, lease, reply).await,
+                None => {
+                    let e = ApiError::new(Code::Internal, "no tensor slot for this model");
+                    let _ = reply.send(Err(e));
+                    Ok(())
+                }
+            },
             Task::Video(video) => self.run_video(job_id, job.upload, video).await,
         }
     }

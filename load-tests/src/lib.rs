@@ -3,6 +3,38 @@
 
 use std::time::Duration;
 
+/// Where a load generator sends its requests, and as whom.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Gateway base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    #[arg(long, default_value = "open_nsfw")]
+    pub model: String,
+    /// Image file to send.
+    #[arg(long)]
+    pub file: std::path::PathBuf,
+    /// Sent as `x-api-key` (a tenant's key).
+    #[arg(long)]
+    pub api_key: Option<String>,
+}
+
+impl Target {
+    /// The scoring URL.
+    pub fn score_url(&self) -> String {
+        format!("{}/v1/models/{}/score", self.url, self.model)
+    }
+
+    /// A client that sends the API key, if any, with every request.
+    pub fn client(&self) -> anyhow::Result<reqwest::ClientBuilder> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(k) = &self.api_key {
+            headers.insert("x-api-key", k.parse()?);
+        }
+        Ok(reqwest::Client::builder().default_headers(headers))
+    }
+}
+
 /// Median, p99 and mean of latencies, in milliseconds.
 pub fn summary(lat: &mut [Duration]) -> (f64, f64, f64) {
     if lat.is_empty() {

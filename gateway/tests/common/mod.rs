@@ -266,6 +266,12 @@ impl Reply {
         self.json["error"]["code"].as_str().unwrap_or("")
     }
 
+    /// Asserts a refusal with `status` and `code`; returns its message.
+    pub fn refused(&self, status: u16, code: &str) -> &str {
+        assert_eq!((self.status, self.code()), (status, code), "{}", self.json);
+        self.json["error"]["message"].as_str().unwrap_or("")
+    }
+
     pub fn nsfw(&self) -> f64 {
         self.json["results"][0]["scores"]["nsfw"]
             .as_f64()

@@ -10,14 +10,8 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Gateway base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    #[arg(long, default_value = "open_nsfw")]
-    model: String,
-    /// Image file to send.
-    #[arg(long)]
-    file: std::path::PathBuf,
+    #[command(flatten)]
+    target: load_tests::Target,
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// Measured seconds (after warm-up).
@@ -28,24 +22,18 @@ struct Args {
     /// Gateway pid, to sample the tree's memory.
     #[arg(long)]
     pid: Option<u32>,
-    /// Sent as `x-api-key` (a tenant's key).
-    #[arg(long)]
-    api_key: Option<String>,
 }
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let body = bytes_of(&a.file)?;
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(k) = &a.api_key {
-        headers.insert("x-api-key", k.parse()?);
-    }
-    let client = reqwest::Client::builder()
+    let body = bytes_of(&a.target.file)?;
+    let client = a
+        .target
+        .client()?
         .pool_max_idle_per_host(a.concurrency)
-        .default_headers(headers)
         .build()?;
-    let url = format!("{}/v1/models/{}/score", a.url, a.model);
+    let url = a.target.score_url();
     run(&client, &url, &body, a.concurrency, a.warmup).await;
     let peak = Arc::new(std::sync::Mutex::new(0.0f64));
     let stop = Arc::new(AtomicBool::new(false));
@@ -71,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
     let ok = lat.len();
     let (p50, p99, mean) = load_tests::summary(&mut lat);
     let line = serde_json::json!({
-        "file": a.file.file_name().map(|f| f.to_string_lossy().to_string()),
+        "file": a.target.file.file_name().map(|f| f.to_string_lossy().to_string()),
         "concurrency": a.concurrency,
         "ok": ok,
         "errors": errors,

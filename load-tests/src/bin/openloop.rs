@@ -14,17 +14,8 @@ use clap::Parser;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Gateway base URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    #[arg(long, default_value = "open_nsfw")]
-    model: String,
-    /// Image file to send.
-    #[arg(long)]
-    file: std::path::PathBuf,
-    /// Sent as `x-api-key`.
-    #[arg(long)]
-    api_key: Option<String>,
+    #[command(flatten)]
+    target: load_tests::Target,
     /// Requests per second.
     #[arg(long)]
     rate: f64,
@@ -39,16 +30,13 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
     anyhow::ensure!(a.rate > 0.0, "--rate must be > 0");
-    let body = bytes::Bytes::from(std::fs::read(&a.file)?);
-    let mut headers = reqwest::header::HeaderMap::new();
-    if let Some(k) = &a.api_key {
-        headers.insert("x-api-key", k.parse()?);
-    }
-    let client = reqwest::Client::builder()
-        .default_headers(headers)
+    let body = bytes::Bytes::from(std::fs::read(&a.target.file)?);
+    let client = a
+        .target
+        .client()?
         .timeout(Duration::from_secs_f64(a.timeout))
         .build()?;
-    let url = format!("{}/v1/models/{}/score", a.url, a.model);
+    let url = a.target.score_url();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.rate));
     // Late ticks are sent at once: the schedule, not the service, sets the pace.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
