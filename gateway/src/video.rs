@@ -62,9 +62,10 @@ async fn first_grant(
     core: &crate::core::Core,
     model: u16,
     since: Instant,
+    critical: bool,
 ) -> Result<Grant, ApiError> {
     let permit = window.clone().try_acquire_owned().expect("a fresh window");
-    let lease = lease_within(core, model, since).await?;
+    let lease = lease_within(core, model, since, critical).await?;
     Ok(Grant {
         lease,
         _window: permit,
@@ -125,7 +126,10 @@ impl WorkerThread<'_> {
         let sem = Arc::new(Semaphore::new(window as usize));
         // One slot is enough to start; waiting for a whole window while
         // holding part of it could deadlock several videos against each other.
-        let first = match first_grant(&sem, self.core, model, enqueued).await {
+        // A critical video's first slot may be a reserved one, so it starts
+        // at once; its others come from the general pool.
+        let critical = ctx.class == config::Class::Critical;
+        let first = match first_grant(&sem, self.core, model, enqueued, critical).await {
             Ok(g) => g,
             Err(e) => {
                 fail(e);

@@ -610,15 +610,8 @@ impl WorkerPool {
                 continue;
             };
             // A slot for the head image, unless the head changes first.
-            let lease = async {
-                if critical {
-                    core.ledger.lease_critical(model).await
-                } else {
-                    core.ledger.lease(model).await
-                }
-            };
             let lease = tokio::select! {
-                lease = lease => lease,
+                lease = core.ledger.lease_for(model, critical) => lease,
                 () = &mut changed => continue,
             };
             let mut state = self.queue.lock();
@@ -761,16 +754,17 @@ impl WorkerThread<'_> {
     }
 }
 
-/// Leases a slot of `model`, waiting at most what is left of the queue
-/// timeout.
+/// Leases a slot of `model` (a critical job may take a reserved one),
+/// waiting at most what is left of the queue timeout.
 pub(crate) async fn lease_within(
     core: &Core,
     model: u16,
     enqueued: Instant,
+    critical: bool,
 ) -> Result<SlotLease, ApiError> {
     let limit = Duration::from_millis(core.cfg.server.queue_timeout_ms);
     let left = limit.saturating_sub(enqueued.elapsed());
-    match tokio::time::timeout(left, core.ledger.lease(model)).await {
+    match tokio::time::timeout(left, core.ledger.lease_for(model, critical)).await {
         Ok(Ok(lease)) => Ok(lease),
         Ok(Err(e)) => Err(ApiError::new(Code::Internal, e.to_string())),
         Err(_) => Err(ApiError::new(

@@ -95,6 +95,16 @@ impl Ledger {
         self.finish_lease(pool, permit, None)
     }
 
+    /// [`lease_critical`](Self::lease_critical) for critical work, else
+    /// [`lease`](Self::lease).
+    pub async fn lease_for(&self, model: u16, critical: bool) -> Result<SlotLease, ShmError> {
+        if critical {
+            self.lease_critical(model).await
+        } else {
+            self.lease(model).await
+        }
+    }
+
     /// A free slot of `model` that is not reserved now, or `None`.
     pub fn try_lease(&self, model: u16) -> Result<Option<SlotLease>, ShmError> {
         let pool = self.pool(model)?;
