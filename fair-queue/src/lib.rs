@@ -122,10 +122,6 @@ impl<T> FairQueue<T> {
         self.len == 0
     }
 
-    pub fn capacity(&self) -> Option<usize> {
-        self.capacity
-    }
-
     /// Queues `item`, which arrived at `arrived`; gives it back when full.
     pub fn push(&mut self, item: T, ticket: &Ticket, arrived: Instant) -> Result<(), T> {
         if self.capacity.is_some_and(|c| self.len >= c) {

@@ -288,19 +288,13 @@ impl QueueState {
         (from_videos || image.is_some()).then_some(from_videos)
     }
 
-    fn queue(&mut self, video: bool) -> &mut FairQueue<WorkJob> {
-        if video {
-            &mut self.videos
-        } else {
-            &mut self.images
-        }
-    }
-
     /// The next job, if `ok` accepts it.
     fn pop_if(&mut self, video: bool, ok: impl FnOnce(&WorkJob) -> bool) -> Option<WorkJob> {
         let now = Instant::now();
-        let from_videos = self.next_is_video(video, now)?;
-        let q = self.queue(from_videos);
+        let q = match self.next_is_video(video, now)? {
+            true => &mut self.videos,
+            false => &mut self.images,
+        };
         if !ok(q.peek(now)?) {
             return None;
         }

@@ -155,16 +155,12 @@ async fn silent_uploads_reserve_nothing_block_nobody_and_time_out_with_408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echoed_names_are_clipped_and_403_is_counted_under_the_tenant() {
-    let gw = Gateway::start(&format!(
-        "[[tenants]]\nname = \"acme\"\nkey_hashes = [{:?}]\nmodels = [\"other\"]\n",
-        config::key_hash("k-acme")
-    ))
-    .await;
+    let gw = Gateway::start(&tenant("acme", "models = [\"other\"]")).await;
     let long = "m".repeat(60_000);
     let r = gw
         .client
         .post(gw.url(&format!("/v1/models/{long}/score")))
-        .header("x-api-key", "k-acme")
+        .header("x-api-key", "key-acme")
         .body(fixture("images/coffee.jpg"))
         .send()
         .await
@@ -459,11 +455,9 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
 async fn one_tenant_cannot_take_the_whole_upload_budget() {
     let gw = Gateway::start(&format!(
         "[server]\nmax_inflight_body_bytes = 8388608\n\
-         [limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n\
-         [[tenants]]\nname = \"flood\"\nkey_hashes = [{:?}]\n\
-         [[tenants]]\nname = \"calm\"\nkey_hashes = [{:?}]\n",
-        config::key_hash("k-flood"),
-        config::key_hash("k-calm"),
+         [limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n{}{}",
+        tenant("flood", ""),
+        tenant("calm", ""),
     ))
     .await;
     // Five uploads of the flooding tenant send 2.09 MB of 2.1 MB and pause:
@@ -475,7 +469,7 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
         floods.push(connect(&gw).await);
     }
     let head = "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\n\
-                x-api-key: k-flood\r\nContent-Type: image/jpeg\r\nContent-Length: 2097000\r\n\r\n";
+                x-api-key: key-flood\r\nContent-Type: image/jpeg\r\nContent-Length: 2097000\r\n\r\n";
     let mut body = vec![0u8; 2_090_000];
     body[..3].copy_from_slice(&[0xFF, 0xD8, 0xFF]);
     let body = &body;
@@ -535,7 +529,7 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
     let r = gw
         .client
         .post(gw.url("/v1/models/open_nsfw/score"))
-        .header("x-api-key", "k-calm")
+        .header("x-api-key", "key-calm")
         .body(fixture("images/coffee.jpg"))
         .send()
         .await
@@ -550,11 +544,7 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
 /// of the upload for a moment before it closes (a lingering close).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_before_the_body_reaches_a_client_that_sends_it_all_first() {
-    let gw = Gateway::start(&format!(
-        "[[tenants]]\nname = \"a\"\nkey_hashes = [{:?}]\n",
-        config::key_hash("key-a")
-    ))
-    .await;
+    let gw = Gateway::start(&tenant("a", "")).await;
     for _ in 0..3 {
         let mut s = connect(&gw).await;
         let len = 8_000_000;

@@ -9,12 +9,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Tenants `name` (class `class`) with key `key-<name>`.
-fn tenant(name: &str, class: &str, extra: &str) -> String {
-    format!(
-        "[[tenants]]\nname = {name:?}\nkey_hashes = [{:?}]\nclass = {class:?}\n{extra}\n",
-        config::key_hash(&format!("key-{name}"))
-    )
+/// Tenant `name` of class `class`, with key `key-<name>`.
+fn classed(name: &str, class: &str, extra: &str) -> String {
+    tenant(name, &format!("class = {class:?}\n{extra}"))
 }
 
 const ONE_THREAD: &str = "[workers]\ncount = 1\nthreads = 1\n";
@@ -77,8 +74,8 @@ async fn overtaken_by(gw: &Gateway, flooder: &str, tenant: &str) {
 async fn critical_work_overtakes_queued_batch_work() {
     let gw = Gateway::start(&format!(
         "{ONE_THREAD}[scheduling]\nshed_batch_after_ms = 0\n{}{}",
-        tenant("bulk", "batch", ""),
-        tenant("vip", "critical", ""),
+        classed("bulk", "batch", ""),
+        classed("vip", "critical", ""),
     ))
     .await;
     overtaken_by(&gw, "bulk", "vip").await;
@@ -90,8 +87,8 @@ async fn critical_work_overtakes_queued_batch_work() {
 async fn a_flooding_tenant_does_not_delay_another_of_its_class() {
     let gw = Gateway::start(&format!(
         "{ONE_THREAD}{}{}",
-        tenant("a", "standard", ""),
-        tenant("b", "standard", ""),
+        classed("a", "standard", ""),
+        classed("b", "standard", ""),
     ))
     .await;
     overtaken_by(&gw, "a", "b").await;
@@ -105,9 +102,9 @@ async fn a_flooding_tenant_does_not_delay_another_of_its_class() {
 async fn under_load_batch_is_shed_and_standard_videos_are_degraded() {
     let gw = Gateway::start(&format!(
         "{ONE_THREAD}[scheduling]\nshed_batch_after_ms = 100\nsparse_video_after_ms = 100\nkeyframes_video_after_ms = 100\n{}{}{}",
-        tenant("std", "standard", ""),
-        tenant("bulk", "batch", ""),
-        tenant("vip", "critical", ""),
+        classed("std", "standard", ""),
+        classed("bulk", "batch", ""),
+        classed("vip", "critical", ""),
     ))
     .await;
     let video = std::fs::read(repo().join(".deps/videos/h264.mp4")).unwrap();
@@ -172,8 +169,8 @@ async fn under_load_batch_is_shed_and_standard_videos_are_degraded() {
 async fn a_tenants_body_limit_applies_to_it_only() {
     let gw = Gateway::start(&format!(
         "{}{}",
-        tenant("small", "standard", "max_body_bytes = 100000"),
-        tenant("big", "standard", ""),
+        classed("small", "standard", "max_body_bytes = 100000"),
+        classed("big", "standard", ""),
     ))
     .await;
     // A raw body, and the same image in a form.

@@ -40,12 +40,7 @@ fn retry_after(r: &Reply) -> u64 {
 /// Tenant `b` with no limits, and tenant `a` with `extra_for_a`; the keys
 /// are `key-a`, `key-b`.
 fn tenants(extra_for_a: &str) -> String {
-    format!(
-        "[[tenants]]\nname = \"a\"\nkey_hashes = [{:?}]\n{extra_for_a}\n\
-         [[tenants]]\nname = \"b\"\nkey_hashes = [{:?}]\n",
-        config::key_hash("key-a"),
-        config::key_hash("key-b"),
-    )
+    tenant("a", extra_for_a) + &tenant("b", "")
 }
 
 /// `requests_per_s` with `requests_burst`: the burst passes, the next
@@ -59,7 +54,7 @@ async fn requests_over_a_tenants_rate_get_429_with_retry_after() {
         assert_eq!(r.status, 200, "{}", r.json);
     }
     let r = send(&gw, "key-a", 1, None).await;
-    assert_eq!((r.status, r.code()), (429, "rate_limited"), "{}", r.json);
+    r.refused(429, "rate_limited");
     assert_eq!(r.json["error"]["type"], "quota");
     // One token at 0.25/s is up to 4 s away (less the time the two took).
     let wait = retry_after(&r);
@@ -93,20 +88,15 @@ async fn samples_are_counted_per_image() {
         .post(gw.url("/v1/models/open_nsfw/score"))
         .header("x-api-key", "key-a");
     let r = Reply::of(req.multipart(form)).await;
-    assert_eq!(
-        (r.status, r.code()),
-        (415, "unsupported_media_type"),
-        "{}",
-        r.json
-    );
+    r.refused(415, "unsupported_media_type");
     let r = send(&gw, "key-a", 2, None).await;
     assert_eq!(r.status, 200, "{}", r.json);
     // One token left (plus 0.2/s since): two do not fit for a while.
     let r = send(&gw, "key-a", 2, None).await;
-    assert_eq!((r.status, r.code()), (429, "rate_limited"), "{}", r.json);
+    r.refused(429, "rate_limited");
     assert!((1..=5).contains(&retry_after(&r)), "{:?}", r.headers);
     let r = send(&gw, "key-a", 4, None).await;
-    assert_eq!((r.status, r.code()), (413, "too_many_images"), "{}", r.json);
+    r.refused(413, "too_many_images");
     let r = send(&gw, "key-a", 1, None).await;
     assert_eq!(r.status, 200, "one image still fits: {}", r.json);
     let r = send(&gw, "key-b", 2, None).await;
@@ -127,7 +117,7 @@ async fn a_videos_sampled_frames_are_charged_as_they_come() {
     // (frames - 2) / 0.5 s, less what refilled while the video ran. Without
     // the debt it would be at most 2 s.
     let r = send(&gw, "key-a", 1, None).await;
-    assert_eq!((r.status, r.code()), (429, "rate_limited"), "{}", r.json);
+    r.refused(429, "rate_limited");
     let wait = retry_after(&r);
     assert!(
         wait > 3 && wait <= 2 * (frames - 2),
@@ -187,12 +177,7 @@ async fn work_past_its_deadline_is_dropped_and_answered_504() {
     // tenant a's deadline_ms.
     let answers = futures::future::join_all((0..10).map(|i| late(i, i < 5))).await;
     for (r, took) in &answers {
-        assert_eq!(
-            (r.status, r.code()),
-            (504, "deadline_exceeded"),
-            "{}",
-            r.json
-        );
+        r.refused(504, "deadline_exceeded");
         assert!(
             *took < std::time::Duration::from_millis(1000),
             "504 after {took:?}"
@@ -241,7 +226,7 @@ async fn work_past_its_deadline_is_dropped_and_answered_504() {
             .body(big.clone()),
     )
     .await;
-    assert_eq!((r.status, r.code()), (400, "bad_request"), "{}", r.json);
+    r.refused(400, "bad_request");
 }
 
 /// SIGHUP re-reads the tenants: a new tenant's key works, a removed one's
@@ -382,6 +367,6 @@ async fn a_weighted_route_sends_its_share_to_the_canary() {
             .body(body.clone()),
     )
     .await;
-    assert_eq!((r.status, r.code()), (404, "model_not_found"), "{}", r.json);
+    r.refused(404, "model_not_found");
     let _ = std::fs::remove_dir_all(models);
 }

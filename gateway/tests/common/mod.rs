@@ -43,6 +43,15 @@ pub fn write_config(dir: &Path, extra: &str) -> PathBuf {
     path
 }
 
+/// A `[[tenants]]` entry named `name` whose key is `key-<name>`, with
+/// `extra` TOML lines.
+pub fn tenant(name: &str, extra: &str) -> String {
+    format!(
+        "[[tenants]]\nname = {name:?}\nkey_hashes = [{:?}]\n{extra}\n",
+        config::key_hash(&format!("key-{name}"))
+    )
+}
+
 pub fn deps_check() {
     for lib in [
         ".deps/onnxruntime/libonnxruntime.so.1.32.0",
