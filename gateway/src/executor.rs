@@ -1,46 +1,31 @@
 //! The gpu-executor child: supervised like a worker, but one per gateway.
-//! Each inference keeps its slot lease in the pending table until the
-//! executor answered or died, so a slot is never reused while it may still
-//! be read.
+//! Each inference hands its slot lease to the link until the executor
+//! answered or was reaped, so a slot is never reused while it may still be
+//! read.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use shm::{
     ExecutorInit, FromExecutor, InferJob, ModelRuntime, RequestContext, Scores, SlotLease,
     ToExecutor,
 };
-use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use crate::children::{self, Exit, StartError};
 use crate::core::Core;
 use crate::error::{ApiError, Code};
+use crate::link::ExecutorLink;
 use crate::metrics::{DropReason, DropStage};
-
-/// Jobs sent and not answered, with the slot each keeps leased meanwhile.
-type Waiting = HashMap<u64, (oneshot::Sender<Result<Scores, ApiError>>, SlotLease)>;
 
 #[derive(Debug, Default)]
 pub struct Executor {
-    conn: RwLock<Option<Arc<Conn>>>,
+    /// The running incarnation's link, while it is ready.
+    link: RwLock<Option<Arc<ExecutorLink>>>,
     ready: AtomicBool,
     /// What runs each model, as the last executor to become ready said.
     runtimes: RwLock<Vec<ModelRuntime>>,
     next_job: AtomicU64,
-}
-
-/// One executor incarnation. Frames are written by one writer task, so a
-/// request dropped mid-send can never leave half a frame on the socket.
-#[derive(Debug)]
-struct Conn {
-    out: mpsc::UnboundedSender<ToExecutor>,
-    waiting: Mutex<Option<Waiting>>,
-    /// Cancelled to have the supervisor kill and restart the executor.
-    kill: CancellationToken,
 }
 
 impl Executor {
@@ -68,37 +53,34 @@ impl Executor {
         pending: u32,
         within: Duration,
     ) -> Result<Scores, ApiError> {
-        let conn = self
-            .conn
+        let link = self
+            .link
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
             .ok_or_else(|| ApiError::new(Code::NotReady, "the executor is restarting"))?;
         let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
         let slot = lease.slot();
-        let (tx, rx) = oneshot::channel();
-        match conn
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
-            Some(w) => w.insert(job_id, (tx, lease)),
-            None => return Err(crashed()),
-        };
+        // The link keeps the lease until the executor answered or was reaped.
+        let mut answer = link.expect(job_id, vec![lease]);
         let msg = ToExecutor::Infer(InferJob {
             job_id,
             ctx: ctx.clone(),
             slot,
             pending,
         });
-        // On a send error the executor is dying; its reaping fails the job.
-        let _ = conn.out.send(msg);
-        match tokio::time::timeout(within, rx).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err(crashed()),
+        // On a send error the link is dying; its reaping ends the job.
+        let _ = link.send(&msg);
+        match tokio::time::timeout(within, answer.recv()).await {
+            Ok(Some(FromExecutor::Scores(s))) => Ok(s),
+            Ok(Some(FromExecutor::Failed { message, .. })) => Err(ApiError::new(
+                Code::Internal,
+                format!("the executor could not score this sample: {message}"),
+            )),
+            Ok(Some(FromExecutor::Expired { .. })) => Err(crate::score::deadline_exceeded()),
+            Ok(_) => Err(crashed()),
             Err(_) => {
-                conn.kill.cancel();
+                link.kill(Exit::Timeout);
                 Err(ApiError::new(
                     Code::ExecutorCrashed,
                     format!(
@@ -153,96 +135,44 @@ impl Executor {
         }
         *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = runtimes;
         tracing::info!(pid = sp.pid, "gpu-executor ready");
-        let (mut rd, mut wr) = sp.stream.into_split();
-        let (out, mut outbox) = mpsc::unbounded_channel::<ToExecutor>();
-        let conn = Arc::new(Conn {
-            out,
-            waiting: Mutex::new(Some(HashMap::new())),
-            kill: CancellationToken::new(),
-        });
-        let writer = tokio::spawn(async move {
-            while let Some(msg) = outbox.recv().await {
-                if shm::send(&mut wr, &msg).await.is_err() {
-                    break;
-                }
-            }
-            // Outbox closed (shutdown) or socket broken: EOF tells the executor.
-            let _ = wr.shutdown().await;
-        });
-        *self.conn.write().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        let (rd, wr) = sp.stream.into_split();
+        let link = Arc::new(ExecutorLink::new(wr));
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
         self.ready.store(true, Ordering::Relaxed);
         core.metrics
             .children_ready
             .with_label_values(&["executor"])
             .set(1);
 
-        let reader = conn.clone();
-        let metrics = core.clone();
-        let reason = tokio::select! {
-            _ = sp.child.wait() => Exit::Exited,
-            _ = async move {
-                while let Ok(Some(msg)) = shm::recv::<FromExecutor>(&mut rd).await {
-                    reader.deliver(msg, &metrics);
-                }
-            } => Exit::SocketClosed,
-            _ = conn.kill.cancelled() => Exit::Timeout,
-            _ = core.shutting_down() => Exit::Shutdown,
-        };
+        let reason = link
+            .run(&mut sp.child, rd, core.shutting_down(), |msg| {
+                observe(core, msg)
+            })
+            .await;
         self.ready.store(false, Ordering::Relaxed);
         core.metrics
             .children_ready
             .with_label_values(&["executor"])
             .set(0);
-        self.conn.write().unwrap_or_else(|e| e.into_inner()).take();
-        if reason == Exit::Shutdown {
-            writer.abort();
-            let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
-        }
-        writer.abort();
+        self.link.write().unwrap_or_else(|e| e.into_inner()).take();
         // Reap first: only then may the waiting jobs' slots be reused.
-        children::reap(&mut sp.child).await;
-        conn.waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        link.finish(&mut sp.child, reason).await;
         Ok(reason)
     }
 }
 
-impl Conn {
-    fn deliver(&self, msg: FromExecutor, core: &Core) {
-        let (id, answer) = match msg {
-            FromExecutor::Scores(s) => (s.job_id, Ok(s)),
-            FromExecutor::Failed { job_id, message } => {
-                tracing::error!(job_id, message, "executor failed a job");
-                let message = format!("the executor could not score this sample: {message}");
-                (job_id, Err(ApiError::new(Code::Internal, message)))
-            }
-            FromExecutor::Expired { job_id } => {
-                core.metrics
-                    .drop_work(DropStage::Inference, DropReason::Deadline);
-                (job_id, Err(crate::score::deadline_exceeded()))
-            }
-            other => {
-                tracing::warn!(?other, "unexpected message from the executor");
-                return;
-            }
-        };
-        let entry = self
-            .waiting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-            .and_then(|w| w.remove(&id));
-        let Some((tx, lease)) = entry else { return };
-        if let Ok(s) = &answer {
-            let model = &core.cfg.models[lease.slot().model as usize].name;
-            core.metrics
-                .batch_size
-                .with_label_values(&[model.as_str()])
-                .observe(s.batch as f64);
+/// Counts and logs the executor's failures and drops, whether or not their
+/// caller still waits.
+fn observe(core: &Core, msg: &FromExecutor) {
+    match msg {
+        FromExecutor::Failed { job_id, message } => {
+            tracing::error!(job_id, message, "executor failed a job");
         }
-        let _ = tx.send(answer);
+        FromExecutor::Expired { .. } => {
+            core.metrics
+                .drop_work(DropStage::Inference, DropReason::Deadline);
+        }
+        _ => {}
     }
 }
 

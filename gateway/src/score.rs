@@ -345,6 +345,10 @@ pub async fn infer_sample(
     stage
         .with_label_values(&["inference"])
         .observe(scores.infer_us as f64 / 1e6);
+    core.metrics
+        .batch_size
+        .with_label_values(&[core.cfg.models[model as usize].name.as_str()])
+        .observe(scores.batch as f64);
     Ok(scores)
 }
 

@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::AppState;
 use crate::auth::Caller;
+use crate::children::Exit;
 use crate::error::{ApiError, Code};
 use crate::score::Timings;
 use crate::workers::{Held, QueuedUpload, Task, WorkJob, WorkerThread, lease_within};
@@ -146,7 +147,7 @@ impl WorkerThread<'_> {
             .collect();
         let slots = held.values().map(|g| g.lease.slot()).collect();
         let deadline_ms = sampling.deadline_ms;
-        let mut rx = self.conn.expect(job_id);
+        let mut rx = self.link.expect(job_id, Vec::new());
         let msg = ToWorker::Video(VideoJob {
             job_id,
             ctx,
@@ -158,7 +159,7 @@ impl WorkerThread<'_> {
         let lost = |held: HashMap<u32, Grant>, events| {
             Held::new(held.into_values().map(|g| g.lease).collect(), events)
         };
-        if self.conn.send(&msg).await.is_err() {
+        if self.link.send(&msg).is_err() {
             return Err(lost(held, events));
         }
         let limit = tokio::time::sleep(crate::workers::hung_after(deadline_ms));
@@ -190,13 +191,13 @@ impl WorkerThread<'_> {
                     let Some(g) = g else { continue };
                     let slot = g.lease.slot();
                     held.insert(slot.slot, g);
-                    if self.conn.send(&ToWorker::Grant { job_id, slot }).await.is_err() {
+                    if self.link.send(&ToWorker::Grant { job_id, slot }).is_err() {
                         return Err(lost(held, events));
                     }
                 }
                 _ = events.closed(), if !cancelled => {
                     cancelled = true;
-                    if self.conn.send(&ToWorker::Cancel { job_id }).await.is_err() {
+                    if self.link.send(&ToWorker::Cancel { job_id }).is_err() {
                         return Err(lost(held, events));
                     }
                 }
@@ -205,7 +206,7 @@ impl WorkerThread<'_> {
                         Code::DecodeDeadlineExceeded,
                         format!("the video took longer than video.decode_deadline_ms = {deadline_ms} ms"),
                     ));
-                    self.conn.kill();
+                    self.link.kill(Exit::Killed);
                     return Err(lost(held, events));
                 }
             }

@@ -23,9 +23,9 @@ use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 use crate::children::{self, Exit, StartError};
-use crate::conn::Conn;
 use crate::core::{Core, PendingGuard};
 use crate::error::{ApiError, Code};
+use crate::link::WorkerLink;
 use crate::metrics::{DropReason, DropStage};
 use crate::video::VideoTask;
 
@@ -444,13 +444,13 @@ impl WorkerPool {
             return Err(e);
         }
         tracing::info!(worker = index, pid = sp.pid, "preprocess worker ready");
-        let (mut rd, wr) = sp.stream.into_split();
-        let conn = Arc::new(Conn::new(wr));
+        let (rd, wr) = sp.stream.into_split();
+        let link = Arc::new(WorkerLink::new(wr));
         let mut dispatchers = JoinSet::new();
         for k in 0..threads {
-            let (pool, core, conn, input) =
-                (self.clone(), core.clone(), conn.clone(), input.clone());
-            dispatchers.spawn(async move { pool.dispatch(core, conn, input, k).await });
+            let (pool, core, link, input) =
+                (self.clone(), core.clone(), link.clone(), input.clone());
+            dispatchers.spawn(async move { pool.dispatch(core, link, input, k).await });
         }
         self.set_ready(index, true);
         core.metrics
@@ -458,32 +458,18 @@ impl WorkerPool {
             .with_label_values(&["preprocess"])
             .inc();
 
-        let reader = conn.clone();
-        let reason = tokio::select! {
-            _ = sp.child.wait() => Exit::Exited,
-            _ = async move {
-                while let Ok(Some(msg)) = shm::recv::<FromWorker>(&mut rd).await {
-                    reader.deliver(msg);
-                }
-            } => Exit::SocketClosed,
-            _ = conn.dying.cancelled() => Exit::Killed,
-            _ = core.shutting_down() => Exit::Shutdown,
-        };
-        conn.kill(); // its dispatchers stop taking jobs now
+        // When it returns, the link is dying: its dispatchers stop taking jobs.
+        let reason = link
+            .run(&mut sp.child, rd, core.shutting_down(), |_| {})
+            .await;
         self.set_ready(index, false);
         core.metrics
             .children_ready
             .with_label_values(&["preprocess"])
             .dec();
-        if reason == Exit::Shutdown {
-            // The HTTP server has drained by now: close the socket and give
-            // the worker a moment to exit on its own.
-            conn.close_writer().await;
-            let _ = tokio::time::timeout(Duration::from_secs(2), sp.child.wait()).await;
-        }
-        // The process must be gone before any lease it could write is freed.
-        children::reap(&mut sp.child).await;
-        conn.close();
+        // On shutdown the HTTP server has drained by now. The process must be
+        // gone before any lease it could write is freed.
+        link.finish(&mut sp.child, reason).await;
         dispatchers.shutdown().await;
         Ok(reason)
     }
@@ -492,7 +478,7 @@ impl WorkerPool {
     async fn dispatch(
         self: Arc<Self>,
         core: Arc<Core>,
-        conn: Arc<Conn>,
+        link: Arc<WorkerLink>,
         input: Arc<InputRegion>,
         k: u32,
     ) {
@@ -501,7 +487,7 @@ impl WorkerPool {
             // it runs; images are taken by any free thread.
             let (mut job, video_permit, lease) = tokio::select! {
                 biased;
-                _ = conn.dying.cancelled() => return,
+                _ = link.dying() => return,
                 next = self.next_job(&core) => match next {
                     Some(next) => next,
                     None => return,
@@ -525,7 +511,7 @@ impl WorkerPool {
             let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
             let thread = WorkerThread {
                 core: &core,
-                conn: &conn,
+                link: &link,
                 input: &input,
                 k,
             };
@@ -640,10 +626,10 @@ impl Drop for VideoPermit<'_> {
     }
 }
 
-/// One worker thread's view: the connection and its input slot `k`.
+/// One worker thread's view: the link to its worker and its input slot `k`.
 pub(crate) struct WorkerThread<'a> {
     pub core: &'a Core,
-    pub conn: &'a Conn,
+    pub link: &'a WorkerLink,
     pub input: &'a InputRegion,
     pub k: u32,
 }
@@ -696,14 +682,14 @@ impl WorkerThread<'_> {
                 return Ok(());
             }
         };
-        let mut rx = self.conn.expect(job_id);
+        let mut rx = self.link.expect(job_id, Vec::new());
         let msg = ToWorker::Job(Job {
             job_id,
             ctx,
             slot: lease.slot(),
             input,
         });
-        if self.conn.send(&msg).await.is_err() {
+        if self.link.send(&msg).is_err() {
             return Err(Held::new(vec![lease], reply));
         }
         let limit = hung_after(self.core.cfg.limits.decode_deadline_ms);
@@ -719,7 +705,7 @@ impl WorkerThread<'_> {
                     self.core.cfg.limits.decode_deadline_ms
                 );
                 let _ = reply.send(Err(ApiError::new(Code::DecodeDeadlineExceeded, msg)));
-                self.conn.kill();
+                self.link.kill(Exit::Killed);
                 return Err(Held::new(vec![lease], ()));
             }
         };
