@@ -10,7 +10,7 @@ trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null' E
 
 start_mmgate() {
   local name=$1; shift
-  env "$@" "$T/mmgate" serve --config "${CONFIG:-configs/default.toml}" --listen 127.0.0.1:0 \
+  env "$@" "$T/mmgate" serve --config "${CONFIG:-configs/default.toml}" --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 \
     >"$OUT/mmgate-$name.out" 2>"$OUT/mmgate-$name.err" &
   local pid=$!
   PIDS+=("$pid")

@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub video: VideoLimits,
     #[serde(default)]
     pub scheduling: Scheduling,
+    #[serde(default)]
+    pub admin: AdminSection,
     /// API keys and what they may do; no tenants = no authentication.
     #[serde(default)]
     pub tenants: Vec<Tenant>,
@@ -249,8 +251,12 @@ impl Default for Scheduling {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerPool {
-    /// Preprocess worker processes.
+    /// Preprocess worker processes at start (the pool's first `desired`).
     pub count: u32,
+    /// Fewest workers the pool may be resized to; `/readyz` is 503 below it.
+    pub min: u32,
+    /// Most workers the pool may be resized to (admin API, autoscaling).
+    pub max: u32,
     /// Jobs one worker process runs at once (one thread each).
     pub threads: u32,
     /// Encoded inputs up to this size travel inside the job message; larger
@@ -262,6 +268,8 @@ impl Default for WorkerPool {
     fn default() -> Self {
         Self {
             count: 2,
+            min: 1,
+            max: 8,
             threads: 1,
             inline_input_max_bytes: 64 << 10,
         }
@@ -466,6 +474,32 @@ pub const MAX_DEADLINE_MS: u64 = 3_600_000;
 
 /// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs
 /// must fit in one.
+/// Most preprocess workers a pool may have.
+pub const MAX_WORKERS: u32 = 256;
+/// Most threads one preprocess worker may run.
+pub const MAX_WORKER_THREADS: u32 = 64;
+
+/// The admin API: its own listener and key, never the public ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Address of the admin listener (`--admin-listen`); keep it private.
+    pub listen: String,
+    /// SHA-256 of the admin key, as `sha256:<64 hex digits>` (from
+    /// `mmgate keys new`). `MMGATE_ADMIN_KEY` in the environment may give
+    /// the key instead. Without either, the admin API refuses every change.
+    pub key_hash: Option<String>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8081".into(),
+            key_hash: None,
+        }
+    }
+}
+
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SpecError> {
@@ -533,11 +567,36 @@ impl ServerConfig {
             m.validate()?;
         }
         self.validate_hardening()?;
+        if let Some(h) = &self.admin.key_hash {
+            let Some(digest) = parse_key_hash(h) else {
+                return Err(invalid(
+                    "admin.key_hash is not `sha256:` and 64 hex digits (use the line `mmgate keys new` prints)",
+                ));
+            };
+            let tenant = self.tenants.iter().find(|t| {
+                t.key_hashes
+                    .iter()
+                    .any(|k| parse_key_hash(k) == Some(digest))
+            });
+            if let Some(t) = tenant {
+                return Err(invalid(format!(
+                    "the admin key is also a key of tenant {:?}; the admin key must be its own",
+                    t.name
+                )));
+            }
+        }
         let w = &self.workers;
-        if w.count == 0 || w.count > 256 || w.threads == 0 || w.threads > 64 {
+        if w.count == 0 || w.count > MAX_WORKERS || w.threads == 0 || w.threads > MAX_WORKER_THREADS
+        {
             return Err(invalid(format!(
-                "workers.count is {} and workers.threads {}; they must be 1..=256 and 1..=64",
+                "workers.count is {} and workers.threads {}; they must be 1..={MAX_WORKERS} and 1..={MAX_WORKER_THREADS}",
                 w.count, w.threads
+            )));
+        }
+        if w.min == 0 || w.min > w.count || w.count > w.max || w.max > MAX_WORKERS {
+            return Err(invalid(format!(
+                "workers.min ({}), count ({}) and max ({}) must satisfy 1 <= min <= count <= max <= {MAX_WORKERS}",
+                w.min, w.count, w.max
             )));
         }
         if w.inline_input_max_bytes + 4096 > MAX_FRAME_BYTES {

@@ -55,6 +55,9 @@ pub fn app(state: AppState) -> Router {
 /// actually runs it (backend, precision, device, fallbacks, the precision
 /// check), or `null` while no executor has loaded it.
 fn model_json(app: &AppState, m: &config::ModelSpec) -> serde_json::Value {
+    // Instances and batching as changed live by the admin API.
+    let live = app.executor.models().into_iter().find(|x| x.name == m.name);
+    let m = live.as_ref().unwrap_or(m);
     json!({
         "name": m.name,
         "backend": m.backend,
@@ -91,7 +94,7 @@ async fn get_model(
     Ok(Json(model_json(&app, m)))
 }
 
-fn unknown_model(name: &str) -> ApiError {
+pub(crate) fn unknown_model(name: &str) -> ApiError {
     ApiError::new(
         Code::ModelNotFound,
         format!(
@@ -101,10 +104,14 @@ fn unknown_model(name: &str) -> ApiError {
     )
 }
 
+/// 503 while fewer than `[workers] min` workers are ready, the executor is
+/// not, or the gateway drains; `degraded` while below the desired size.
 async fn readyz(State(app): State<AppState>) -> Response {
     let workers = app.workers.ready_count();
+    let desired = app.workers.desired() as usize;
+    let min = app.core.cfg.workers.min as usize;
     let executor = app.executor.is_ready();
-    let ready = workers == app.workers.size() && executor && !app.core.is_draining();
+    let ready = workers >= min && executor && !app.core.is_draining();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -112,8 +119,10 @@ async fn readyz(State(app): State<AppState>) -> Response {
     };
     let body = json!({
         "ready": ready,
+        "degraded": workers < desired,
         "workers_ready": workers,
-        "workers": app.workers.size(),
+        "workers": desired,
+        "workers_min": min,
         "executor_ready": executor,
         "draining": app.core.is_draining(),
         "models": app.core.cfg.models.iter().map(|m| {
@@ -129,7 +138,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics(State(app): State<AppState>) -> Response {
+pub(crate) async fn metrics(State(app): State<AppState>) -> Response {
     app.core.refresh_gauges();
     let m = &app.core.metrics;
     m.queue_depth
@@ -160,7 +169,7 @@ fn request_id(headers: &HeaderMap) -> String {
 }
 
 /// The `{model}` path segment, or a JSON 400 when it is not valid UTF-8.
-fn model_name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn model_name(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     p.map(|Path(m)| m)
         .map_err(|e| ApiError::new(Code::BadRequest, format!("bad model name in the path: {e}")))
 }

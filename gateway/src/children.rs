@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 use crate::core::Core;
 
@@ -91,6 +92,9 @@ pub enum Exit {
     Timeout,
     /// The gateway is shutting down.
     Shutdown,
+    /// The gateway retired it: the pool was scaled down, or a child with a
+    /// new configuration took over. Not restarted.
+    Retired,
     /// It could not be started or did not become ready.
     StartFailed,
 }
@@ -103,6 +107,7 @@ impl Exit {
             Exit::Killed => "killed",
             Exit::Timeout => "timeout",
             Exit::Shutdown => "shutdown",
+            Exit::Retired => "retired",
             Exit::StartFailed => "start_failed",
         }
     }
@@ -186,16 +191,23 @@ async fn recv_within<In: DeserializeOwned>(
     }
 }
 
-/// Keeps one child running until shutdown: `incarnation` starts it, serves
-/// it and says why it ended; each restart is counted in
-/// `mmgate_worker_restarts_total{pool,reason}` and backed off.
-pub async fn keep_running<F, Fut>(core: &Core, pool: &'static str, child: &str, mut incarnation: F)
-where
+/// Keeps one child running until shutdown or until `retire` is cancelled
+/// and its incarnation ended: `incarnation` starts it, serves it and says
+/// why it ended; each restart is counted in
+/// `mmgate_worker_restarts_total{pool,reason}` (a retirement too, under
+/// `retired`) and backed off.
+pub async fn keep_running<F, Fut>(
+    core: &Core,
+    pool: &'static str,
+    child: &str,
+    retire: &CancellationToken,
+    mut incarnation: F,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<Exit, StartError>>,
 {
     let mut backoff = Backoff::default();
-    while !core.is_shutting_down() {
+    while !core.is_shutting_down() && !retire.is_cancelled() {
         let started = Instant::now();
         let reason = incarnation().await.unwrap_or_else(|e| {
             tracing::error!(child, error = %e, "child failed to start");
@@ -208,11 +220,15 @@ where
             .worker_restarts
             .with_label_values(&[pool, reason.as_str()])
             .inc();
+        if reason == Exit::Retired || retire.is_cancelled() {
+            break;
+        }
         let delay = backoff.after(started.elapsed());
         tracing::warn!(child, reason = reason.as_str(), ?delay, "restarting child");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = core.shutting_down() => break,
+            _ = retire.cancelled() => break,
         }
     }
 }

@@ -64,6 +64,9 @@ pub enum Code {
     ShuttingDown,
     WorkerCrashed,
     ExecutorCrashed,
+    AdminKeyRequired,
+    AdminDisabled,
+    ChangeFailed,
     Internal,
 }
 
@@ -185,6 +188,19 @@ impl Code {
             ),
             WorkerCrashed => ("worker_crashed", "worker_failure", S::BAD_GATEWAY, None),
             ExecutorCrashed => ("executor_crashed", "worker_failure", S::BAD_GATEWAY, None),
+            AdminKeyRequired => (
+                "admin_key_required",
+                "authentication",
+                S::UNAUTHORIZED,
+                None,
+            ),
+            AdminDisabled => ("admin_disabled", "permission", S::FORBIDDEN, None),
+            ChangeFailed => (
+                "change_failed",
+                "unavailable",
+                S::SERVICE_UNAVAILABLE,
+                Some(5),
+            ),
             Internal => ("internal", "internal", S::INTERNAL_SERVER_ERROR, None),
         }
     }
@@ -362,6 +378,9 @@ mod tests {
             ShuttingDown,
             WorkerCrashed,
             ExecutorCrashed,
+            AdminKeyRequired,
+            AdminDisabled,
+            ChangeFailed,
             Internal,
         ];
         let mut names: Vec<_> = all.iter().map(|c| c.as_str()).collect();

@@ -2,15 +2,27 @@
 //! Each inference hands its slot lease to the link until the executor
 //! answered or was reaped, so a slot is never reused while it may still be
 //! read.
+//!
+//! A live change of a model's instances or batching starts a second
+//! executor with the new specs. Once it is ready it takes every new
+//! sample, and the old one finishes what it holds and is let go: no sample
+//! fails for the change, and a change whose executor does not start leaves
+//! the running one as it was.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use config::ModelSpec;
 use shm::{
     ExecutorInit, FromExecutor, InferJob, ModelRuntime, RequestContext, Scores, SlotLease,
     ToExecutor,
 };
+use tokio::net::unix::OwnedReadHalf;
+use tokio::process::Child;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::children::{self, Exit, StartError};
 use crate::core::Core;
@@ -18,17 +30,93 @@ use crate::error::{ApiError, Code};
 use crate::link::ExecutorLink;
 use crate::metrics::{DropReason, DropStage};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Executor {
-    /// The running incarnation's link, while it is ready.
+    /// The serving incarnation's link, while it is ready.
     link: RwLock<Option<Arc<ExecutorLink>>>,
     ready: AtomicBool,
-    /// What runs each model, as the last executor to become ready said.
+    pid: AtomicU32,
+    incarnations: AtomicU64,
+    /// What runs each model, as the serving executor said.
     runtimes: RwLock<Vec<ModelRuntime>>,
+    /// The model specs executors start with: the config's, as changed live.
+    models: RwLock<Vec<ModelSpec>>,
     next_job: AtomicU64,
+    /// One live change at a time.
+    changing: tokio::sync::Mutex<()>,
+    handover_tx: mpsc::Sender<Handover>,
+    handover_rx: tokio::sync::Mutex<mpsc::Receiver<Handover>>,
+    /// Replaced executors finishing their last samples.
+    retiring: Mutex<Vec<JoinHandle<Exit>>>,
+}
+
+/// A started, ready executor process and the gateway's end of its socket.
+struct Started {
+    child: Child,
+    pid: u32,
+    rd: OwnedReadHalf,
+    link: Arc<ExecutorLink>,
+    runtimes: Vec<ModelRuntime>,
+}
+
+/// A ready executor with new specs, for the supervisor to put in service;
+/// `installed` is told once it serves.
+struct Handover {
+    started: Started,
+    installed: oneshot::Sender<()>,
+}
+
+/// The executor as `GET /admin/pools` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExecutorView {
+    pub desired: u32,
+    pub alive: u32,
+    pub ready: bool,
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    pub retiring: usize,
+    pub models: Vec<ModelView>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelView {
+    pub name: String,
+    pub instances: u32,
+    pub intra_threads: u32,
+    pub max_batch: u32,
+    pub max_queue_delay_us: u64,
+    pub pending: u32,
+    pub runtime: Option<ModelRuntime>,
+}
+
+/// A live change of one model's engine layout (`PUT /admin/models/{m}`);
+/// absent fields keep their value.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelChange {
+    pub instances: Option<u32>,
+    pub max_batch: Option<u32>,
+    pub max_queue_delay_us: Option<u64>,
 }
 
 impl Executor {
+    pub fn new(models: Vec<ModelSpec>) -> Self {
+        let (handover_tx, handover_rx) = mpsc::channel(1);
+        Self {
+            link: RwLock::new(None),
+            ready: AtomicBool::new(false),
+            pid: AtomicU32::new(0),
+            incarnations: AtomicU64::new(0),
+            runtimes: RwLock::new(Vec::new()),
+            models: RwLock::new(models),
+            next_job: AtomicU64::new(1),
+            changing: tokio::sync::Mutex::new(()),
+            handover_tx,
+            handover_rx: tokio::sync::Mutex::new(handover_rx),
+            retiring: Mutex::new(Vec::new()),
+        }
+    }
+
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
@@ -44,25 +132,78 @@ impl Executor {
             .cloned()
     }
 
+    /// The model specs executors run now.
+    pub fn models(&self) -> Vec<ModelSpec> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The executor now, for the admin API.
+    pub fn view(&self, core: &Core) -> ExecutorView {
+        let pid = self.pid.load(Ordering::Relaxed);
+        let retiring = {
+            let mut r = self.retiring.lock().unwrap_or_else(|e| e.into_inner());
+            r.retain(|t| !t.is_finished());
+            r.len()
+        };
+        ExecutorView {
+            desired: 1,
+            alive: u32::from(pid != 0) + retiring as u32,
+            ready: self.is_ready(),
+            pid: (pid != 0).then_some(pid),
+            restarts: self.incarnations.load(Ordering::Relaxed).saturating_sub(1),
+            retiring,
+            models: self
+                .models()
+                .into_iter()
+                .enumerate()
+                .map(|(i, m)| ModelView {
+                    runtime: self.runtime(&m.name),
+                    pending: core.pending(i as u16),
+                    name: m.name,
+                    instances: m.instances.count,
+                    intra_threads: m.instances.intra_threads,
+                    max_batch: m.batching.max_batch,
+                    max_queue_delay_us: m.batching.max_queue_delay_us,
+                })
+                .collect(),
+        }
+    }
+
     /// Runs the sample in `lease` through its model. An executor that does
     /// not answer within `executor.infer_timeout_ms` is killed and restarted.
     pub async fn infer(
         &self,
         ctx: &RequestContext,
-        lease: SlotLease,
+        mut lease: SlotLease,
         pending: u32,
         within: Duration,
     ) -> Result<Scores, ApiError> {
-        let link = self
-            .link
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| ApiError::new(Code::NotReady, "the executor is restarting"))?;
         let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
         let slot = lease.slot();
-        // The link keeps the lease until the executor answered or was reaped.
-        let mut answer = link.expect(job_id, vec![lease]);
+        // The link keeps the lease until the executor answered or was
+        // reaped. A link closed meanwhile (its executor was replaced and has
+        // gone idle) gives the lease back, and the serving one is asked.
+        let mut tries = 0;
+        let (link, mut answer) = loop {
+            let link = self
+                .link
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .ok_or_else(|| ApiError::new(Code::NotReady, "the executor is restarting"))?;
+            match link.expect(job_id, vec![lease]) {
+                Ok(answer) => break (link, answer),
+                Err(mut back) if tries < 3 => {
+                    tries += 1;
+                    lease = back.pop().expect("the lease given");
+                    tokio::task::yield_now().await;
+                }
+                Err(_) => return Err(crashed()),
+            }
+        };
         let msg = ToExecutor::Infer(InferJob {
             job_id,
             ctx: ctx.clone(),
@@ -92,12 +233,68 @@ impl Executor {
         }
     }
 
-    /// Supervises the executor process until shutdown.
-    pub async fn supervise(self: Arc<Self>, core: Arc<Core>) {
-        children::keep_running(&core, "executor", "gpu-executor", || self.run_once(&core)).await;
+    /// Changes one model's instances or batching live: validates the new
+    /// spec, starts an executor with it, and puts it in service once ready
+    /// (the old one finishes its samples and goes). Applied whole or not at
+    /// all; answers the specs now in force.
+    pub async fn change_model(
+        &self,
+        core: &Arc<Core>,
+        model: &str,
+        change: &ModelChange,
+    ) -> Result<ModelSpec, ApiError> {
+        let _one = self.changing.lock().await;
+        let mut models = self.models();
+        let Some(spec) = models.iter_mut().find(|m| m.name == model) else {
+            return Err(crate::api::unknown_model(model));
+        };
+        if let Some(n) = change.instances {
+            spec.instances.count = n;
+        }
+        if let Some(b) = change.max_batch {
+            spec.batching.max_batch = b;
+            spec.batching.preferred_sizes.retain(|&s| s <= b);
+        }
+        if let Some(d) = change.max_queue_delay_us {
+            spec.batching.max_queue_delay_us = d;
+        }
+        spec.validate()
+            .map_err(|e| ApiError::new(Code::BadRequest, e.to_string()))?;
+        let spec = spec.clone();
+        let started = self.start(core, models.clone()).await.map_err(|e| {
+            ApiError::new(
+                Code::ChangeFailed,
+                format!("the executor with the new settings did not start: {e}; nothing changed"),
+            )
+        })?;
+        let (installed, done) = oneshot::channel();
+        let handover = Handover { started, installed };
+        if self.handover_tx.send(handover).await.is_err() {
+            return Err(ApiError::new(Code::ShuttingDown, "the gateway is stopping"));
+        }
+        *self.models.write().unwrap_or_else(|e| e.into_inner()) = models;
+        // Put in service by the supervisor, or (while it restarts a crashed
+        // executor) by its next round.
+        let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
+        Ok(spec)
     }
 
-    async fn run_once(&self, core: &Arc<Core>) -> Result<Exit, StartError> {
+    /// Supervises the executor process until shutdown, then waits for
+    /// replaced ones to finish.
+    pub async fn supervise(self: Arc<Self>, core: Arc<Core>) {
+        let never = CancellationToken::new();
+        children::keep_running(&core, "executor", "gpu-executor", &never, || {
+            self.incarnations.fetch_add(1, Ordering::Relaxed);
+            self.run_once(&core)
+        })
+        .await;
+        let retiring =
+            std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|e| e.into_inner()));
+        futures::future::join_all(retiring).await;
+    }
+
+    /// Starts an executor process with `models` and waits until it is ready.
+    async fn start(&self, core: &Core, models: Vec<ModelSpec>) -> Result<Started, StartError> {
         let fd = core
             .ledger
             .tensors()
@@ -108,7 +305,7 @@ impl Executor {
         let mut sp = children::spawn(&bin, vec![("--tensor-fd", fd)])?;
         let init = ToExecutor::Init(ExecutorInit {
             layout: core.ledger.tensors().layout().clone(),
-            models: core.cfg.models.clone(),
+            models,
             executor: core.cfg.executor.clone(),
             scheduling: core.cfg.scheduling.clone(),
         });
@@ -133,32 +330,106 @@ impl Executor {
                 "model serving"
             );
         }
-        *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = runtimes;
         tracing::info!(pid = sp.pid, "gpu-executor ready");
         let (rd, wr) = sp.stream.into_split();
-        let link = Arc::new(ExecutorLink::new(wr));
-        *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(link.clone());
+        Ok(Started {
+            child: sp.child,
+            pid: sp.pid,
+            rd,
+            link: Arc::new(ExecutorLink::new(wr)),
+            runtimes,
+        })
+    }
+
+    /// One supervised round: serves an executor, swapping in replacements
+    /// with new specs as they come, until the serving one ends.
+    async fn run_once(&self, core: &Arc<Core>) -> Result<Exit, StartError> {
+        let mut handovers = self.handover_rx.lock().await;
+        // A change made while the executor was down is already started.
+        let (mut current, mut installed) = match handovers.try_recv() {
+            Ok(h) => (h.started, Some(h.installed)),
+            Err(_) => (self.start(core, self.models()).await?, None),
+        };
+        self.install(core, &current);
+        loop {
+            if let Some(tell) = installed.take() {
+                let _ = tell.send(());
+            }
+            let retire = CancellationToken::new();
+            let (ended_tx, ended) = oneshot::channel();
+            let serving = tokio::spawn(serve(core.clone(), current, retire.clone(), ended_tx));
+            tokio::select! {
+                reason = ended => {
+                    // Out of service at once; the reaping comes after.
+                    self.ready.store(false, Ordering::Relaxed);
+                    self.pid.store(0, Ordering::Relaxed);
+                    core.metrics
+                        .children_ready
+                        .with_label_values(&["executor"])
+                        .set(0);
+                    self.link.write().unwrap_or_else(|e| e.into_inner()).take();
+                    let _ = serving.await;
+                    return Ok(reason.unwrap_or(Exit::Exited));
+                }
+                Some(next) = handovers.recv() => {
+                    tracing::info!(old = self.pid.load(Ordering::Relaxed), new = next.started.pid,
+                        "executor replaced with new settings; the old one finishes its samples");
+                    // New samples go to the new one before the old is
+                    // let go, so a sample always finds a serving link.
+                    self.install(core, &next.started);
+                    retire.cancel();
+                    self.retiring.lock().unwrap_or_else(|e| e.into_inner()).push(serving);
+                    current = next.started;
+                    installed = Some(next.installed);
+                }
+            }
+        }
+    }
+
+    /// Puts a ready executor in service: new samples go to it.
+    fn install(&self, core: &Core, started: &Started) {
+        *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = started.runtimes.clone();
+        *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(started.link.clone());
+        self.pid.store(started.pid, Ordering::Relaxed);
         self.ready.store(true, Ordering::Relaxed);
         core.metrics
             .children_ready
             .with_label_values(&["executor"])
             .set(1);
-
-        let reason = link
-            .run(&mut sp.child, rd, core.shutting_down(), |msg| {
-                observe(core, msg)
-            })
-            .await;
-        self.ready.store(false, Ordering::Relaxed);
-        core.metrics
-            .children_ready
-            .with_label_values(&["executor"])
-            .set(0);
-        self.link.write().unwrap_or_else(|e| e.into_inner()).take();
-        // Reap first: only then may the waiting jobs' slots be reused.
-        link.finish(&mut sp.child, reason).await;
-        Ok(reason)
     }
+}
+
+/// Serves one executor until it ends, is replaced and idle, or shutdown;
+/// says so on `ended`, then reaps it.
+async fn serve(
+    core: Arc<Core>,
+    started: Started,
+    retire: CancellationToken,
+    ended: oneshot::Sender<Exit>,
+) -> Exit {
+    let Started {
+        mut child,
+        rd,
+        link,
+        ..
+    } = started;
+    let stop = async {
+        tokio::select! {
+            () = core.shutting_down() => Exit::Shutdown,
+            () = async {
+                retire.cancelled().await;
+                while !link.close_if_idle() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            } => Exit::Retired,
+        }
+    };
+    let reason = link
+        .run(&mut child, rd, stop, |msg| observe(&core, msg))
+        .await;
+    let _ = ended.send(reason);
+    link.finish(&mut child, reason).await;
+    reason
 }
 
 /// Counts and logs the executor's failures and drops, whether or not their

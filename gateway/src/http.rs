@@ -58,7 +58,7 @@ pub async fn serve(
     let too_many: Arc<[u8]> = too_many_connections().into();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             biased;
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -100,6 +100,7 @@ pub async fn serve(
         let unwritten = Arc::new(Unwritten::default());
         let service = TowerToHyperService::new(Tracked {
             inner: app.clone(),
+            peer,
             busy: busy.clone(),
             unwritten: unwritten.clone(),
             limits: limits.clone(),
@@ -190,6 +191,8 @@ where
 #[derive(Clone)]
 struct Tracked {
     inner: Router,
+    /// The client's address, given to handlers as `ConnectInfo`.
+    peer: std::net::SocketAddr,
     busy: Arc<AtomicUsize>,
     unwritten: Arc<Unwritten>,
     limits: config::HttpLimits,
@@ -398,7 +401,9 @@ where
         }
         let busy = Busy::new(self.busy.clone());
         let unwritten = self.unwritten.clone();
-        let req = req.map(axum::body::Body::new);
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let fut = tower::Service::call(&mut self.inner.clone(), req);
         Box::pin(async move {
             let mut r = fut.await?;
@@ -507,6 +512,7 @@ mod tests {
         let unwritten = Arc::new(Unwritten::default());
         let mut svc = Tracked {
             inner: app,
+            peer: ([127, 0, 0, 1], 9).into(),
             busy: busy.clone(),
             unwritten: unwritten.clone(),
             limits: config::HttpLimits::default(),

@@ -1,6 +1,7 @@
 //! mmgate's gateway: the HTTP front end, the scheduler (queues, slots,
 //! deadlines) and the supervisor of the preprocess workers and the executor.
 
+pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod body;
@@ -56,11 +57,11 @@ impl AppState {
         let body_budget = body::Budget::new(cfg.server.max_inflight_body_bytes);
         let core = Core::new(cfg, bin_dir)?;
         let workers = WorkerPool::new(&core);
-        let executor = Arc::new(Executor::default());
-        let mut tasks: Vec<_> = (0..core.cfg.workers.count)
-            .map(|i| tokio::spawn(workers.clone().supervise(core.clone(), i)))
-            .collect();
-        tasks.push(tokio::spawn(executor.clone().supervise(core.clone())));
+        let executor = Arc::new(Executor::new(core.cfg.models.clone()));
+        let tasks = vec![
+            tokio::spawn(workers.clone().run()),
+            tokio::spawn(executor.clone().supervise(core.clone())),
+        ];
         let state = Self {
             core,
             workers,
@@ -85,12 +86,25 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.server.listen))?;
+    let admin_listener = match cfg.admin.listen.as_str() {
+        "" => None,
+        a => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a} (admin): {e}"))?,
+        ),
+    };
     let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
     let (state, supervisors) = AppState::start(cfg, bin_dir)?;
     let addr = listener.local_addr()?;
     // Tests and scripts read the bound address from this line (port 0 works).
     println!("mmgate listening on http://{addr}");
     tracing::info!(%addr, "listening");
+    if let Some(l) = &admin_listener {
+        let admin = l.local_addr()?;
+        println!("mmgate admin listening on http://{admin}");
+        tracing::info!(%admin, "admin API listening");
+    }
     let core = state.core.clone();
     tokio::spawn(reload_on_sighup(state.auth.clone(), reload));
     let (signal_tx, signal) = watch::channel(false);
@@ -98,6 +112,13 @@ pub async fn run(
         wait_for_signal().await;
         let _ = signal_tx.send(true);
     });
+    if let Some(l) = admin_listener {
+        let mut stop = signal.clone();
+        let admin = admin::app(state.clone());
+        tokio::spawn(http::serve(l, admin, core.clone(), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
     let drain_core = core.clone();
     let mut drain = signal.clone();
     let server = http::serve(listener, app(state), core.clone(), async move {

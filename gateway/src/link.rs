@@ -154,13 +154,31 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
 
     /// Registers `job_id`, keeping `held` until the job ends; its messages
     /// arrive on the returned stream, which ends after the job's last
-    /// message or once the child is gone.
-    pub fn expect(&self, job_id: u64, held: Vec<SlotLease>) -> mpsc::UnboundedReceiver<In> {
+    /// message or once the child is gone. A link that was closed (reaped,
+    /// or retired once idle) takes no job and gives `held` back.
+    pub fn expect(
+        &self,
+        job_id: u64,
+        held: Vec<SlotLease>,
+    ) -> Result<mpsc::UnboundedReceiver<In>, Vec<SlotLease>> {
+        let mut guard = self.lock_waiting();
+        let Some(w) = guard.as_mut() else {
+            return Err(held);
+        };
         let (tx, rx) = mpsc::unbounded_channel();
-        if let Some(w) = self.lock_waiting().as_mut() {
-            w.insert(job_id, Waiter { tx, _held: held });
+        w.insert(job_id, Waiter { tx, _held: held });
+        Ok(rx)
+    }
+
+    /// Closes the link to new jobs if none is waiting, and says whether it
+    /// did: a retired child is let go only once idle.
+    pub fn close_if_idle(&self) -> bool {
+        let mut guard = self.lock_waiting();
+        if guard.as_ref().is_some_and(|w| !w.is_empty()) {
+            return false;
         }
-        rx
+        *guard = None;
+        true
     }
 
     /// Hands a message from the child to its job.
@@ -199,12 +217,13 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
 
     /// Serves the link until this incarnation ends: reads the child's
     /// messages (each seen by `on_msg`, then handed to its job), writes what
-    /// `send` queued, and says why it ended. The link is dying afterwards.
+    /// `send` queued, and says why it ended: the child's end, a `kill`, or
+    /// `stop` (shutdown or retirement). The link is dying afterwards.
     pub async fn run(
         &self,
         child: &mut Child,
         mut rd: OwnedReadHalf,
-        shutdown: impl Future<Output = ()>,
+        stop: impl Future<Output = Exit>,
         mut on_msg: impl FnMut(&In),
     ) -> Exit {
         let read = async {
@@ -227,18 +246,18 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
             _ = read => Exit::SocketClosed,
             _ = flusher => Exit::SocketClosed,
             _ = self.dying.cancelled() => self.why.get().copied().unwrap_or(Exit::Killed),
-            _ = shutdown => Exit::Shutdown,
+            why = stop => why,
         };
         self.kill(reason);
         reason
     }
 
-    /// Ends the incarnation after [`run`](Self::run): on shutdown, writes what
-    /// is queued and closes our side so the child exits on its own (2 s at
-    /// most); then kills and reaps the process, and only then ends the
-    /// waiting jobs and frees the slots they hold.
+    /// Ends the incarnation after [`run`](Self::run): on shutdown or
+    /// retirement, writes what is queued and closes our side so the child
+    /// exits on its own (2 s at most); then kills and reaps the process, and
+    /// only then ends the waiting jobs and frees the slots they hold.
     pub async fn finish(&self, child: &mut Child, reason: Exit) {
-        if reason == Exit::Shutdown {
+        if matches!(reason, Exit::Shutdown | Exit::Retired) {
             let _ = tokio::time::timeout(Duration::from_secs(2), async {
                 let _ = self.flush_backlog().await;
                 let fd = self.half.as_ref().as_raw_fd();
@@ -365,7 +384,7 @@ mod tests {
         let mut child = sleeper();
         let run = tokio::spawn(async move {
             served
-                .run(&mut child, rd, std::future::pending(), |_| {})
+                .run(&mut child, rd, std::future::pending::<Exit>(), |_| {})
                 .await
         });
         for id in 0..40 {
@@ -391,8 +410,10 @@ mod tests {
         let (link, _rd, _theirs) = pair();
         let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(2, 16)])).unwrap());
         let ledger = shm::Ledger::new(tensors);
-        let mut one = link.expect(1, vec![]);
-        let mut two = link.expect(2, vec![ledger.try_lease(0).unwrap().unwrap()]);
+        let mut one = link.expect(1, vec![]).unwrap();
+        let mut two = link
+            .expect(2, vec![ledger.try_lease(0).unwrap().unwrap()])
+            .unwrap();
         assert_eq!(ledger.free(0), 1, "job 2 holds its slot");
         link.deliver(FromWorker::Failed {
             job_id: 1,
@@ -424,7 +445,26 @@ mod tests {
             "the child is gone: the job ends"
         );
         assert_eq!(ledger.free(0), 2, "and its slot is free only now");
-        assert!(link.expect(3, vec![]).recv().await.is_none());
+        let back = link.expect(3, vec![ledger.try_lease(0).unwrap().unwrap()]);
+        assert_eq!(
+            back.unwrap_err().len(),
+            1,
+            "a closed link gives the lease back"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retired_link_closes_only_once_idle() {
+        let (link, _rd, _theirs) = pair();
+        let one = link.expect(1, vec![]).unwrap();
+        assert!(!link.close_if_idle(), "job 1 still waits");
+        link.deliver(FromWorker::Failed {
+            job_id: 1,
+            error: internal("done"),
+        });
+        drop(one);
+        assert!(link.close_if_idle());
+        assert!(link.expect(2, vec![]).is_err(), "closed to new jobs");
     }
 
     #[tokio::test]

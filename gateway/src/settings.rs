@@ -53,7 +53,11 @@ pub struct ServeArgs {
     /// Address to listen on, e.g. 127.0.0.1:8080 (port 0 picks a free port).
     #[arg(long, env = "MMGATE_LISTEN")]
     pub listen: Option<String>,
-    /// Preprocess worker processes.
+    /// Address of the admin API's own listener, e.g. 127.0.0.1:8081 (port 0
+    /// picks a free port; empty turns the admin API off).
+    #[arg(long, env = "MMGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Preprocess worker processes at start.
     #[arg(long, env = "MMGATE_WORKERS")]
     pub workers: Option<u32>,
     /// Threads (concurrent jobs) per preprocess worker.
@@ -95,7 +99,21 @@ impl ServeArgs {
         set(&mut s.listen, self.listen.clone());
         set(&mut s.queue_capacity, self.queue_capacity);
         set(&mut s.bin_dir, self.bin_dir.clone());
-        set(&mut cfg.workers.count, self.workers);
+        set(&mut cfg.admin.listen, self.admin_listen.clone());
+        // The key itself is only ever held as its hash.
+        if let Some(key) = std::env::var("MMGATE_ADMIN_KEY")
+            .ok()
+            .filter(|k| !k.is_empty())
+        {
+            cfg.admin.key_hash = Some(config::key_hash(&key));
+        }
+        if let Some(n) = self.workers {
+            // A count given on the command line widens the bounds to fit.
+            let w = &mut cfg.workers;
+            w.count = n;
+            w.min = w.min.min(n.max(1));
+            w.max = w.max.max(n);
+        }
         set(&mut cfg.workers.threads, self.worker_threads);
         set(&mut cfg.executor.ort_library, self.ort_library.clone());
         set(
@@ -155,10 +173,13 @@ pub fn redacted(cfg: &config::ServerConfig) -> String {
         t.keys = t.keys.iter().map(|_| "***".to_string()).collect();
         t.key_hashes = t.key_hashes.iter().map(|_| "***".to_string()).collect();
     }
+    if c.admin.key_hash.is_some() {
+        c.admin.key_hash = Some("***".into());
+    }
     let models: Vec<&str> = c.models.iter().map(|m| m.name.as_str()).collect();
     format!(
-        "server={:?} limits={:?} workers={:?} executor={:?} tenants={:?} models={models:?}",
-        c.server, c.limits, c.workers, c.executor, c.tenants
+        "server={:?} limits={:?} workers={:?} executor={:?} admin={:?} tenants={:?} models={models:?}",
+        c.server, c.limits, c.workers, c.executor, c.admin, c.tenants
     )
 }
 

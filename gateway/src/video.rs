@@ -147,7 +147,6 @@ impl WorkerThread<'_> {
             .collect();
         let slots = held.values().map(|g| g.lease.slot()).collect();
         let deadline_ms = sampling.deadline_ms;
-        let mut rx = self.link.expect(job_id, Vec::new());
         let msg = ToWorker::Video(VideoJob {
             job_id,
             ctx,
@@ -158,6 +157,9 @@ impl WorkerThread<'_> {
         });
         let lost = |held: HashMap<u32, Grant>, events| {
             Held::new(held.into_values().map(|g| g.lease).collect(), events)
+        };
+        let Ok(mut rx) = self.link.expect(job_id, Vec::new()) else {
+            return Err(lost(held, events));
         };
         if self.link.send(&msg).is_err() {
             return Err(lost(held, events));

@@ -1,6 +1,9 @@
 //! The preprocess worker pool: bounded job queues shared by all workers (one
-//! for images, one for videos), one supervised process per worker index, and
-//! one dispatcher task per worker thread. A dispatcher takes a job only when
+//! for images, one for videos), one supervised process per pool member, and
+//! one dispatcher task per worker thread. The pool keeps a `desired` size
+//! (and thread count) and reconciles its members toward it, so a resize
+//! and a crash go through the same code: a new member takes jobs once it
+//! says Ready; a retired one finishes its current jobs first. A dispatcher takes a job only when
 //! its thread is free, leases the tensor slot, hands the worker the input
 //! and keeps the lease until the worker answered or is confirmed dead, so a
 //! slot is never reused while a process might still write to it.
@@ -10,8 +13,9 @@
 //! image scoring. A job not taken within `server.queue_timeout_ms` is
 //! abandoned by its caller (503 `queue_timeout` at that time) and skipped.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,8 +23,9 @@ use fair_queue::FairQueue;
 use shm::{
     FromWorker, Input, InputRegion, Job, JobDone, RequestContext, SlotLease, ToWorker, WorkerInit,
 };
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 
 use crate::children::{self, Exit, StartError};
 use crate::core::{Core, PendingGuard};
@@ -227,11 +232,69 @@ pub struct Preprocessed {
 
 #[derive(Debug)]
 pub struct WorkerPool {
+    core: Arc<Core>,
     queue: Queue,
-    /// Worker threads videos may hold at once.
-    video_threads: Arc<Semaphore>,
-    ready: Vec<AtomicBool>,
+    /// Videos being decoded now (each holds a worker thread).
+    videos: AtomicUsize,
+    members: std::sync::Mutex<Members>,
     next_job: AtomicU64,
+}
+
+/// The pool's size as wanted, and its members as they are.
+#[derive(Debug)]
+struct Members {
+    desired: u32,
+    threads: u32,
+    next_index: u32,
+    all: BTreeMap<u32, Arc<Member>>,
+    /// Each member's supervisor; awaited at shutdown.
+    tasks: JoinSet<()>,
+}
+
+/// One worker process slot of the pool, across its restarts.
+#[derive(Debug)]
+pub struct Member {
+    pub index: u32,
+    /// Threads its processes run (fixed for the member; a thread change
+    /// replaces members).
+    pub threads: u32,
+    ready: AtomicBool,
+    pid: AtomicU32,
+    busy: AtomicU32,
+    incarnations: AtomicU64,
+    jobs: AtomicU64,
+    /// Cancelled when the member is to finish its jobs and go.
+    retire: CancellationToken,
+}
+
+/// A member as `GET /admin/pools` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberView {
+    pub index: u32,
+    pub pid: Option<u32>,
+    pub threads: u32,
+    pub ready: bool,
+    pub busy: u32,
+    pub retiring: bool,
+    pub restarts: u64,
+    pub jobs: u64,
+}
+
+/// The pool as `GET /admin/pools` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PoolView {
+    pub desired: u32,
+    pub threads: u32,
+    pub min: u32,
+    pub max: u32,
+    pub alive: usize,
+    pub ready: usize,
+    pub busy: u32,
+    pub queued_images: usize,
+    pub queued_videos: usize,
+    pub restarts: u64,
+    pub retired: u64,
+    pub members: Vec<MemberView>,
 }
 
 /// The preprocess queue: images and videos in two scheduling queues (a
@@ -304,11 +367,7 @@ impl QueueState {
 
 /// What a dispatcher takes: a job, with its video thread permit if it is
 /// a video, or its tensor slot if it is an image.
-type Taken = (
-    WorkJob,
-    Option<tokio::sync::OwnedSemaphorePermit>,
-    Option<SlotLease>,
-);
+type Taken<'a> = (WorkJob, Option<VideoPermit<'a>>, Option<SlotLease>);
 
 /// Worker threads videos may hold: `share` of them, at least one, and one
 /// fewer than all when there are two or more (one is kept for images).
@@ -320,20 +379,22 @@ pub fn video_threads(total: u32, share: f64) -> usize {
 }
 
 impl WorkerPool {
-    pub fn new(core: &Core) -> Arc<Self> {
+    pub fn new(core: &Arc<Core>) -> Arc<Self> {
         let cfg = &core.cfg;
-        let ready = (0..cfg.workers.count)
-            .map(|_| AtomicBool::new(false))
-            .collect();
-        let threads = cfg.workers.count * cfg.workers.threads;
-        let videos = video_threads(threads, cfg.video.max_worker_share);
         Arc::new(Self {
+            core: core.clone(),
             queue: Queue::new(
                 cfg.server.queue_capacity,
                 Duration::from_millis(cfg.scheduling.aging_ms),
             ),
-            video_threads: Arc::new(Semaphore::new(videos)),
-            ready,
+            videos: AtomicUsize::new(0),
+            members: std::sync::Mutex::new(Members {
+                desired: cfg.workers.count,
+                threads: cfg.workers.threads,
+                next_index: 0,
+                all: BTreeMap::new(),
+                tasks: JoinSet::new(),
+            }),
             next_job: AtomicU64::new(1),
         })
     }
@@ -391,15 +452,152 @@ impl WorkerPool {
             .map_or(Duration::ZERO, |t| t.elapsed())
     }
 
+    /// Members ready to take jobs (retiring ones excluded).
     pub fn ready_count(&self) -> usize {
-        self.ready
-            .iter()
-            .filter(|r| r.load(Ordering::Relaxed))
+        self.lock_members()
+            .all
+            .values()
+            .filter(|m| m.is_ready() && !m.retire.is_cancelled())
             .count()
     }
 
-    pub fn size(&self) -> usize {
-        self.ready.len()
+    /// The size the pool is reconciled toward.
+    pub fn desired(&self) -> u32 {
+        self.lock_members().desired
+    }
+
+    /// The pool now, for the admin API.
+    pub fn view(&self) -> PoolView {
+        let cfg = &self.core.cfg.workers;
+        let m = self.lock_members();
+        let members: Vec<MemberView> = m.all.values().map(|x| x.view()).collect();
+        let retired = self
+            .core
+            .metrics
+            .worker_restarts
+            .with_label_values(&["preprocess", Exit::Retired.as_str()])
+            .get();
+        let (queued_images, queued_videos) = {
+            let q = self.queue.lock();
+            (q.images.len(), q.videos.len())
+        };
+        PoolView {
+            desired: m.desired,
+            threads: m.threads,
+            min: cfg.min,
+            max: cfg.max,
+            alive: members.iter().filter(|x| x.pid.is_some()).count(),
+            ready: members.iter().filter(|x| x.ready && !x.retiring).count(),
+            busy: members.iter().map(|x| x.busy).sum(),
+            queued_images,
+            queued_videos,
+            restarts: members.iter().map(|x| x.restarts).sum(),
+            retired,
+            members,
+        }
+    }
+
+    /// Sets the pool's size (and, if given, the threads per worker) and
+    /// reconciles toward it. New members take jobs once ready; removed ones
+    /// finish their current jobs first; a thread change replaces each
+    /// member once a new one is ready. Refused whole when out of bounds.
+    pub fn resize(
+        self: &Arc<Self>,
+        workers: Option<u32>,
+        threads: Option<u32>,
+    ) -> Result<(), String> {
+        let cfg = &self.core.cfg.workers;
+        if let Some(n) = workers
+            && !(cfg.min..=cfg.max).contains(&n)
+        {
+            return Err(format!(
+                "workers must be within [workers] min..=max = {}..={}; got {n}",
+                cfg.min, cfg.max
+            ));
+        }
+        if let Some(t) = threads
+            && !(1..=config::MAX_WORKER_THREADS).contains(&t)
+        {
+            return Err(format!(
+                "threads must be within 1..={}; got {t}",
+                config::MAX_WORKER_THREADS
+            ));
+        }
+        {
+            let mut m = self.lock_members();
+            if let Some(n) = workers {
+                m.desired = n;
+            }
+            if let Some(t) = threads {
+                m.threads = t;
+            }
+        }
+        self.reconcile();
+        Ok(())
+    }
+
+    /// Starts the pool's members; the task ends once shutdown began and
+    /// every member's process is reaped.
+    pub async fn run(self: Arc<Self>) {
+        self.reconcile();
+        self.core.shutting_down().await;
+        loop {
+            let mut tasks = std::mem::take(&mut self.lock_members().tasks);
+            if tasks.is_empty() {
+                break;
+            }
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Moves the members toward `desired` workers of `threads` threads:
+    /// starts what is missing, retires extra members (newest first), and
+    /// retires members of another thread count once enough new ones are
+    /// ready to stand in for them.
+    fn reconcile(self: &Arc<Self>) {
+        if self.core.is_shutting_down() {
+            return;
+        }
+        let mut m = self.lock_members();
+        let desired = m.desired as usize;
+        let active: Vec<Arc<Member>> = m
+            .all
+            .values()
+            .filter(|x| !x.retire.is_cancelled())
+            .cloned()
+            .collect();
+        let (fresh, stale): (Vec<_>, Vec<_>) =
+            active.into_iter().partition(|x| x.threads == m.threads);
+        for x in fresh.iter().skip(desired) {
+            tracing::info!(
+                worker = x.index,
+                "retiring preprocess worker (pool scaled down)"
+            );
+            x.retire.cancel();
+        }
+        for _ in fresh.len()..desired {
+            let member = Arc::new(Member::new(m.next_index, m.threads));
+            m.next_index += 1;
+            m.all.insert(member.index, member.clone());
+            let pool = self.clone();
+            m.tasks
+                .spawn(async move { pool.serve_member(member).await });
+        }
+        let fresh_ready = fresh.iter().take(desired).filter(|x| x.is_ready()).count();
+        for x in stale.iter().skip(desired.saturating_sub(fresh_ready)) {
+            tracing::info!(
+                worker = x.index,
+                "retiring preprocess worker (thread count changed)"
+            );
+            x.retire.cancel();
+        }
+        drop(m);
+        // Retired members stop taking jobs: let the others look again.
+        self.queue.wake();
+    }
+
+    fn lock_members(&self) -> std::sync::MutexGuard<'_, Members> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Stops taking new jobs; queued ones are still served.
@@ -408,16 +606,28 @@ impl WorkerPool {
         self.queue.wake();
     }
 
-    /// Supervises worker `index` until shutdown: start, serve, restart.
-    pub async fn supervise(self: Arc<Self>, core: Arc<Core>, index: u32) {
-        let name = format!("preprocess-worker {index}");
-        children::keep_running(&core, "preprocess", &name, || self.run_once(&core, index)).await;
+    /// Supervises one member until it is retired or shutdown: start,
+    /// serve, restart; then takes it out of the pool.
+    async fn serve_member(self: Arc<Self>, member: Arc<Member>) {
+        let name = format!("preprocess-worker {}", member.index);
+        let core = self.core.clone();
+        children::keep_running(&core, "preprocess", &name, &member.retire, || {
+            member.incarnations.fetch_add(1, Ordering::Relaxed);
+            self.run_once(&core, &member)
+        })
+        .await;
+        self.lock_members().all.remove(&member.index);
+        self.reconcile();
     }
 
     /// One incarnation of a worker process. Returns why it ended.
-    async fn run_once(self: &Arc<Self>, core: &Arc<Core>, index: u32) -> Result<Exit, StartError> {
+    async fn run_once(
+        self: &Arc<Self>,
+        core: &Arc<Core>,
+        member: &Arc<Member>,
+    ) -> Result<Exit, StartError> {
         let cfg = &core.cfg;
-        let threads = cfg.workers.threads;
+        let (index, threads) = (member.index, member.threads);
         let input = Arc::new(InputRegion::create(threads, cfg.input_slot_bytes())?);
         let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
         let fds = vec![
@@ -443,34 +653,50 @@ impl WorkerPool {
             children::reap(&mut sp.child).await;
             return Err(e);
         }
-        tracing::info!(worker = index, pid = sp.pid, "preprocess worker ready");
+        tracing::info!(
+            worker = index,
+            pid = sp.pid,
+            threads,
+            "preprocess worker ready"
+        );
         let (rd, wr) = sp.stream.into_split();
         let link = Arc::new(WorkerLink::new(wr));
         let mut dispatchers = JoinSet::new();
         for k in 0..threads {
-            let (pool, core, link, input) =
-                (self.clone(), core.clone(), link.clone(), input.clone());
-            dispatchers.spawn(async move { pool.dispatch(core, link, input, k).await });
+            let (pool, core, link, input, member) = (
+                self.clone(),
+                core.clone(),
+                link.clone(),
+                input.clone(),
+                member.clone(),
+            );
+            dispatchers.spawn(async move { pool.dispatch(core, link, input, member, k).await });
         }
-        self.set_ready(index, true);
-        core.metrics
-            .children_ready
-            .with_label_values(&["preprocess"])
-            .inc();
+        member.pid.store(sp.pid, Ordering::Relaxed);
+        self.set_ready(member, true);
 
-        // When it returns, the link is dying: its dispatchers stop taking jobs.
-        let reason = link
-            .run(&mut sp.child, rd, core.shutting_down(), |_| {})
-            .await;
-        self.set_ready(index, false);
-        core.metrics
-            .children_ready
-            .with_label_values(&["preprocess"])
-            .dec();
+        // A retired member's dispatchers end after their current job; the
+        // worker then goes. When `run` returns, the link is dying: the
+        // dispatchers stop taking jobs.
+        let stop = async {
+            tokio::select! {
+                () = core.shutting_down() => Exit::Shutdown,
+                () = async {
+                    member.retire.cancelled().await;
+                    while dispatchers.join_next().await.is_some() {}
+                } => Exit::Retired,
+            }
+        };
+        let reason = link.run(&mut sp.child, rd, stop, |_| {}).await;
+        self.set_ready(member, false);
         // On shutdown the HTTP server has drained by now. The process must be
         // gone before any lease it could write is freed.
         link.finish(&mut sp.child, reason).await;
+        member.pid.store(0, Ordering::Relaxed);
         dispatchers.shutdown().await;
+        if reason == Exit::Retired {
+            tracing::info!(worker = index, "preprocess worker retired");
+        }
         Ok(reason)
     }
 
@@ -480,24 +706,23 @@ impl WorkerPool {
         core: Arc<Core>,
         link: Arc<WorkerLink>,
         input: Arc<InputRegion>,
+        member: Arc<Member>,
         k: u32,
     ) {
         loop {
             // A video is taken only with a video thread permit, held while
-            // it runs; images are taken by any free thread.
-            let (mut job, video_permit, lease) = tokio::select! {
+            // it runs; images are taken by any free thread. A retired
+            // member takes no new job.
+            let (mut job, _video_permit, lease) = tokio::select! {
                 biased;
                 _ = link.dying() => return,
+                _ = member.retire.cancelled() => return,
                 next = self.next_job(&core) => match next {
                     Some(next) => next,
                     None => return,
                 },
             };
-            // A video's end may let a waiting thread take the next video.
-            let _video_permit = video_permit.map(|p| VideoPermit {
-                permit: Some(p),
-                queue: &self.queue,
-            });
+            let _busy = Busy::new(&member);
             // Work nobody waits for any more (its deadline passed, its
             // caller went away or gave up) is not decoded.
             let waited_for = !job.upload.ctx.expired() && !job.task.caller_gone();
@@ -527,9 +752,50 @@ impl WorkerPool {
 }
 
 impl WorkerPool {
-    fn set_ready(&self, index: u32, ready: bool) {
-        self.ready[index as usize].store(ready, Ordering::Relaxed);
-        self.queue.wake();
+    fn set_ready(self: &Arc<Self>, member: &Member, ready: bool) {
+        if member.ready.swap(ready, Ordering::Relaxed) == ready {
+            return;
+        }
+        let gauge = self
+            .core
+            .metrics
+            .children_ready
+            .with_label_values(&["preprocess"]);
+        if ready {
+            gauge.inc();
+        } else {
+            gauge.dec();
+        }
+        // A ready member may let a stale one retire; either way the
+        // dispatchers look at the queue again.
+        self.reconcile();
+    }
+
+    /// A video thread permit, if videos may take one more thread: at most
+    /// their share of the desired threads, and never the last live one
+    /// (unless the pool has a single thread in all).
+    fn video_permit(&self) -> Option<VideoPermit<'_>> {
+        let (desired, live) = {
+            let m = self.lock_members();
+            let live: usize = m
+                .all
+                .values()
+                .filter(|x| x.is_ready() && !x.retire.is_cancelled())
+                .map(|x| x.threads as usize)
+                .sum();
+            ((m.desired * m.threads) as usize, live)
+        };
+        let share = video_threads(desired as u32, self.core.cfg.video.max_worker_share);
+        self.videos
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                // After taking it, a live thread is still left for images.
+                (running < share && (desired == 1 || running + 1 < live)).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| VideoPermit {
+                pool: self,
+                taken: false,
+            })
     }
 
     /// The next job in scheduling order (`None` once the queue is closed
@@ -543,24 +809,22 @@ impl WorkerPool {
     /// whatever is at the head when a slot frees (a critical job that came
     /// meanwhile, say) gets it. Cancel-safe: a job is only taken when
     /// returned.
-    async fn next_job(&self, core: &Core) -> Option<Taken> {
-        let cfg = &core.cfg.workers;
-        let configured = (cfg.count * cfg.threads) as usize;
-        let share = video_threads(configured as u32, core.cfg.video.max_worker_share);
+    async fn next_job(&self, core: &Core) -> Option<Taken<'_>> {
         loop {
             let changed = self.queue.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let permit = self.video_threads.clone().try_acquire_owned().ok();
-            let live = self.ready_count() * cfg.threads as usize;
-            let videos_running = share - self.video_threads.available_permits();
-            let permit = permit.filter(|_| configured == 1 || videos_running < live);
+            let permit = self.video_permit();
             let head = {
                 let mut state = self.queue.lock();
                 let now = Instant::now();
                 match state.next_is_video(permit.is_some(), now) {
                     Some(true) => {
                         let job = state.videos.pop(now).map(|(job, _)| job);
+                        let permit = permit.map(|mut p| {
+                            p.taken = true;
+                            p
+                        });
                         return job.map(|job| (job, permit, None));
                     }
                     // Work nobody waits for any more is taken without a
@@ -611,18 +875,72 @@ impl WorkerPool {
     }
 }
 
-/// A video's thread permit: its release wakes the dispatchers, one of
-/// which may now take a queued video.
+/// A video's thread permit. Once a video was taken with it, its release
+/// wakes the dispatchers, one of which may now take a queued video (a
+/// permit only looked at while choosing a job wakes nobody: that would
+/// wake the chooser itself).
 struct VideoPermit<'a> {
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    queue: &'a Queue,
+    pool: &'a WorkerPool,
+    taken: bool,
 }
 
 impl Drop for VideoPermit<'_> {
     fn drop(&mut self) {
         // Released before waking, so a woken dispatcher can take it.
-        drop(self.permit.take());
-        self.queue.wake();
+        self.pool.videos.fetch_sub(1, Ordering::AcqRel);
+        if self.taken {
+            self.pool.queue.wake();
+        }
+    }
+}
+
+impl Member {
+    fn new(index: u32, threads: u32) -> Self {
+        Self {
+            index,
+            threads,
+            ready: AtomicBool::new(false),
+            pid: AtomicU32::new(0),
+            busy: AtomicU32::new(0),
+            incarnations: AtomicU64::new(0),
+            jobs: AtomicU64::new(0),
+            retire: CancellationToken::new(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn view(&self) -> MemberView {
+        let pid = self.pid.load(Ordering::Relaxed);
+        MemberView {
+            index: self.index,
+            pid: (pid != 0).then_some(pid),
+            threads: self.threads,
+            ready: self.is_ready(),
+            busy: self.busy.load(Ordering::Relaxed),
+            retiring: self.retire.is_cancelled(),
+            restarts: self.incarnations.load(Ordering::Relaxed).saturating_sub(1),
+            jobs: self.jobs.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A worker thread busy with a job, counted while it lives.
+struct Busy<'a>(&'a Member);
+
+impl<'a> Busy<'a> {
+    fn new(member: &'a Member) -> Self {
+        member.busy.fetch_add(1, Ordering::Relaxed);
+        member.jobs.fetch_add(1, Ordering::Relaxed);
+        Self(member)
+    }
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -682,7 +1000,9 @@ impl WorkerThread<'_> {
                 return Ok(());
             }
         };
-        let mut rx = self.link.expect(job_id, Vec::new());
+        let Ok(mut rx) = self.link.expect(job_id, Vec::new()) else {
+            return Err(Held::new(vec![lease], reply));
+        };
         let msg = ToWorker::Job(Job {
             job_id,
             ctx,

@@ -74,6 +74,8 @@ pub struct Gateway {
     _serial: std::sync::MutexGuard<'static, ()>,
     pub child: Child,
     pub addr: String,
+    /// The admin listener's address (a free port unless the test set one).
+    pub admin_addr: Option<String>,
     pub dir: PathBuf,
     pub client: reqwest::Client,
 }
@@ -91,7 +93,33 @@ impl Gateway {
 
     /// Starts with every process logging at `debug` into `self.log_path()`.
     pub async fn start_logged(extra: &str) -> Gateway {
-        Self::start_inner(extra, &[("RUST_LOG", "debug")], true).await
+        Self::start_logged_with(extra, &[]).await
+    }
+
+    /// [`Gateway::start_logged`], with more environment.
+    pub async fn start_logged_with(extra: &str, env: &[(&str, &str)]) -> Gateway {
+        let mut all = vec![("RUST_LOG", "debug")];
+        all.extend_from_slice(env);
+        Self::start_inner(extra, &all, true).await
+    }
+
+    /// `method` on the admin listener, with `key` as the bearer token.
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> Reply {
+        let addr = self.admin_addr.as_ref().expect("an admin listener");
+        let mut req = self.client.request(method, format!("http://{addr}{path}"));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        Reply::of(req).await
     }
 
     /// The log file of a gateway started with [`Gateway::start_logged`].
@@ -114,6 +142,7 @@ impl Gateway {
             .arg("--config")
             .arg(dir.join("config.toml"))
             .env("RUST_LOG", "warn")
+            .env("MMGATE_ADMIN_LISTEN", "127.0.0.1:0")
             .stdout(Stdio::piped())
             .stderr(if logged {
                 Stdio::from(std::fs::File::create(dir.join("mmgate.log")).unwrap())
@@ -133,10 +162,26 @@ impl Gateway {
             .strip_prefix("mmgate listening on http://")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
+        let mut line = String::new();
+        let admin_addr = match env.iter().find(|(k, _)| *k == "MMGATE_ADMIN_LISTEN") {
+            Some((_, "")) => None,
+            _ => {
+                out.read_line(&mut line)
+                    .expect("mmgate prints its admin address");
+                let a = line
+                    .trim()
+                    .strip_prefix("mmgate admin listening on http://");
+                Some(
+                    a.unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                        .to_string(),
+                )
+            }
+        };
         let gw = Gateway {
             _serial: serial,
             child,
             addr,
+            admin_addr,
             dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
@@ -162,8 +207,16 @@ impl Gateway {
         panic!("mmgate not ready within {within:?}");
     }
 
+    /// Ready, and not below the pool's desired size.
     pub async fn ready_now(&self) -> bool {
-        matches!(self.client.get(self.url("/readyz")).send().await, Ok(r) if r.status() == 200)
+        let Ok(r) = self.client.get(self.url("/readyz")).send().await else {
+            return false;
+        };
+        if r.status() != 200 {
+            return false;
+        }
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        body["degraded"] == serde_json::json!(false)
     }
 
     /// POSTs a raw body; returns status, JSON body and headers.

@@ -1,0 +1,172 @@
+//! The admin API, on its own listener (`[admin] listen`, default
+//! 127.0.0.1:8081), never on the public one. It takes only the admin key
+//! (`Authorization: Bearer <key>`; its SHA-256 in `[admin] key_hash`, or
+//! the key in `MMGATE_ADMIN_KEY`), compared in constant time; tenant keys
+//! are never accepted. Without an admin key, reads are open and every
+//! change is refused.
+//!
+//! - `GET /admin/pools`: the preprocess pool and the executor.
+//! - `PUT /admin/pools/preprocess` `{"workers": n, "threads": t}`.
+//! - `PUT /admin/models/{m}` `{"instances", "max_batch", "max_queue_delay_us"}`.
+//! - `GET /metrics`.
+//!
+//! Every change is validated, applied whole or not at all, logged with the
+//! client's address, and answered with the new state.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::http::{HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::AppState;
+use crate::error::{ApiError, Code};
+use crate::executor::ModelChange;
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/admin/pools", get(pools))
+        .route("/admin/pools/preprocess", put(resize_preprocess))
+        .route("/admin/models/{model}", put(change_model))
+        .route("/metrics", get(crate::api::metrics))
+        .fallback(|| async { ApiError::new(Code::NotFound, "no such admin route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                Code::MethodNotAllowed,
+                "this route does not take that method",
+            )
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ))
+        .with_state(state)
+}
+
+/// Lets a request through only with the admin key (any request once a key
+/// is set; without one, reads only).
+async fn require_admin(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let stored = app
+        .core
+        .cfg
+        .admin
+        .key_hash
+        .as_deref()
+        .and_then(config::parse_key_hash);
+    match stored {
+        Some(stored) => {
+            let given = bearer(req.headers()).map(config::key_digest);
+            let ok = given.is_some_and(|h| {
+                let diff = stored.iter().zip(&h).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+                std::hint::black_box(diff) == 0
+            });
+            if !ok {
+                return ApiError::new(
+                    Code::AdminKeyRequired,
+                    "the admin API takes the admin key as `Authorization: Bearer <key>`",
+                )
+                .into_response();
+            }
+        }
+        None if req.method() != Method::GET => {
+            return ApiError::new(
+                Code::AdminDisabled,
+                "no admin key is configured ([admin] key_hash or MMGATE_ADMIN_KEY): changes are refused",
+            )
+            .into_response();
+        }
+        None => {}
+    }
+    next.run(req).await
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, key) = v.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
+fn state(app: &AppState) -> serde_json::Value {
+    json!({
+        "preprocess": app.workers.view(),
+        "executor": app.executor.view(&app.core),
+    })
+}
+
+async fn pools(State(app): State<AppState>) -> Json<serde_json::Value> {
+    Json(state(&app))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PoolChange {
+    workers: Option<u32>,
+    threads: Option<u32>,
+}
+
+fn body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|e| {
+        ApiError::new(
+            Code::BadRequest,
+            format!("bad JSON body: {}", e.body_text()),
+        )
+    })
+}
+
+async fn resize_preprocess(
+    State(app): State<AppState>,
+    ConnectInfo(by): ConnectInfo<SocketAddr>,
+    change: Result<Json<PoolChange>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let change = body(change)?;
+    if change.workers.is_none() && change.threads.is_none() {
+        return Err(ApiError::new(
+            Code::BadRequest,
+            "give `workers`, `threads` or both",
+        ));
+    }
+    app.workers
+        .resize(change.workers, change.threads)
+        .map_err(|e| ApiError::new(Code::BadRequest, e))?;
+    tracing::info!(%by, workers = ?change.workers, threads = ?change.threads,
+        "admin: preprocess pool resized");
+    Ok(Json(state(&app)))
+}
+
+async fn change_model(
+    State(app): State<AppState>,
+    ConnectInfo(by): ConnectInfo<SocketAddr>,
+    model: Result<Path<String>, PathRejection>,
+    change: Result<Json<ModelChange>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let model = crate::api::model_name(model)?;
+    let change = body(change)?;
+    if change.instances.is_none()
+        && change.max_batch.is_none()
+        && change.max_queue_delay_us.is_none()
+    {
+        return Err(ApiError::new(
+            Code::BadRequest,
+            "give `instances`, `max_batch` or `max_queue_delay_us`",
+        ));
+    }
+    let spec = app
+        .executor
+        .change_model(&app.core, &model, &change)
+        .await
+        .inspect_err(|e| {
+            tracing::warn!(%by, model, ?change, error = %e.message, "admin: model change refused")
+        })?;
+    tracing::info!(%by, model, instances = spec.instances.count,
+        max_batch = spec.batching.max_batch,
+        max_queue_delay_us = spec.batching.max_queue_delay_us,
+        "admin: model changed live");
+    Ok(Json(state(&app)))
+}

@@ -1,0 +1,307 @@
+//! The admin API: its own listener and key, live pool sizing under load.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Gateway, fixture, tenant};
+use reqwest::Method;
+use serde_json::json;
+
+const ADMIN_KEY: &str = "admin-secret-7f3a9c";
+
+fn pids(v: &serde_json::Value) -> BTreeSet<u32> {
+    v["preprocess"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_takes_only_its_own_key_on_its_own_port_and_logs_no_key() {
+    let gw =
+        Gateway::start_logged_with(&tenant("acme", ""), &[("MMGATE_ADMIN_KEY", ADMIN_KEY)]).await;
+    let admin = gw.admin_addr.clone().unwrap();
+    assert_ne!(admin, gw.addr, "the admin API has its own port");
+    let get = |key| gw.admin(Method::GET, "/admin/pools", key, None);
+    for key in [None, Some("wrong"), Some("key-acme"), Some("")] {
+        let r = get(key).await;
+        r.refused(401, "admin_key_required");
+    }
+    let r = get(Some(ADMIN_KEY)).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["preprocess"]["desired"], 2, "{}", r.json);
+    assert_eq!(r.json["executor"]["ready"], true, "{}", r.json);
+    // Not on the public listener, whatever the key.
+    let public = gw
+        .client
+        .get(gw.url("/admin/pools"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+    // A tenant key changes nothing either.
+    let r = gw
+        .admin(
+            Method::PUT,
+            "/admin/pools/preprocess",
+            Some("key-acme"),
+            Some(json!({"workers": 3})),
+        )
+        .await;
+    r.refused(401, "admin_key_required");
+    let r = gw
+        .admin(
+            Method::PUT,
+            "/admin/pools/preprocess",
+            Some(ADMIN_KEY),
+            Some(json!({"workers": 3})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["preprocess"]["desired"], 3);
+    let metrics = gw
+        .admin(Method::GET, "/metrics", Some(ADMIN_KEY), None)
+        .await;
+    let text = metrics.json.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains("mmgate_children_ready"),
+        "metrics on the admin listener"
+    );
+    let log = std::fs::read_to_string(gw.log_path()).unwrap();
+    assert!(
+        log.contains("admin: preprocess pool resized"),
+        "the change is logged"
+    );
+    for (what, key) in [("admin", ADMIN_KEY), ("tenant", "key-acme")] {
+        assert!(!log.contains(key), "the {what} key is in the log");
+        assert!(!text.contains(key), "the {what} key is in /metrics");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_key_changes_are_refused_and_bad_changes_are_400() {
+    let gw = Gateway::start("").await;
+    let r = gw.admin(Method::GET, "/admin/pools", None, None).await;
+    assert_eq!(r.status, 200, "reads are open without a key: {}", r.json);
+    let r = gw
+        .admin(
+            Method::PUT,
+            "/admin/pools/preprocess",
+            None,
+            Some(json!({"workers": 3})),
+        )
+        .await;
+    r.refused(403, "admin_disabled");
+    drop(gw);
+
+    let gw = Gateway::start_with("", &[("MMGATE_ADMIN_KEY", ADMIN_KEY)]).await;
+    let put = |path: &'static str, body| gw.admin(Method::PUT, path, Some(ADMIN_KEY), Some(body));
+    for body in [
+        json!({"workers": 0}),
+        json!({"workers": 9}),
+        json!({"threads": 0}),
+        json!({"workers": 2, "colour": "red"}),
+        json!({}),
+    ] {
+        let r = put("/admin/pools/preprocess", body.clone()).await;
+        r.refused(400, "bad_request");
+    }
+    for body in [json!({"instances": 0}), json!({"max_batch": 0}), json!({})] {
+        let r = put("/admin/models/open_nsfw", body.clone()).await;
+        r.refused(400, "bad_request");
+    }
+    let r = put("/admin/models/nope", json!({"instances": 1})).await;
+    r.refused(404, "model_not_found");
+    // Nothing changed.
+    let r = gw
+        .admin(Method::GET, "/admin/pools", Some(ADMIN_KEY), None)
+        .await;
+    assert_eq!(r.json["preprocess"]["desired"], 2);
+    assert_eq!(
+        r.json["executor"]["models"][0]["instances"], 2,
+        "{}",
+        r.json
+    );
+    assert_eq!(r.json["executor"]["restarts"], 0);
+}
+
+/// Keeps `clients` sending the good image until stopped; counts answers
+/// and failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<std::sync::Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(gw: &Gateway, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let body = fixture("images/coffee.jpg");
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                let (client, url, body) = (
+                    gw.client.clone(),
+                    gw.url("/v1/models/open_nsfw/score"),
+                    body.clone(),
+                );
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = client
+                            .post(&url)
+                            .header("content-type", "image/jpeg")
+                            .body(body.clone())
+                            .send()
+                            .await;
+                        match r {
+                            Ok(r) if r.status() == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(r) => {
+                                let s = r.status();
+                                let t = r.text().await.unwrap_or_default();
+                                failed.lock().unwrap().push(format!("{s}: {t}"));
+                            }
+                            Err(e) => failed.lock().unwrap().push(e.to_string()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            ok,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let failed = self.failed.lock().unwrap().clone();
+        (self.ok.load(Ordering::Relaxed), failed)
+    }
+}
+
+/// Resizes the preprocess pool and waits until `ps` and `/admin/pools`
+/// agree on `n` ready workers; returns how long that took.
+async fn resize_workers(gw: &Gateway, body: serde_json::Value, n: usize) -> Duration {
+    let t = Instant::now();
+    let r = gw
+        .admin(
+            Method::PUT,
+            "/admin/pools/preprocess",
+            Some(ADMIN_KEY),
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    loop {
+        let r = gw
+            .admin(Method::GET, "/admin/pools", Some(ADMIN_KEY), None)
+            .await;
+        let listed = pids(&r.json);
+        let ps: BTreeSet<u32> = gw.children("preprocess-work").into_iter().collect();
+        let p = &r.json["preprocess"];
+        if p["ready"] == n && p["alive"] == n && listed == ps && ps.len() == n {
+            return t.elapsed();
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "pool never reached {n}: ps {ps:?}, admin {}",
+            r.json
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_resize_live_under_load_and_no_request_fails() {
+    let gw = Gateway::start_with("", &[("MMGATE_ADMIN_KEY", ADMIN_KEY)]).await;
+    let load = Load::start(&gw, 6);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut took = Vec::new();
+    for (body, n) in [
+        (json!({"workers": 6}), 6),
+        (json!({"workers": 1}), 1),
+        (json!({"workers": 2, "threads": 2}), 2),
+        (json!({"threads": 1}), 2),
+    ] {
+        took.push(resize_workers(&gw, body, n).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("preprocess resizes agreed with ps after {took:?}");
+    assert!(
+        took.iter().all(|t| *t < Duration::from_secs(2)),
+        "ps and /admin/pools agree within 2 s: {took:?}"
+    );
+    let r = gw
+        .admin(Method::GET, "/admin/pools", Some(ADMIN_KEY), None)
+        .await;
+    let threads: Vec<_> = r.json["preprocess"]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["threads"].as_u64().unwrap())
+        .collect();
+    assert_eq!(threads, [1, 1], "{}", r.json);
+
+    let old_exec = gw.children("gpu-executor");
+    for instances in [1, 2] {
+        let r = gw
+            .admin(
+                Method::PUT,
+                "/admin/models/open_nsfw",
+                Some(ADMIN_KEY),
+                Some(json!({"instances": instances, "max_queue_delay_us": 1500})),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+        let m = &r.json["executor"]["models"][0];
+        assert_eq!(m["instances"], instances, "{}", r.json);
+        assert_eq!(m["max_queue_delay_us"], 1500, "{}", r.json);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (ok, failed) = load.finish().await;
+    println!("{ok} requests answered 200 during the resizes");
+    assert!(
+        failed.is_empty(),
+        "{} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 50, "the load ran ({ok})");
+    // The replaced executors are gone, one serves, and its layout shows.
+    let t = Instant::now();
+    while gw.children("gpu-executor").len() != 1 {
+        assert!(t.elapsed() < Duration::from_secs(5), "old executors linger");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let now = gw.children("gpu-executor");
+    assert!(!old_exec.contains(&now[0]), "a new executor serves");
+    let m = gw.get("/v1/models/open_nsfw").await;
+    assert_eq!(m.json["instances"]["count"], 2, "{}", m.json);
+    assert_eq!(m.json["batching"]["max_queue_delay_us"], 1500, "{}", m.json);
+    let leased = gw.metric("mmgate_shm_slots", "state=\"leased\"").await;
+    assert_eq!(leased, 0.0, "every slot is free again");
+    assert_eq!(
+        gw.metric("mmgate_worker_restarts_total", "reason=\"retired\"")
+            .await,
+        8.0,
+        "6→1 retires 5; 1→2 with 2 threads retires 1; back to 1 thread retires 2; executors are not counted",
+    );
+}
