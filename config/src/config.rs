@@ -259,6 +259,21 @@ pub struct WorkerPool {
     pub max: u32,
     /// Jobs one worker process runs at once (one thread each).
     pub threads: u32,
+    /// Moves the pool between `min` and `max` on load: one worker more
+    /// when images wait `scale_up_queue_ms` (critical ones: a quarter of
+    /// that), one fewer when nothing waits and the busy share of the worker
+    /// threads stayed under `scale_down_busy` for a whole cooldown; at most
+    /// one change per `cooldown_ms`.
+    pub autoscale: bool,
+    pub scale_up_queue_ms: u64,
+    pub scale_down_busy: f64,
+    pub cooldown_ms: u64,
+    /// A worker is replaced (a new one started, the old one retired once
+    /// it is ready) after this many jobs; 0 = never.
+    pub recycle_after_jobs: u64,
+    /// A worker whose resident memory passes this many MiB is replaced the
+    /// same way; 0 = never.
+    pub recycle_above_rss_mib: u64,
     /// Encoded inputs up to this size travel inside the job message; larger
     /// ones go through the worker's shared-memory input region.
     pub inline_input_max_bytes: usize,
@@ -271,6 +286,12 @@ impl Default for WorkerPool {
             min: 1,
             max: 8,
             threads: 1,
+            autoscale: false,
+            scale_up_queue_ms: 100,
+            scale_down_busy: 0.3,
+            cooldown_ms: 10_000,
+            recycle_after_jobs: 0,
+            recycle_above_rss_mib: 0,
             inline_input_max_bytes: 64 << 10,
         }
     }
@@ -591,6 +612,15 @@ impl ServerConfig {
             return Err(invalid(format!(
                 "workers.count is {} and workers.threads {}; they must be 1..={MAX_WORKERS} and 1..={MAX_WORKER_THREADS}",
                 w.count, w.threads
+            )));
+        }
+        if !(0.0..1.0).contains(&w.scale_down_busy)
+            || w.scale_up_queue_ms == 0
+            || w.cooldown_ms < 100
+        {
+            return Err(invalid(format!(
+                "workers.scale_down_busy ({}) must be in [0, 1), scale_up_queue_ms ({}) > 0 and cooldown_ms ({}) >= 100",
+                w.scale_down_busy, w.scale_up_queue_ms, w.cooldown_ms
             )));
         }
         if w.min == 0 || w.min > w.count || w.count > w.max || w.max > MAX_WORKERS {

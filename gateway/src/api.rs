@@ -145,6 +145,11 @@ pub(crate) async fn metrics(State(app): State<AppState>) -> Response {
         .with_label_values(&["preprocess"])
         .set(app.workers.queued() as i64);
     m.buffered_bytes.set(app.body_budget.held_bytes() as i64);
+    m.observe_processes(&[
+        ("gateway", vec![std::process::id()]),
+        ("preprocess", app.workers.pids()),
+        ("executor", app.executor.pids()),
+    ]);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         m.render(),

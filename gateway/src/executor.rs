@@ -132,6 +132,21 @@ impl Executor {
             .cloned()
     }
 
+    /// The pids of the executor processes: the serving one first.
+    pub fn pids(&self) -> Vec<u32> {
+        let pid = self.pid.load(Ordering::Relaxed);
+        (pid != 0).then_some(pid).into_iter().collect()
+    }
+
+    /// `max_batch` of model `model` as executors run it now.
+    pub fn max_batch(&self, model: u16) -> Option<u32> {
+        self.models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(model as usize)
+            .map(|m| m.batching.max_batch)
+    }
+
     /// The model specs executors run now.
     pub fn models(&self) -> Vec<ModelSpec> {
         self.models

@@ -22,6 +22,19 @@ pub struct Metrics {
     pub buffered_bytes: IntGauge,
     pub dropped: IntCounterVec,
     pub degraded: IntCounterVec,
+    pub pool_desired: IntGaugeVec,
+    pub autoscale: IntCounterVec,
+    pub batch_fill: HistogramVec,
+    pub process_cpu: prometheus::CounterVec,
+    pub process_rss: IntGaugeVec,
+    /// CPU seconds last read per (pool, pid), and what processes gone since
+    /// had used, so the CPU counter never goes down.
+    cpu_seen: std::sync::Arc<std::sync::Mutex<CpuSeen>>,
+}
+
+#[derive(Debug, Default)]
+struct CpuSeen {
+    last: std::collections::HashMap<(&'static str, u32), f64>,
 }
 
 /// Where work nobody waits for any more was dropped, and why.
@@ -167,8 +180,54 @@ impl Metrics {
             &["class", "action"],
         )
         .expect("valid metric");
+        let pool_desired = IntGaugeVec::new(
+            Opts::new(
+                "mmgate_pool_desired",
+                "Processes a pool is reconciled toward (admin API, autoscaling)",
+            ),
+            &["pool"],
+        )
+        .expect("valid metric");
+        let autoscale = IntCounterVec::new(
+            Opts::new(
+                "mmgate_autoscale_changes_total",
+                "Pool size changes made by the autoscaler, by direction (up, down)",
+            ),
+            &["pool", "direction"],
+        )
+        .expect("valid metric");
+        let batch_fill = HistogramVec::new(
+            HistogramOpts::new(
+                "mmgate_batch_fill_ratio",
+                "Batch size over the model's max_batch, per sample",
+            )
+            .buckets(vec![0.125, 0.25, 0.5, 0.75, 1.0]),
+            &["model"],
+        )
+        .expect("valid metric");
+        let process_cpu = prometheus::CounterVec::new(
+            Opts::new(
+                "mmgate_process_cpu_seconds_total",
+                "CPU seconds used by each pool's processes (gateway, preprocess, executor), read at scrape",
+            ),
+            &["pool"],
+        )
+        .expect("valid metric");
+        let process_rss = IntGaugeVec::new(
+            Opts::new(
+                "mmgate_process_resident_bytes",
+                "Resident memory of each pool's processes, read at scrape",
+            ),
+            &["pool"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(dropped.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pool_desired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(autoscale.clone()),
+            Box::new(batch_fill.clone()),
+            Box::new(process_cpu.clone()),
+            Box::new(process_rss.clone()),
+            Box::new(dropped.clone()),
             Box::new(degraded.clone()),
             Box::new(requests.clone()),
             Box::new(request_duration.clone()),
@@ -198,6 +257,12 @@ impl Metrics {
             open_connections,
             buffered_bytes,
             dropped,
+            pool_desired,
+            autoscale,
+            batch_fill,
+            process_cpu,
+            process_rss,
+            cpu_seen: Default::default(),
             degraded,
         }
     }
@@ -216,4 +281,50 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+impl Metrics {
+    /// Reads CPU time and resident memory of each pool's processes from
+    /// `/proc`. A process gone since the last reading keeps its share of
+    /// the CPU counter.
+    pub fn observe_processes(&self, pools: &[(&'static str, Vec<u32>)]) {
+        let mut seen = self.cpu_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut now = std::collections::HashMap::new();
+        for (pool, pids) in pools {
+            let mut rss = 0;
+            for &pid in pids {
+                let Some((cpu, bytes)) = read_process(pid) else {
+                    continue;
+                };
+                rss += bytes;
+                let before = seen.last.get(&(*pool, pid)).copied().unwrap_or(0.0);
+                if cpu > before {
+                    self.process_cpu
+                        .with_label_values(&[pool])
+                        .inc_by(cpu - before);
+                }
+                now.insert((*pool, pid), cpu.max(before));
+            }
+            self.process_rss.with_label_values(&[pool]).set(rss as i64);
+        }
+        seen.last = now;
+    }
+}
+
+/// CPU seconds (user + system) and resident bytes of `pid`, from `/proc`.
+pub fn read_process(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) closed by ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line (11 and 12 here),
+    // in USER_HZ ticks (100 per second on Linux); rss is field 24 (21), in
+    // pages.
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let pages: u64 = f.get(21)?.parse().ok()?;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    Some((ticks / 100.0, pages * page))
 }

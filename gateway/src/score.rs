@@ -345,10 +345,20 @@ pub async fn infer_sample(
     stage
         .with_label_values(&["inference"])
         .observe(scores.infer_us as f64 / 1e6);
+    let spec = &core.cfg.models[model as usize];
+    let max_batch = app
+        .executor
+        .max_batch(model)
+        .unwrap_or(spec.batching.max_batch);
+    let name = [spec.name.as_str()];
     core.metrics
         .batch_size
-        .with_label_values(&[core.cfg.models[model as usize].name.as_str()])
+        .with_label_values(&name)
         .observe(scores.batch as f64);
+    core.metrics
+        .batch_fill
+        .with_label_values(&name)
+        .observe(f64::from(scores.batch) / f64::from(max_batch.max(1)));
     Ok(scores)
 }
 

@@ -246,6 +246,8 @@ struct Members {
     desired: u32,
     threads: u32,
     next_index: u32,
+    /// When `desired` or `threads` last changed (admin or autoscaler).
+    changed_at: Instant,
     all: BTreeMap<u32, Arc<Member>>,
     /// Each member's supervisor; awaited at shutdown.
     tasks: JoinSet<()>,
@@ -265,6 +267,9 @@ pub struct Member {
     jobs: AtomicU64,
     /// Cancelled when the member is to finish its jobs and go.
     retire: CancellationToken,
+    /// Due for replacement (jobs or memory over the recycling limits): a
+    /// new member is started, and this one retires once it is ready.
+    recycle: AtomicBool,
 }
 
 /// A member as `GET /admin/pools` shows it.
@@ -276,6 +281,7 @@ pub struct MemberView {
     pub ready: bool,
     pub busy: u32,
     pub retiring: bool,
+    pub recycling: bool,
     pub restarts: u64,
     pub jobs: u64,
 }
@@ -392,6 +398,7 @@ impl WorkerPool {
                 desired: cfg.workers.count,
                 threads: cfg.workers.threads,
                 next_index: 0,
+                changed_at: Instant::now(),
                 all: BTreeMap::new(),
                 tasks: JoinSet::new(),
             }),
@@ -531,15 +538,112 @@ impl WorkerPool {
             if let Some(t) = threads {
                 m.threads = t;
             }
+            m.changed_at = Instant::now();
         }
         self.reconcile();
         Ok(())
+    }
+
+    /// Marks `member` for replacement, once.
+    fn recycle(self: &Arc<Self>, member: &Member, why: &str) {
+        if !member.recycle.swap(true, Ordering::Relaxed) {
+            tracing::info!(worker = member.index, why, "recycling preprocess worker");
+            self.reconcile();
+        }
+    }
+
+    /// The pids of the pool's processes now.
+    pub fn pids(&self) -> Vec<u32> {
+        self.lock_members()
+            .all
+            .values()
+            .map(|m| m.pid.load(Ordering::Relaxed))
+            .filter(|&p| p != 0)
+            .collect()
+    }
+
+    /// Every `AUTOSCALE_TICK`: recycles members over the memory limit and,
+    /// with `[workers] autoscale`, moves `desired` within `min..=max`.
+    async fn watch(self: Arc<Self>) {
+        let cfg = self.core.cfg.workers.clone();
+        let mut scaler = Autoscaler::new(&cfg, Instant::now());
+        let mut tick = tokio::time::interval(AUTOSCALE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if self.core.is_shutting_down() {
+                return;
+            }
+            let members: Vec<Arc<Member>> = self.lock_members().all.values().cloned().collect();
+            if cfg.recycle_above_rss_mib > 0 {
+                for m in &members {
+                    let pid = m.pid.load(Ordering::Relaxed);
+                    let rss = crate::metrics::read_process(pid).map_or(0, |(_, b)| b);
+                    if pid != 0 && rss > cfg.recycle_above_rss_mib << 20 {
+                        self.recycle(m, "resident memory over workers.recycle_above_rss_mib");
+                    }
+                }
+            }
+            let (live, busy) = members
+                .iter()
+                .filter(|m| m.is_ready() && !m.retire.is_cancelled())
+                .fold((0, 0), |(l, b), m| {
+                    (l + m.threads, b + m.busy.load(Ordering::Relaxed))
+                });
+            let load = Load {
+                delay: self.queue_delay(&config::Class::ALL),
+                critical_delay: self.queue_delay(&[config::Class::Critical]),
+                busy: if live == 0 {
+                    1.0
+                } else {
+                    f64::from(busy) / f64::from(live)
+                },
+            };
+            let (desired, changed_at) = {
+                let m = self.lock_members();
+                (m.desired, m.changed_at)
+            };
+            self.core
+                .metrics
+                .pool_desired
+                .with_label_values(&["preprocess"])
+                .set(i64::from(desired));
+            if !cfg.autoscale {
+                continue;
+            }
+            let now = Instant::now();
+            let Some(next) = scaler.decide(now, changed_at, desired, &load) else {
+                continue;
+            };
+            {
+                let mut m = self.lock_members();
+                if m.desired != desired || m.changed_at != changed_at {
+                    continue; // an admin change came first
+                }
+                m.desired = next;
+                m.changed_at = now;
+            }
+            let direction = if next > desired { "up" } else { "down" };
+            tracing::info!(
+                from = desired,
+                to = next,
+                ?load,
+                "autoscaling the preprocess pool"
+            );
+            self.core
+                .metrics
+                .autoscale
+                .with_label_values(&["preprocess", direction])
+                .inc();
+            self.reconcile();
+        }
     }
 
     /// Starts the pool's members; the task ends once shutdown began and
     /// every member's process is reaped.
     pub async fn run(self: Arc<Self>) {
         self.reconcile();
+        tokio::spawn(self.clone().watch());
         self.core.shutting_down().await;
         loop {
             let mut tasks = std::mem::take(&mut self.lock_members().tasks);
@@ -566,8 +670,9 @@ impl WorkerPool {
             .filter(|x| !x.retire.is_cancelled())
             .cloned()
             .collect();
-        let (fresh, stale): (Vec<_>, Vec<_>) =
-            active.into_iter().partition(|x| x.threads == m.threads);
+        let (fresh, stale): (Vec<_>, Vec<_>) = active
+            .into_iter()
+            .partition(|x| x.threads == m.threads && !x.recycle.load(Ordering::Relaxed));
         for x in fresh.iter().skip(desired) {
             tracing::info!(
                 worker = x.index,
@@ -587,7 +692,7 @@ impl WorkerPool {
         for x in stale.iter().skip(desired.saturating_sub(fresh_ready)) {
             tracing::info!(
                 worker = x.index,
-                "retiring preprocess worker (thread count changed)"
+                "retiring preprocess worker (thread count changed, or recycled)"
             );
             x.retire.cancel();
         }
@@ -723,6 +828,10 @@ impl WorkerPool {
                 },
             };
             let _busy = Busy::new(&member);
+            let recycle_after = core.cfg.workers.recycle_after_jobs;
+            if recycle_after > 0 && member.jobs.load(Ordering::Relaxed) >= recycle_after {
+                self.recycle(&member, "workers.recycle_after_jobs reached");
+            }
             // Work nobody waits for any more (its deadline passed, its
             // caller went away or gave up) is not decoded.
             let waited_for = !job.upload.ctx.expired() && !job.task.caller_gone();
@@ -905,6 +1014,7 @@ impl Member {
             incarnations: AtomicU64::new(0),
             jobs: AtomicU64::new(0),
             retire: CancellationToken::new(),
+            recycle: AtomicBool::new(false),
         }
     }
 
@@ -921,6 +1031,7 @@ impl Member {
             ready: self.is_ready(),
             busy: self.busy.load(Ordering::Relaxed),
             retiring: self.retire.is_cancelled(),
+            recycling: self.recycle.load(Ordering::Relaxed),
             restarts: self.incarnations.load(Ordering::Relaxed).saturating_sub(1),
             jobs: self.jobs.load(Ordering::Relaxed),
         }
@@ -1093,6 +1204,83 @@ impl Held {
     }
 }
 
+/// How often the pool checks memory and load.
+const AUTOSCALE_TICK: Duration = Duration::from_millis(250);
+
+/// The load the autoscaler sees at one tick.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// How long the oldest queued image has waited.
+    delay: Duration,
+    /// The same, for critical images.
+    critical_delay: Duration,
+    /// Busy share of the live worker threads.
+    busy: f64,
+}
+
+/// Decides the preprocess pool's size from its load. Up when images wait
+/// (critical ones sooner); down only after a whole cooldown with nothing
+/// waiting and few threads busy, so a steady load settles instead of
+/// oscillating: after one worker fewer, the busy share stays under
+/// `2 × scale_down_busy`, below the queueing that scales up. At most one
+/// change per cooldown, counted from any change (admin ones too).
+#[derive(Debug)]
+struct Autoscaler {
+    min: u32,
+    max: u32,
+    up_after: Duration,
+    down_busy: f64,
+    cooldown: Duration,
+    quiet_since: Option<Instant>,
+}
+
+impl Autoscaler {
+    fn new(cfg: &config::WorkerPool, now: Instant) -> Self {
+        Self {
+            min: cfg.min,
+            max: cfg.max,
+            up_after: Duration::from_millis(cfg.scale_up_queue_ms),
+            down_busy: cfg.scale_down_busy,
+            cooldown: Duration::from_millis(cfg.cooldown_ms),
+            quiet_since: Some(now),
+        }
+    }
+
+    /// The new desired size, if it should change now.
+    fn decide(
+        &mut self,
+        now: Instant,
+        changed_at: Instant,
+        desired: u32,
+        load: &Load,
+    ) -> Option<u32> {
+        let quiet = load.delay.is_zero() && load.busy < self.down_busy;
+        if !quiet {
+            self.quiet_since = None;
+        } else if self.quiet_since.is_none() {
+            self.quiet_since = Some(now);
+        }
+        let cooled = now.duration_since(changed_at) >= self.cooldown;
+        let waiting = load.delay >= self.up_after || load.critical_delay >= self.up_after / 4;
+        let next = if waiting && desired < self.max {
+            desired + 1
+        } else if desired > self.min
+            && self
+                .quiet_since
+                .is_some_and(|t| now.duration_since(t) >= self.cooldown)
+        {
+            desired - 1
+        } else {
+            return None;
+        };
+        if !cooled {
+            return None;
+        }
+        self.quiet_since = None;
+        Some(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1123,5 +1311,75 @@ mod tests {
         assert_eq!(video_threads(4, 0.5), 2);
         assert_eq!(video_threads(8, 0.25), 2);
         assert_eq!(video_threads(8, 0.0), 1);
+    }
+
+    fn scaler() -> (Autoscaler, Instant) {
+        let cfg = config::WorkerPool {
+            min: 1,
+            max: 3,
+            cooldown_ms: 1000,
+            scale_up_queue_ms: 100,
+            scale_down_busy: 0.3,
+            ..config::WorkerPool::default()
+        };
+        let t0 = Instant::now();
+        (Autoscaler::new(&cfg, t0), t0)
+    }
+
+    fn load(delay_ms: u64, critical_ms: u64, busy: f64) -> Load {
+        Load {
+            delay: Duration::from_millis(delay_ms),
+            critical_delay: Duration::from_millis(critical_ms),
+            busy,
+        }
+    }
+
+    #[test]
+    fn the_autoscaler_climbs_on_waiting_at_most_once_per_cooldown_and_stops_at_max() {
+        let (mut s, t0) = scaler();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let busy = load(150, 0, 1.0);
+        assert_eq!(s.decide(ms(500), t0, 1, &busy), None, "cooling down");
+        assert_eq!(s.decide(ms(1000), t0, 1, &busy), Some(2));
+        assert_eq!(s.decide(ms(1500), ms(1000), 2, &busy), None);
+        assert_eq!(s.decide(ms(2000), ms(1000), 2, &busy), Some(3));
+        assert_eq!(s.decide(ms(9000), ms(2000), 3, &busy), None, "at max");
+        // Critical work scales sooner: a quarter of the delay is enough.
+        let (mut s, t0) = scaler();
+        let at = t0 + Duration::from_millis(1000);
+        assert_eq!(s.decide(at, t0, 1, &load(0, 30, 1.0)), Some(2));
+        assert_eq!(s.decide(at, t0, 1, &load(20, 20, 1.0)), None);
+    }
+
+    #[test]
+    fn the_autoscaler_comes_down_only_after_a_quiet_cooldown_and_holds_a_steady_load() {
+        let (mut s, t0) = scaler();
+        let ms = |n| t0 + Duration::from_millis(n);
+        // Steady half-busy load with no queue: never a change.
+        for n in (0..20_000).step_by(250) {
+            assert_eq!(s.decide(ms(n), t0, 2, &load(0, 0, 0.5)), None);
+        }
+        // Quiet from 20 s: down after a whole cooldown of quiet, then again
+        // only after another one, and never below min.
+        let q = load(0, 0, 0.1);
+        assert_eq!(s.decide(ms(20_000), t0, 3, &q), None);
+        assert_eq!(s.decide(ms(20_750), t0, 3, &q), None);
+        assert_eq!(s.decide(ms(21_000), t0, 3, &q), Some(2));
+        assert_eq!(s.decide(ms(21_500), ms(21_000), 2, &q), None);
+        assert_eq!(
+            s.decide(ms(22_000), ms(21_000), 2, &q),
+            None,
+            "quiet restarts after a change"
+        );
+        assert_eq!(s.decide(ms(22_250), ms(21_000), 2, &q), None);
+        assert_eq!(s.decide(ms(22_600), ms(21_000), 2, &q), Some(1));
+        assert_eq!(s.decide(ms(30_000), ms(22_600), 1, &q), None, "at min");
+        // One busy tick restarts the quiet count.
+        let (mut s, t0) = scaler();
+        let ms = |n| t0 + Duration::from_millis(n);
+        assert_eq!(s.decide(ms(900), t0, 2, &q), None);
+        assert_eq!(s.decide(ms(950), t0, 2, &load(0, 0, 0.9)), None);
+        assert_eq!(s.decide(ms(1500), t0, 2, &q), None);
+        assert_eq!(s.decide(ms(2500), t0, 2, &q), Some(1));
     }
 }

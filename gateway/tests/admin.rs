@@ -143,11 +143,15 @@ struct Load {
 }
 
 impl Load {
+    /// Sends the good JPEG.
     fn start(gw: &Gateway, clients: usize) -> Load {
+        Self::sending(gw, clients, fixture("images/coffee.jpg"), "image/jpeg")
+    }
+
+    fn sending(gw: &Gateway, clients: usize, body: Vec<u8>, ctype: &'static str) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
-        let body = fixture("images/coffee.jpg");
         let tasks = (0..clients)
             .map(|_| {
                 let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
@@ -160,7 +164,7 @@ impl Load {
                     while !stop.load(Ordering::Relaxed) {
                         let r = client
                             .post(&url)
-                            .header("content-type", "image/jpeg")
+                            .header("content-type", ctype)
                             .body(body.clone())
                             .send()
                             .await;
@@ -304,4 +308,133 @@ async fn pools_resize_live_under_load_and_no_request_fails() {
         8.0,
         "6→1 retires 5; 1→2 with 2 threads retires 1; back to 1 thread retires 2; executors are not counted",
     );
+}
+
+/// `desired` of the preprocess pool, from the admin API.
+async fn desired(gw: &Gateway) -> u64 {
+    let r = gw.admin(Method::GET, "/admin/pools", None, None).await;
+    r.json["preprocess"]["desired"].as_u64().unwrap()
+}
+
+/// Polls `desired` until `until` holds or `within` passes; returns each
+/// change with when it was seen.
+async fn follow(
+    gw: &Gateway,
+    from: u64,
+    within: Duration,
+    until: impl Fn(u64) -> bool,
+) -> Vec<(Instant, u64)> {
+    let t = Instant::now();
+    let (mut last, mut changes) = (from, Vec::new());
+    while t.elapsed() < within {
+        let d = desired(gw).await;
+        if d != last {
+            changes.push((Instant::now(), d));
+            last = d;
+        }
+        if until(d) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    changes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_autoscales_to_max_under_load_and_back_to_min_one_step_per_cooldown() {
+    let gw = Gateway::start(
+        "[workers]\ncount = 1\nmin = 1\nmax = 3\nautoscale = true\ncooldown_ms = 1000\nscale_up_queue_ms = 50\n",
+    )
+    .await;
+    // Large PNGs: decoding, not the model, is the bottleneck.
+    let load = Load::sending(&gw, 10, big_png(), "image/png");
+    let up = follow(&gw, 1, Duration::from_secs(20), |d| d == 3).await;
+    let (ok, failed) = load.finish().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let down = follow(&gw, 3, Duration::from_secs(20), |d| d == 1).await;
+    println!("{ok} answered; up {up:?}, down {down:?}");
+    let values = |v: &[(Instant, u64)]| v.iter().map(|c| c.1).collect::<Vec<_>>();
+    assert_eq!(values(&up), [2, 3], "one step at a time up to max");
+    assert_eq!(values(&down), [2, 1], "and back down to min");
+    for pair in up.windows(2).chain(down.windows(2)) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(
+            gap >= Duration::from_millis(900),
+            "two changes {gap:?} apart, under the 1 s cooldown"
+        );
+    }
+    // The workers follow `desired`.
+    resize_or_wait(&gw, 1).await;
+    let text = gw.metrics().await;
+    assert!(
+        text.contains("mmgate_autoscale_changes_total{direction=\"up\",pool=\"preprocess\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mmgate_autoscale_changes_total{direction=\"down\",pool=\"preprocess\"} 2")
+    );
+}
+
+/// Waits until `ps` shows `n` workers.
+async fn resize_or_wait(gw: &Gateway, n: usize) {
+    let t = Instant::now();
+    while gw.children("preprocess-work").len() != n {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "workers never reached {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_are_recycled_after_n_jobs_without_failing_a_request_and_metrics_add_up() {
+    let gw = Gateway::start("[workers]\nrecycle_after_jobs = 10\n").await;
+    let first: BTreeSet<u32> = gw.children("preprocess-work").into_iter().collect();
+    let load = Load::start(&gw, 4);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (ok, failed) = load.finish().await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok >= 40, "enough jobs to recycle: {ok}");
+    resize_or_wait(&gw, 2).await;
+    // A recycled worker takes jobs until its replacement is ready, so it may
+    // run somewhat more than 10; at least a third of the expected count.
+    let retired = gw
+        .metric("mmgate_worker_restarts_total", "reason=\"retired\"")
+        .await;
+    assert!(
+        retired >= (ok / 30).max(3) as f64,
+        "{ok} jobs at 10 per worker, {retired} retired"
+    );
+    let now: BTreeSet<u32> = gw.children("preprocess-work").into_iter().collect();
+    assert!(
+        first.is_disjoint(&now),
+        "{first:?} were replaced by {now:?}"
+    );
+    // Every request is counted once; queues and slots are empty again.
+    assert_eq!(gw.metric("mmgate_requests_total", "").await, ok as f64);
+    assert_eq!(gw.metric("mmgate_shm_slots", "state=\"leased\"").await, 0.0);
+    assert_eq!(
+        gw.metric("mmgate_queue_depth", "stage=\"preprocess\"")
+            .await,
+        0.0
+    );
+    for pool in ["gateway", "preprocess", "executor"] {
+        let filter = format!("pool=\"{pool}\"");
+        let cpu = gw.metric("mmgate_process_cpu_seconds_total", &filter).await;
+        let rss = gw.metric("mmgate_process_resident_bytes", &filter).await;
+        assert!(cpu > 0.0 && rss > 1e6, "{pool}: cpu {cpu} s, rss {rss} B");
+    }
+    let fill = gw.metric("mmgate_batch_fill_ratio_count", "").await;
+    assert_eq!(fill, ok as f64, "one fill observation per sample");
+}
+
+/// A 2400² RGB PNG: cheap to send, some 30 ms to decode.
+fn big_png() -> Vec<u8> {
+    let img = image::RgbImage::from_fn(2400, 2400, |x, y| {
+        image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x ^ y) % 239) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
 }
