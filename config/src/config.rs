@@ -588,6 +588,19 @@ impl ServerConfig {
             m.validate()?;
         }
         self.validate_hardening()?;
+        let loopback = self
+            .admin
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_or(self.admin.listen.starts_with("localhost:"), |a| {
+                a.ip().is_loopback()
+            });
+        if !self.admin.listen.is_empty() && !loopback && self.admin.key_hash.is_none() {
+            return Err(invalid(format!(
+                "admin.listen is {:?}, not a loopback address, and no admin key is set ([admin] key_hash or MMGATE_ADMIN_KEY): set one, or listen on 127.0.0.1",
+                self.admin.listen
+            )));
+        }
         if let Some(h) = &self.admin.key_hash {
             let Some(digest) = parse_key_hash(h) else {
                 return Err(invalid(
@@ -621,6 +634,13 @@ impl ServerConfig {
             return Err(invalid(format!(
                 "workers.scale_down_busy ({}) must be in [0, 1), scale_up_queue_ms ({}) > 0 and cooldown_ms ({}) >= 100",
                 w.scale_down_busy, w.scale_up_queue_ms, w.cooldown_ms
+            )));
+        }
+        if w.recycle_above_rss_mib > 1 << 20 {
+            return Err(invalid(format!(
+                "workers.recycle_above_rss_mib is {}; at most {} (1 TiB)",
+                w.recycle_above_rss_mib,
+                1u64 << 20
             )));
         }
         if w.min == 0 || w.min > w.count || w.count > w.max || w.max > MAX_WORKERS {
@@ -924,6 +944,62 @@ mod tests {
             cfg.validate().is_ok(),
             "keyframes off: any sparse threshold"
         );
+    }
+
+    #[test]
+    fn the_admin_section_and_the_pool_bounds_are_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/default.toml");
+        let base = ServerConfig::load(&path).unwrap();
+        let check = |f: &dyn Fn(&mut ServerConfig)| {
+            let mut c = base.clone();
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert!(check(&|_| {}).is_ok());
+        let e = check(&|c| c.admin.listen = "0.0.0.0:8081".into()).unwrap_err();
+        assert!(e.contains("not a loopback address"), "{e}");
+        assert!(
+            check(&|c| {
+                c.admin.listen = "0.0.0.0:8081".into();
+                c.admin.key_hash = Some(key_hash("admin"));
+            })
+            .is_ok()
+        );
+        assert!(check(&|c| c.admin.listen = String::new()).is_ok(), "off");
+        let e = check(&|c| c.admin.key_hash = Some("admin".into())).unwrap_err();
+        assert!(e.contains("admin.key_hash is not"), "{e}");
+        let e = check(&|c| {
+            c.admin.key_hash = Some(key_hash("k"));
+            c.tenants = vec![tenant("")];
+        })
+        .unwrap_err();
+        assert!(e.contains("also a key of tenant"), "{e}");
+        for (f, why) in [
+            (
+                &(|c: &mut ServerConfig| c.workers.max = 1) as &dyn Fn(&mut ServerConfig),
+                "min <= count <= max",
+            ),
+            (
+                &|c: &mut ServerConfig| c.workers.min = 0,
+                "min <= count <= max",
+            ),
+            (&|c: &mut ServerConfig| c.workers.max = 257, "max <= 256"),
+            (
+                &|c: &mut ServerConfig| c.workers.scale_down_busy = 1.0,
+                "scale_down_busy",
+            ),
+            (
+                &|c: &mut ServerConfig| c.workers.cooldown_ms = 10,
+                "cooldown_ms",
+            ),
+            (
+                &|c: &mut ServerConfig| c.workers.recycle_above_rss_mib = u64::MAX,
+                "1 TiB",
+            ),
+        ] {
+            let e = check(f).unwrap_err();
+            assert!(e.contains(why), "{why}: {e}");
+        }
     }
 
     /// The multi-tenant example loads, has one tenant per class, and each

@@ -68,6 +68,8 @@ pub fn spawn(bin: &Path, fds: Vec<(&str, OwnedFd)>) -> Result<Spawned, StartErro
     cmd.arg("--parent-pid").arg(std::process::id().to_string());
     cmd.fd_mappings(maps)
         .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+    // Children decode hostile input: they get no secret of the gateway's.
+    cmd.env_remove("MMGATE_ADMIN_KEY");
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     let child = cmd.spawn().map_err(err)?;
     let pid = child.id().unwrap_or(0);

@@ -259,6 +259,9 @@ impl Executor {
         change: &ModelChange,
     ) -> Result<ModelSpec, ApiError> {
         let _one = self.changing.lock().await;
+        if core.is_shutting_down() {
+            return Err(ApiError::new(Code::ShuttingDown, "the gateway is stopping"));
+        }
         let mut models = self.models();
         let Some(spec) = models.iter_mut().find(|m| m.name == model) else {
             return Err(crate::api::unknown_model(model));
@@ -284,14 +287,27 @@ impl Executor {
         })?;
         let (installed, done) = oneshot::channel();
         let handover = Handover { started, installed };
-        if self.handover_tx.send(handover).await.is_err() {
-            return Err(ApiError::new(Code::ShuttingDown, "the gateway is stopping"));
+        if let Err(refused) = self.handover_tx.try_send(handover) {
+            // A change not yet in service (the executor is restarting).
+            let mut h = match refused {
+                mpsc::error::TrySendError::Full(h) | mpsc::error::TrySendError::Closed(h) => h,
+            };
+            children::reap(&mut h.started.child).await;
+            return Err(ApiError::new(
+                Code::ChangeFailed,
+                "an earlier change waits for the executor to restart; retry once it serves",
+            ));
         }
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = models;
         // Put in service by the supervisor, or (while it restarts a crashed
         // executor) by its next round.
-        let _ = tokio::time::timeout(Duration::from_secs(30), done).await;
-        Ok(spec)
+        match tokio::time::timeout(Duration::from_secs(30), done).await {
+            Ok(Ok(())) => Ok(spec),
+            _ => Err(ApiError::new(
+                Code::ChangeFailed,
+                "the new executor is ready but not yet in service (the serving one is restarting); it takes over when the restart completes",
+            )),
+        }
     }
 
     /// Supervises the executor process until shutdown, then waits for
@@ -306,6 +322,10 @@ impl Executor {
         let retiring =
             std::mem::take(&mut *self.retiring.lock().unwrap_or_else(|e| e.into_inner()));
         futures::future::join_all(retiring).await;
+        // A change started but never put in service.
+        if let Ok(mut h) = self.handover_rx.lock().await.try_recv() {
+            children::reap(&mut h.started.child).await;
+        }
     }
 
     /// Starts an executor process with `models` and waits until it is ready.
@@ -433,9 +453,15 @@ async fn serve(
             () = core.shutting_down() => Exit::Shutdown,
             () = async {
                 retire.cancelled().await;
-                while !link.close_if_idle() {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
+                // Its samples are answered (or their infer timeout passed:
+                // a hung old executor is let go all the same).
+                let limit = Duration::from_millis(core.cfg.executor.infer_timeout_ms);
+                let _ = tokio::time::timeout(limit, async {
+                    while !link.close_if_idle() {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await;
             } => Exit::Retired,
         }
     };

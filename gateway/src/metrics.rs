@@ -294,6 +294,10 @@ impl Metrics {
             let mut rss = 0;
             for &pid in pids {
                 let Some((cpu, bytes)) = read_process(pid) else {
+                    // Unreadable this time: keep what it had used.
+                    if let Some(&before) = seen.last.get(&(*pool, pid)) {
+                        now.insert((*pool, pid), before);
+                    }
                     continue;
                 };
                 rss += bytes;

@@ -590,7 +590,11 @@ impl WorkerPool {
                 .fold((0, 0), |(l, b), m| {
                     (l + m.threads, b + m.busy.load(Ordering::Relaxed))
                 });
+            let starting = members
+                .iter()
+                .any(|m| !m.is_ready() && !m.retire.is_cancelled());
             let load = Load {
+                starting,
                 delay: self.queue_delay(&config::Class::ALL),
                 critical_delay: self.queue_delay(&[config::Class::Critical]),
                 busy: if live == 0 {
@@ -670,9 +674,12 @@ impl WorkerPool {
             .filter(|x| !x.retire.is_cancelled())
             .cloned()
             .collect();
-        let (fresh, stale): (Vec<_>, Vec<_>) = active
+        let (mut fresh, stale): (Vec<_>, Vec<_>) = active
             .into_iter()
             .partition(|x| x.threads == m.threads && !x.recycle.load(Ordering::Relaxed));
+        // Ready members are kept first: scaling down never retires a ready
+        // worker while one that is (re)starting stays.
+        fresh.sort_by_key(|x| (!x.is_ready(), x.index));
         for x in fresh.iter().skip(desired) {
             tracing::info!(
                 worker = x.index,
@@ -680,6 +687,7 @@ impl WorkerPool {
             );
             x.retire.cancel();
         }
+        while m.tasks.try_join_next().is_some() {}
         for _ in fresh.len()..desired {
             let member = Arc::new(Member::new(m.next_index, m.threads));
             m.next_index += 1;
@@ -1210,6 +1218,8 @@ const AUTOSCALE_TICK: Duration = Duration::from_millis(250);
 /// The load the autoscaler sees at one tick.
 #[derive(Debug, Clone, Copy)]
 struct Load {
+    /// A worker is still starting: what it will take is not known yet.
+    starting: bool,
     /// How long the oldest queued image has waited.
     delay: Duration,
     /// The same, for critical images.
@@ -1262,7 +1272,7 @@ impl Autoscaler {
         }
         let cooled = now.duration_since(changed_at) >= self.cooldown;
         let waiting = load.delay >= self.up_after || load.critical_delay >= self.up_after / 4;
-        let next = if waiting && desired < self.max {
+        let next = if waiting && desired < self.max && !load.starting {
             desired + 1
         } else if desired > self.min
             && self
@@ -1328,6 +1338,7 @@ mod tests {
 
     fn load(delay_ms: u64, critical_ms: u64, busy: f64) -> Load {
         Load {
+            starting: false,
             delay: Duration::from_millis(delay_ms),
             critical_delay: Duration::from_millis(critical_ms),
             busy,
@@ -1340,6 +1351,15 @@ mod tests {
         let ms = |n| t0 + Duration::from_millis(n);
         let busy = load(150, 0, 1.0);
         assert_eq!(s.decide(ms(500), t0, 1, &busy), None, "cooling down");
+        let starting = Load {
+            starting: true,
+            ..busy
+        };
+        assert_eq!(
+            s.decide(ms(1000), t0, 1, &starting),
+            None,
+            "one is starting"
+        );
         assert_eq!(s.decide(ms(1000), t0, 1, &busy), Some(2));
         assert_eq!(s.decide(ms(1500), ms(1000), 2, &busy), None);
         assert_eq!(s.decide(ms(2000), ms(1000), 2, &busy), Some(3));

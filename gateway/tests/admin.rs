@@ -75,6 +75,14 @@ async fn the_admin_api_takes_only_its_own_key_on_its_own_port_and_logs_no_key() 
         text.contains("mmgate_children_ready"),
         "metrics on the admin listener"
     );
+    // Children decode hostile input: the key is not in their environment.
+    let kids = gw.tree().into_iter().skip(1).collect::<Vec<_>>();
+    assert!(kids.len() >= 3, "{kids:?}");
+    for pid in kids {
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let env = String::from_utf8_lossy(&env);
+        assert!(!env.contains(ADMIN_KEY), "child {pid} has the admin key");
+    }
     let log = std::fs::read_to_string(gw.log_path()).unwrap();
     assert!(
         log.contains("admin: preprocess pool resized"),
