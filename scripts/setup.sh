@@ -95,6 +95,18 @@ if [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$VENV/.stamp"
 fi
 
+# --- Kubernetes manifest validator (hash-pinned; schemas inside the wheel) --
+KUBE_VENV=.deps/kube-venv
+want=$(sha scripts/requirements-kube.txt)
+if [ "$(cat "$KUBE_VENV/.stamp" 2>/dev/null)" != "$want" ]; then
+  say "creating the manifest validator environment in $KUBE_VENV"
+  rm -rf "$KUBE_VENV"
+  "$PYTHON" -m venv "$KUBE_VENV"
+  "$KUBE_VENV/bin/python" -m pip install -q --disable-pip-version-check \
+    --only-binary=:all: --require-hashes -r scripts/requirements-kube.txt
+  echo "$want" > "$KUBE_VENV/.stamp"
+fi
+
 # --- Expected scores from the reference implementation ----------------------
 # open_nsfw.json is the reference; open_nsfw.<variant>.json are deliberately
 # broken preprocessings, which the accuracy tests must tell apart from it.
