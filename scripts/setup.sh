@@ -83,29 +83,24 @@ ln -sfn libonnxruntime.so.1.32.0 .deps/onnxruntime/libonnxruntime.so
 
 [ "${1:-}" = test ] || exit 0
 
-# --- Reference Python environment (hash-pinned) -----------------------------
+# --- Python environments (hash-pinned) --------------------------------------
+# pinned_venv DIR REQUIREMENTS WHAT: a venv with exactly those wheels, made
+# again only when the requirements file changed.
+pinned_venv() {
+  local dir=$1 reqs=$2 want
+  want=$(sha "$reqs")
+  [ "$(cat "$dir/.stamp" 2>/dev/null)" = "$want" ] && return
+  say "creating $3 in $dir"
+  rm -rf "$dir"
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/python" -m pip install -q --disable-pip-version-check \
+    --only-binary=:all: --require-hashes -r "$reqs"
+  echo "$want" > "$dir/.stamp"
+}
 VENV=.deps/venv
-want=$(sha scripts/requirements-reference.txt)
-if [ "$(cat "$VENV/.stamp" 2>/dev/null)" != "$want" ]; then
-  say "creating reference Python environment in $VENV"
-  rm -rf "$VENV"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    --only-binary=:all: --require-hashes -r scripts/requirements-reference.txt
-  echo "$want" > "$VENV/.stamp"
-fi
-
-# --- Kubernetes manifest validator (hash-pinned; schemas inside the wheel) --
-KUBE_VENV=.deps/kube-venv
-want=$(sha scripts/requirements-kube.txt)
-if [ "$(cat "$KUBE_VENV/.stamp" 2>/dev/null)" != "$want" ]; then
-  say "creating the manifest validator environment in $KUBE_VENV"
-  rm -rf "$KUBE_VENV"
-  "$PYTHON" -m venv "$KUBE_VENV"
-  "$KUBE_VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    --only-binary=:all: --require-hashes -r scripts/requirements-kube.txt
-  echo "$want" > "$KUBE_VENV/.stamp"
-fi
+pinned_venv "$VENV" scripts/requirements-reference.txt "the reference Python environment"
+# The Kubernetes manifest validator; its schemas ship inside the wheel.
+pinned_venv .deps/kube-venv scripts/requirements-kube.txt "the manifest validator environment"
 
 # --- Expected scores from the reference implementation ----------------------
 # open_nsfw.json is the reference; open_nsfw.<variant>.json are deliberately
