@@ -8,10 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-20}
 SECS=${SECS:-8}
-OUT=load-tests/results/deadline-$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT"
 
-. load-tests/lib.sh
+RESULTS=deadline . load-tests/lib.sh
 start_mmgate openvino
 url=$URL_openvino
 metric() { curl -fs "$url/metrics" | awk -v m="$1" '$0 ~ "^"m {s += $NF} END {print s + 0}'; }

@@ -2,7 +2,10 @@
 # (the binaries). start_mmgate NAME [VAR=value…] starts `mmgate serve` with the
 # default config (or $CONFIG, and those environment overrides) on a free port, waits until
 # it is ready and sets URL_<NAME> and PID_<NAME>; every service started here
-# is stopped on exit. Needs OUT.
+# is stopped on exit. Sets OUT, this run's results folder:
+# load-tests/results/[$RESULTS-]<UTC time>.
+OUT=load-tests/results/${RESULTS:+$RESULTS-}$(date -u +%Y%m%dT%H%M%SZ)
+mkdir -p "$OUT"
 T=${CARGO_TARGET_DIR:-target}/release
 [ -n "${NO_BUILD:-}" ] || cargo build -q --release --workspace --bins
 PIDS=()

@@ -7,10 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FILES=${FILES:-"coffee_640.jpg astronaut_1536.jpg"}
-OUT=load-tests/results/lone-$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT"
 
-. load-tests/lib.sh
+RESULTS=lone . load-tests/lib.sh
 start_mmgate openvino
 for f in $FILES; do
   "$T/ceiling" --backend openvino --file "tests/fixtures/images/$f" \

@@ -17,8 +17,6 @@ ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-10}
 FILES=${FILES:-"coffee_640.jpg astronaut_1536.jpg"}
 CONCURRENCY=${CONCURRENCY:-"1 8 32"}
-OUT=load-tests/results/$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT"
 
 . load-tests/lib.sh
 start_mmgate openvino

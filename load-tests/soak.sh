@@ -7,9 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${MINUTES:-10}
-OUT=load-tests/results/soak-$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT"
-. load-tests/lib.sh
+RESULTS=soak . load-tests/lib.sh
 start_mmgate soak
 "$T/soak" --url "$URL_soak" --pid "$PID_soak" --minutes "$MINUTES" | tee "$OUT/soak.json" | \
   python3 -c 'import json,sys; d=json.load(sys.stdin); d.pop("samples"); print(json.dumps(d, indent=1))'

@@ -9,9 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-15}
-OUT=load-tests/results/tenants-$(date -u +%Y%m%dT%H%M%SZ)
-mkdir -p "$OUT"
-. load-tests/lib.sh
+RESULTS=tenants . load-tests/lib.sh
 IMG=tests/fixtures/images/coffee_640.jpg
 hash() { printf 'sha256:%s' "$(printf %s "$1" | sha256sum | cut -d' ' -f1)"; }
 tenant() { printf '[[tenants]]\nname = "%s"\nkey_hashes = ["%s"]\nclass = "%s"\n%s\n' "$1" "$(hash "key-$1")" "$2" "${3:-}"; }

@@ -7,15 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-OUT=load-tests/results/video-$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=video . load-tests/lib.sh
 CLIP=load-tests/results/h264_1080p_60s.mp4
-mkdir -p "$OUT"
 if [ ! -f "$CLIP" ]; then
   ffmpeg -v error -f lavfi -i "testsrc2=size=1920x1080:rate=30" -t 60 -vf "noise=alls=20:allf=t" \
     -c:v libx264 -preset veryfast -b:v 6M -g 250 -pix_fmt yuv420p -movflags +faststart "$CLIP.part.mp4"
   mv "$CLIP.part.mp4" "$CLIP"
 fi
-. load-tests/lib.sh
 start_mmgate openvino
 URL=$URL_openvino
 

@@ -493,8 +493,6 @@ impl ServerConfig {
 /// `deadline_ms`: one hour.
 pub const MAX_DEADLINE_MS: u64 = 3_600_000;
 
-/// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs
-/// must fit in one.
 /// Most preprocess workers a pool may have.
 pub const MAX_WORKERS: u32 = 256;
 /// Most threads one preprocess worker may run.
@@ -521,6 +519,8 @@ impl Default for AdminSection {
     }
 }
 
+/// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs
+/// must fit in one.
 pub const MAX_FRAME_BYTES: usize = 8 << 20;
 
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, SpecError> {
@@ -805,8 +805,14 @@ impl ServerConfig {
         let workers = self.workers.count * self.workers.threads;
         let batches = model.instances.count * model.batching.max_batch * 2;
         // One per worker thread filling a slot, the batches the executor
-        // runs and queues, and one per worker thread kept for critical work.
-        (2 * workers + batches).max(8)
+        // runs and queues, and the critical reserve.
+        (workers + self.critical_reserve() + batches).max(8)
+    }
+
+    /// Tensor slots of each model kept for critical work (one per worker
+    /// thread at start), so it never waits behind other classes' samples.
+    pub fn critical_reserve(&self) -> u32 {
+        self.workers.count * self.workers.threads
     }
 
     /// Size of each worker's shared-memory input region slot (one per thread).

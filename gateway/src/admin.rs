@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{ConnectInfo, Path, Request, State};
-use axum::http::{HeaderMap, Method};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
@@ -61,12 +61,8 @@ async fn require_admin(State(app): State<AppState>, req: Request, next: Next) ->
         .and_then(config::parse_key_hash);
     match stored {
         Some(stored) => {
-            let given = bearer(req.headers()).map(config::key_digest);
-            let ok = given.is_some_and(|h| {
-                let diff = stored.iter().zip(&h).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-                std::hint::black_box(diff) == 0
-            });
-            if !ok {
+            let given = crate::auth::bearer(req.headers()).map(config::key_digest);
+            if !given.is_some_and(|h| crate::auth::same_digest(&stored, &h)) {
                 return ApiError::new(
                     Code::AdminKeyRequired,
                     "the admin API takes the admin key as `Authorization: Bearer <key>`",
@@ -84,13 +80,6 @@ async fn require_admin(State(app): State<AppState>, req: Request, next: Next) ->
         None => {}
     }
     next.run(req).await
-}
-
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    let v = headers.get("authorization")?.to_str().ok()?;
-    let (scheme, key) = v.split_once(' ')?;
-    let key = key.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
 fn state(app: &AppState) -> serde_json::Value {

@@ -54,10 +54,9 @@ pub fn app(state: AppState) -> Router {
 /// A model as `/v1/models` shows it: its spec, and under `runtime` what
 /// actually runs it (backend, precision, device, fallbacks, the precision
 /// check), or `null` while no executor has loaded it.
+/// `m` is the spec executors run now (instances and batching as changed
+/// live by the admin API).
 fn model_json(app: &AppState, m: &config::ModelSpec) -> serde_json::Value {
-    // Instances and batching as changed live by the admin API.
-    let live = app.executor.models().into_iter().find(|x| x.name == m.name);
-    let m = live.as_ref().unwrap_or(m);
     json!({
         "name": m.name,
         "backend": m.backend,
@@ -73,9 +72,8 @@ fn model_json(app: &AppState, m: &config::ModelSpec) -> serde_json::Value {
 
 async fn list_models(State(app): State<AppState>) -> Json<serde_json::Value> {
     let models: Vec<_> = app
-        .core
-        .cfg
-        .models
+        .executor
+        .models()
         .iter()
         .map(|m| model_json(&app, m))
         .collect();
@@ -87,11 +85,12 @@ async fn get_model(
     model: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let model = model_name(model)?;
-    let (_, m) = app
+    let (i, _) = app
         .core
         .model(&model)
         .ok_or_else(|| unknown_model(&model))?;
-    Ok(Json(model_json(&app, m)))
+    let live = app.executor.models();
+    Ok(Json(model_json(&app, &live[i as usize])))
 }
 
 pub(crate) fn unknown_model(name: &str) -> ApiError {

@@ -323,8 +323,7 @@ impl Auth {
         let h = config::key_digest(key);
         let mut found = None;
         for (stored, i) in &self.hashes {
-            let diff = stored.iter().zip(&h).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if std::hint::black_box(diff) == 0 {
+            if same_digest(stored, &h) {
                 found = Some(*i);
             }
         }
@@ -332,19 +331,27 @@ impl Auth {
     }
 }
 
-/// The key a request presents; an empty one is no key.
+/// Whether two key digests are equal, in constant time (no early exit).
+pub(crate) fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// The key a request presents (`x-api-key`, else the bearer token); an
+/// empty one is no key.
 fn api_key(headers: &HeaderMap) -> Option<&str> {
-    let key = if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
-        v.trim()
-    } else {
-        let auth = headers.get("authorization")?.to_str().ok()?;
-        let (scheme, key) = auth.split_once(' ')?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return None;
-        }
-        key.trim()
-    };
-    (!key.is_empty()).then_some(key)
+    match headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        Some(v) => Some(v.trim()).filter(|k| !k.is_empty()),
+        None => bearer(headers),
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`; an empty one is none.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let auth = headers.get("authorization")?.to_str().ok()?;
+    let (scheme, key) = auth.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
 #[cfg(test)]

@@ -34,12 +34,7 @@ impl Core {
         let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&sizes))?);
         let pending = cfg.models.iter().map(|_| AtomicU32::new(0)).collect();
         Ok(Arc::new(Self {
-            // A slot per worker thread is kept for critical work, so it
-            // never waits behind slots that other classes' samples hold.
-            ledger: Ledger::with_reserve(
-                tensors,
-                (cfg.workers.count * cfg.workers.threads) as usize,
-            ),
+            ledger: Ledger::with_reserve(tensors, cfg.critical_reserve() as usize),
             metrics: Metrics::new(),
             bin_dir,
             pending,

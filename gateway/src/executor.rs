@@ -9,7 +9,7 @@
 //! fails for the change, and a change whose executor does not start leaves
 //! the running one as it was.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -34,7 +34,6 @@ use crate::metrics::{DropReason, DropStage};
 pub struct Executor {
     /// The serving incarnation's link, while it is ready.
     link: RwLock<Option<Arc<ExecutorLink>>>,
-    ready: AtomicBool,
     pid: AtomicU32,
     incarnations: AtomicU64,
     /// What runs each model, as the serving executor said.
@@ -104,7 +103,6 @@ impl Executor {
         let (handover_tx, handover_rx) = mpsc::channel(1);
         Self {
             link: RwLock::new(None),
-            ready: AtomicBool::new(false),
             pid: AtomicU32::new(0),
             incarnations: AtomicU64::new(0),
             runtimes: RwLock::new(Vec::new()),
@@ -118,7 +116,10 @@ impl Executor {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.link
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// What runs `model` (backend, precision, device), once an executor has
@@ -192,32 +193,25 @@ impl Executor {
     pub async fn infer(
         &self,
         ctx: &RequestContext,
-        mut lease: SlotLease,
+        lease: SlotLease,
         pending: u32,
         within: Duration,
     ) -> Result<Scores, ApiError> {
         let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
         let slot = lease.slot();
         // The link keeps the lease until the executor answered or was
-        // reaped. A link closed meanwhile (its executor was replaced and has
-        // gone idle) gives the lease back, and the serving one is asked.
-        let mut tries = 0;
-        let (link, mut answer) = loop {
-            let link = self
-                .link
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
+        // reaped. The job is registered under the read lock: a replaced
+        // executor is retired (and closed once idle) only after `install`
+        // took the write lock, so a serving link never refuses the job.
+        let (link, answer) = {
+            let serving = self.link.read().unwrap_or_else(|e| e.into_inner());
+            let link = serving
                 .clone()
                 .ok_or_else(|| ApiError::new(Code::NotReady, "the executor is restarting"))?;
-            match link.expect(job_id, vec![lease]) {
-                Ok(answer) => break (link, answer),
-                Err(mut back) if tries < 3 => {
-                    tries += 1;
-                    lease = back.pop().expect("the lease given");
-                    tokio::task::yield_now().await;
-                }
-                Err(_) => return Err(crashed()),
-            }
+            let answer = link
+                .expect_one(job_id, vec![lease])
+                .map_err(|_| crashed())?;
+            (link, answer)
         };
         let msg = ToExecutor::Infer(InferJob {
             job_id,
@@ -396,7 +390,6 @@ impl Executor {
             tokio::select! {
                 reason = ended => {
                     // Out of service at once; the reaping comes after.
-                    self.ready.store(false, Ordering::Relaxed);
                     self.pid.store(0, Ordering::Relaxed);
                     core.metrics
                         .children_ready
@@ -426,7 +419,6 @@ impl Executor {
         *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = started.runtimes.clone();
         *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(started.link.clone());
         self.pid.store(started.pid, Ordering::Relaxed);
-        self.ready.store(true, Ordering::Relaxed);
         core.metrics
             .children_ready
             .with_label_values(&["executor"])

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 use shm::{FromExecutor, FromWorker, ShmError, SlotLease, ToExecutor, ToWorker};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::Child;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::children::{self, Exit};
@@ -71,8 +71,25 @@ impl Answer for FromExecutor {
 
 /// A job waiting for answers, with what it keeps alive until then.
 struct Waiter<In> {
-    tx: mpsc::UnboundedSender<In>,
+    tx: Tx<In>,
     _held: Vec<SlotLease>,
+}
+
+/// Where a job's answers go: its one answer, or a stream of them.
+enum Tx<In> {
+    One(oneshot::Sender<In>),
+    Many(mpsc::UnboundedSender<In>),
+}
+
+/// The receiving end of a job with a single answer (see
+/// [`ChildLink::expect_one`]).
+pub(crate) struct One<In>(oneshot::Receiver<In>);
+
+impl<In> One<In> {
+    /// The job's answer; `None` once the child is gone without one.
+    pub async fn recv(self) -> Option<In> {
+        self.0.await.ok()
+    }
 }
 
 /// Whole frames the socket did not take yet.
@@ -161,13 +178,29 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
         job_id: u64,
         held: Vec<SlotLease>,
     ) -> Result<mpsc::UnboundedReceiver<In>, Vec<SlotLease>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.register(job_id, Tx::Many(tx), held).map(|()| rx)
+    }
+
+    /// [`expect`](Self::expect) for a job answered by one message (an
+    /// image's decode, an inference): no stream to allocate per job.
+    pub fn expect_one(&self, job_id: u64, held: Vec<SlotLease>) -> Result<One<In>, Vec<SlotLease>> {
+        let (tx, rx) = oneshot::channel();
+        self.register(job_id, Tx::One(tx), held).map(|()| One(rx))
+    }
+
+    fn register(
+        &self,
+        job_id: u64,
+        tx: Tx<In>,
+        held: Vec<SlotLease>,
+    ) -> Result<(), Vec<SlotLease>> {
         let mut guard = self.lock_waiting();
         let Some(w) = guard.as_mut() else {
             return Err(held);
         };
-        let (tx, rx) = mpsc::unbounded_channel();
         w.insert(job_id, Waiter { tx, _held: held });
-        Ok(rx)
+        Ok(())
     }
 
     /// Closes the link to new jobs if none is waiting, and says whether it
@@ -189,17 +222,22 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
         };
         let mut guard = self.lock_waiting();
         let Some(w) = guard.as_mut() else { return };
-        let waiter = if last {
-            w.remove(&id)
-        } else {
-            w.get(&id).map(|x| Waiter {
-                tx: x.tx.clone(),
-                _held: Vec::new(),
-            })
-        };
+        if !last {
+            // A stream's next message (sending on it never blocks).
+            if let Some(Waiter {
+                tx: Tx::Many(tx), ..
+            }) = w.get(&id)
+            {
+                let _ = tx.send(msg);
+            }
+            return;
+        }
+        let Some(waiter) = w.remove(&id) else { return };
         drop(guard);
-        if let Some(waiter) = waiter {
-            let _ = waiter.tx.send(msg);
+        // What the job held is let go after its answer is handed over.
+        match waiter.tx {
+            Tx::One(tx) => drop(tx.send(msg)),
+            Tx::Many(tx) => drop(tx.send(msg)),
         }
     }
 
@@ -232,12 +270,9 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
                 self.deliver(msg);
             }
         };
+        // Ends only when a write fails.
         let flusher = async {
-            loop {
-                if self.flush_backlog().await.is_err() {
-                    self.kill(Exit::SocketClosed);
-                    return std::future::pending::<()>().await;
-                }
+            while self.flush_backlog().await.is_ok() {
                 self.flush.notified().await;
             }
         };

@@ -27,8 +27,8 @@ pub struct Metrics {
     pub batch_fill: HistogramVec,
     pub process_cpu: prometheus::CounterVec,
     pub process_rss: IntGaugeVec,
-    /// CPU seconds last read per (pool, pid), and what processes gone since
-    /// had used, so the CPU counter never goes down.
+    /// CPU seconds last read per (pool, pid): the CPU counter grows by the
+    /// difference, so it never goes down.
     cpu_seen: std::sync::Arc<std::sync::Mutex<CpuSeen>>,
 }
 
@@ -326,9 +326,12 @@ pub fn read_process(pid: u32) -> Option<(f64, u64)> {
     // pages.
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     let pages: u64 = f.get(21)?.parse().ok()?;
-    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
-        .ok()
-        .flatten()
-        .unwrap_or(4096) as u64;
+    static PAGE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let page = *PAGE.get_or_init(|| {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64
+    });
     Some((ticks / 100.0, pages * page))
 }

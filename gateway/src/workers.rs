@@ -464,7 +464,7 @@ impl WorkerPool {
         self.lock_members()
             .all
             .values()
-            .filter(|m| m.is_ready() && !m.retire.is_cancelled())
+            .filter(|m| m.is_live())
             .count()
     }
 
@@ -578,15 +578,18 @@ impl WorkerPool {
             if cfg.recycle_above_rss_mib > 0 {
                 for m in &members {
                     let pid = m.pid.load(Ordering::Relaxed);
-                    let rss = crate::metrics::read_process(pid).map_or(0, |(_, b)| b);
-                    if pid != 0 && rss > cfg.recycle_above_rss_mib << 20 {
+                    let rss = (pid != 0)
+                        .then(|| crate::metrics::read_process(pid))
+                        .flatten()
+                        .map_or(0, |(_, b)| b);
+                    if rss > cfg.recycle_above_rss_mib << 20 {
                         self.recycle(m, "resident memory over workers.recycle_above_rss_mib");
                     }
                 }
             }
             let (live, busy) = members
                 .iter()
-                .filter(|m| m.is_ready() && !m.retire.is_cancelled())
+                .filter(|m| m.is_live())
                 .fold((0, 0), |(l, b), m| {
                     (l + m.threads, b + m.busy.load(Ordering::Relaxed))
                 });
@@ -897,7 +900,7 @@ impl WorkerPool {
             let live: usize = m
                 .all
                 .values()
-                .filter(|x| x.is_ready() && !x.retire.is_cancelled())
+                .filter(|x| x.is_live())
                 .map(|x| x.threads as usize)
                 .sum();
             ((m.desired * m.threads) as usize, live)
@@ -927,6 +930,12 @@ impl WorkerPool {
     /// meanwhile, say) gets it. Cancel-safe: a job is only taken when
     /// returned.
     async fn next_job(&self, core: &Core) -> Option<Taken<'_>> {
+        // The slot wait for the head image (model, critical), kept while the
+        // head needs the same kind of slot: a queue change then costs the
+        // wait neither its place in line nor a slot it was just given.
+        type SlotWait<'a> =
+            std::pin::Pin<Box<dyn Future<Output = Result<SlotLease, shm::ShmError>> + Send + 'a>>;
+        let mut waiting: Option<((u16, bool), SlotWait<'_>)> = None;
         loop {
             let changed = self.queue.changed.notified();
             tokio::pin!(changed);
@@ -962,7 +971,8 @@ impl WorkerPool {
                 }
             };
             drop(permit);
-            let Some((model, critical)) = head else {
+            let Some(key) = head else {
+                waiting = None;
                 // Woken by any change; the timer only backs up a missed one.
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -970,11 +980,20 @@ impl WorkerPool {
                 }
                 continue;
             };
-            // A slot for the head image, unless the head changes first.
+            if !matches!(&waiting, Some((k, _)) if *k == key) {
+                waiting = Some((key, Box::pin(core.ledger.lease_for(key.0, key.1))));
+            }
+            let Some((_, wait)) = waiting.as_mut() else {
+                continue;
+            };
+            // A slot for the head image; on a queue change, look again.
             let lease = tokio::select! {
-                lease = core.ledger.lease_for(model, critical) => lease,
+                biased;
+                lease = wait => lease,
                 () = &mut changed => continue,
             };
+            waiting = None;
+            let (model, critical) = key;
             let mut state = self.queue.lock();
             // The image the slot was leased for, or one like it: a slot
             // kept for critical work goes to a critical image only.
@@ -1028,6 +1047,11 @@ impl Member {
 
     fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Ready and not retiring: it takes jobs.
+    fn is_live(&self) -> bool {
+        self.is_ready() && !self.retire.is_cancelled()
     }
 
     fn view(&self) -> MemberView {
@@ -1119,7 +1143,7 @@ impl WorkerThread<'_> {
                 return Ok(());
             }
         };
-        let Ok(mut rx) = self.link.expect(job_id, Vec::new()) else {
+        let Ok(rx) = self.link.expect_one(job_id, Vec::new()) else {
             return Err(Held::new(vec![lease], reply));
         };
         let msg = ToWorker::Job(Job {

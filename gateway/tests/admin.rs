@@ -302,11 +302,7 @@ async fn pools_resize_live_under_load_and_no_request_fails() {
     );
     assert!(ok > 50, "the load ran ({ok})");
     // The replaced executors are gone, one serves, and its layout shows.
-    let t = Instant::now();
-    while gw.children("gpu-executor").len() != 1 {
-        assert!(t.elapsed() < Duration::from_secs(5), "old executors linger");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    gw.wait_children("gpu-executor", 1).await;
     let now = gw.children("gpu-executor");
     assert!(!old_exec.contains(&now[0]), "a new executor serves");
     let m = gw.get("/v1/models/open_nsfw").await;
@@ -376,7 +372,7 @@ async fn the_pool_autoscales_to_max_under_load_and_back_to_min_one_step_per_cool
         );
     }
     // The workers follow `desired`.
-    resize_or_wait(&gw, 1).await;
+    gw.wait_children("preprocess-work", 1).await;
     let text = gw.metrics().await;
     assert!(
         text.contains("mmgate_autoscale_changes_total{direction=\"up\",pool=\"preprocess\"} 2"),
@@ -385,18 +381,6 @@ async fn the_pool_autoscales_to_max_under_load_and_back_to_min_one_step_per_cool
     assert!(
         text.contains("mmgate_autoscale_changes_total{direction=\"down\",pool=\"preprocess\"} 2")
     );
-}
-
-/// Waits until `ps` shows `n` workers.
-async fn resize_or_wait(gw: &Gateway, n: usize) {
-    let t = Instant::now();
-    while gw.children("preprocess-work").len() != n {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "workers never reached {n}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,7 +392,7 @@ async fn workers_are_recycled_after_n_jobs_without_failing_a_request_and_metrics
     let (ok, failed) = load.finish().await;
     assert!(failed.is_empty(), "{failed:?}");
     assert!(ok >= 40, "enough jobs to recycle: {ok}");
-    resize_or_wait(&gw, 2).await;
+    gw.wait_children("preprocess-work", 2).await;
     // A recycled worker takes jobs until its replacement is ready, so it may
     // run somewhat more than 10; at least a third of the expected count.
     let retired = gw

@@ -287,15 +287,16 @@ impl Actor {
         if owner.0 == config::Class::Critical {
             self.critical_until = now + RECENT;
         }
-        if self
-            .last_owner
-            .as_ref()
-            .is_none_or(|(c, t)| (*c, t.as_str()) != owner)
-        {
-            if self.last_owner.is_some() {
+        match &mut self.last_owner {
+            Some((c, t)) if (*c, t.as_str()) != owner => {
                 self.contended_until = now + RECENT;
+                // The name's buffer is reused: no allocation per sample.
+                *c = owner.0;
+                t.clear();
+                t.push_str(owner.1);
             }
-            self.last_owner = Some((owner.0, owner.1.to_string()));
+            Some(_) => {}
+            None => self.last_owner = Some((owner.0, owner.1.to_string())),
         }
         let ticket = job.ctx.ticket();
         // Unbounded: never gives the job back.
@@ -345,10 +346,11 @@ impl Actor {
             if alone {
                 self.lane = Some(id);
             }
-            let Some(instance) = &self.instances[id] else {
-                continue;
+            let sent = match &self.instances[id] {
+                Some(instance) => instance.dispatch(Batch { jobs, alone }),
+                None => Err(jobs),
             };
-            if let Err(jobs) = instance.dispatch(Batch { jobs, alone }) {
+            if let Err(jobs) = sent {
                 self.lane = None;
                 tracing::error!(model = %self.model, instance = id, "instance thread is gone");
                 self.instances[id] = None;
@@ -368,16 +370,17 @@ impl Actor {
     /// first sample of another).
     fn take_batch(&mut self, n: usize, now: Instant) -> Vec<Queued> {
         let at = now.into_std();
-        let mut owner: Option<(config::Class, String)> = None;
-        let mut jobs = Vec::with_capacity(n);
+        let mut jobs: Vec<Queued> = Vec::with_capacity(n);
         while jobs.len() < n {
             let Some((class, tenant)) = self.queue.peek_owner(at) else {
                 break;
             };
-            match &owner {
-                None => owner = Some((class, tenant.to_string())),
-                Some((c, t)) if !self.mix_tenants && (*c != class || t != tenant) => break,
-                Some(_) => {}
+            // The batch's owner is its first sample's.
+            let other = jobs
+                .first()
+                .is_some_and(|q| (q.job.ctx.class, q.job.ctx.tenant.as_str()) != (class, tenant));
+            if other && !self.mix_tenants {
+                break;
             }
             let Some((job, arrived)) = self.queue.pop(at) else {
                 break;

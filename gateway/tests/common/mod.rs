@@ -283,6 +283,19 @@ impl Gateway {
             .collect()
     }
 
+    /// Waits (5 s at most) until `ps` shows `n` children named `comm…`.
+    pub async fn wait_children(&self, comm: &str, n: usize) {
+        let t = Instant::now();
+        while self.children(comm).len() != n {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "{comm} children never became {n}: {:?}",
+                self.children(comm)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Every process of the tree: the gateway and its children.
     pub fn tree(&self) -> Vec<u32> {
         let mut v = vec![self.pid()];
