@@ -838,13 +838,9 @@ impl WorkerPool {
                     None => return,
                 },
             };
-            let _busy = Busy::new(&member);
-            let recycle_after = core.cfg.workers.recycle_after_jobs;
-            if recycle_after > 0 && member.jobs.load(Ordering::Relaxed) >= recycle_after {
-                self.recycle(&member, "workers.recycle_after_jobs reached");
-            }
             // Work nobody waits for any more (its deadline passed, its
-            // caller went away or gave up) is not decoded.
+            // caller went away or gave up) is not decoded, and is no job of
+            // the worker's: it counts neither as busy nor toward recycling.
             let waited_for = !job.upload.ctx.expired() && !job.task.caller_gone();
             let Some(data) = waited_for.then(|| job.upload.claim.take()).flatten() else {
                 job.upload.claim.abandon();
@@ -852,6 +848,11 @@ impl WorkerPool {
                 core.metrics.drop_work(DropStage::Preprocess, reason);
                 continue;
             };
+            let _busy = Busy::new(&member);
+            let recycle_after = core.cfg.workers.recycle_after_jobs;
+            if recycle_after > 0 && member.jobs.load(Ordering::Relaxed) >= recycle_after {
+                self.recycle(&member, "workers.recycle_after_jobs reached");
+            }
             job.upload.data = data;
             let job_id = self.next_job.fetch_add(1, Ordering::Relaxed);
             let thread = WorkerThread {

@@ -434,3 +434,56 @@ fn big_png() -> Vec<u8> {
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
 }
+
+/// Work nobody waits for any more is dropped before decode; it is no job
+/// of the worker's, so it neither brings a recycling closer nor counts as
+/// busy (a client that sends and hangs up cannot force worker restarts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_work_does_not_count_toward_recycling() {
+    let gw = Gateway::start("[workers]\ncount = 1\nthreads = 1\nrecycle_after_jobs = 5\n").await;
+    let first = gw.children("preprocess-work");
+    let png = big_png();
+    let send_png = || {
+        gw.client
+            .post(gw.url("/v1/models/open_nsfw/score"))
+            .header("content-type", "image/png")
+            .body(png.clone())
+            .send()
+    };
+    // Two slow decodes hold the only thread; eight requests with a 40 ms
+    // deadline queue behind them and expire there.
+    let (a, b) = (send_png(), send_png());
+    let slow = tokio::spawn(async move {
+        let (a, b) = (a.await.unwrap(), b.await.unwrap());
+        (a.status().as_u16(), b.status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let expiring = (0..8).map(|_| {
+        gw.client
+            .post(gw.url("/v1/models/open_nsfw/score"))
+            .header("content-type", "image/jpeg")
+            .header("x-request-timeout", "40")
+            .body(fixture("images/coffee.jpg"))
+            .send()
+    });
+    for r in futures::future::join_all(expiring).await {
+        assert_eq!(r.unwrap().status(), 504);
+    }
+    assert_eq!(slow.await.unwrap(), (200, 200));
+    // The expired work is dropped as the thread comes to it (before
+    // decode, or, for one taken just before its deadline, before inference).
+    let t = Instant::now();
+    while gw.metric("mmgate_dropped_total", "").await < 8.0 {
+        assert!(t.elapsed() < Duration::from_secs(3), "not all dropped");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let retired = gw
+        .metric("mmgate_worker_restarts_total", "reason=\"retired\"")
+        .await;
+    assert_eq!(
+        retired, 0.0,
+        "under 5 jobs run, the rest dropped: no recycling"
+    );
+    assert_eq!(gw.children("preprocess-work"), first);
+}
