@@ -37,14 +37,16 @@ use crate::parse_errors::{JsonParseErrors, head_over_limit, read_buffer_bytes};
 
 /// Accepts and serves connections until `shutdown` resolves, then closes
 /// the listener and drains: returns when every connection has ended.
+/// At most `max_connections` are served at once; more are answered 503.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     core: Arc<Core>,
+    max_connections: usize,
     shutdown: impl Future<Output = ()>,
 ) {
     let limits = core.cfg.http.clone();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Arc::new(Semaphore::new(max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let tracker = TaskTracker::new();
     let (stop_tx, stop) = watch::channel(false);

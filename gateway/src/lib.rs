@@ -115,13 +115,15 @@ pub async fn run(
     if let Some(l) = admin_listener {
         let mut stop = signal.clone();
         let admin = admin::app(state.clone());
-        tokio::spawn(http::serve(l, admin, core.clone(), async move {
+        let cap = ADMIN_MAX_CONNECTIONS as usize;
+        tokio::spawn(http::serve(l, admin, core.clone(), cap, async move {
             let _ = stop.wait_for(|s| *s).await;
         }));
     }
     let drain_core = core.clone();
     let mut drain = signal.clone();
-    let server = http::serve(listener, app(state), core.clone(), async move {
+    let cap = core.cfg.http.max_connections;
+    let server = http::serve(listener, app(state), core.clone(), cap, async move {
         let _ = drain.wait_for(|s| *s).await;
         tracing::info!("shutting down: no new connections, draining in-flight requests");
         drain_core.start_draining();
@@ -150,12 +152,18 @@ pub async fn run(
 /// sockets and memfds, the listener, logs, the shared-memory pools.
 const RESERVED_FDS: u64 = 256;
 
+/// Connections the admin listener serves at once (more get 503): an
+/// operator's tools need a few, and idle ones must not take the fds kept
+/// for children.
+const ADMIN_MAX_CONNECTIONS: u64 = 16;
+
 /// Raises the open-file limit to its hard limit and lowers
 /// `http.max_connections` to what it leaves after the reserve, so a
 /// connection flood cannot take the fds a restarting child needs.
 fn fit_connections_to_fd_limit(cfg: &mut config::ServerConfig) {
     let nofile = http::raise_nofile_limit();
-    let reserve = RESERVED_FDS + 8 * u64::from(cfg.workers.count);
+    // The pool may grow to `workers.max` (one more while one is recycled).
+    let reserve = RESERVED_FDS + ADMIN_MAX_CONNECTIONS + 8 * (u64::from(cfg.workers.max) + 1);
     let fit = nofile.saturating_sub(reserve).max(16) as usize;
     if cfg.http.max_connections > fit {
         tracing::warn!(

@@ -564,3 +564,24 @@ async fn a_refusal_before_the_body_reaches_a_client_that_sends_it_all_first() {
         );
     }
 }
+
+/// The admin listener takes only a few connections (16): idle ones there
+/// cannot take the fds the public listener and restarting children need,
+/// and surplus ones get the same JSON 503, while scoring goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_holds_only_a_few_connections() {
+    let gw = Gateway::start("").await;
+    let admin = gw.admin_addr.clone().unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        idle.push(TcpStream::connect(&admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut extra = TcpStream::connect(&admin).await.unwrap();
+    let (answer, ended) = read_to_end(&mut extra, Duration::from_secs(2)).await;
+    assert!(ended.is_some(), "a 17th admin connection was kept open");
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("too_many_connections"), "{answer}");
+    let r = gw.good_image().await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
