@@ -277,6 +277,9 @@ pub struct WorkerPool {
     /// Encoded inputs up to this size travel inside the job message; larger
     /// ones go through the worker's shared-memory input region.
     pub inline_input_max_bytes: usize,
+    /// CPUs the worker processes are pinned to, as a Linux CPU list
+    /// (`"0-3,8"`), for NUMA hosts; empty = not pinned.
+    pub cpus: String,
 }
 
 impl Default for WorkerPool {
@@ -293,6 +296,7 @@ impl Default for WorkerPool {
             recycle_after_jobs: 0,
             recycle_above_rss_mib: 0,
             inline_input_max_bytes: 64 << 10,
+            cpus: String::new(),
         }
     }
 }
@@ -312,6 +316,15 @@ pub struct ExecutorSection {
     /// An inference not answered within this is a hung executor: it is
     /// killed and restarted, and the request gets a 502.
     pub infer_timeout_ms: u64,
+    /// The executor says it is alive this often; `/readyz` is 503 once one
+    /// heartbeat is missed (2 intervals of silence).
+    pub heartbeat_ms: u64,
+    /// After this many missed heartbeats the executor is taken for hung:
+    /// killed and restarted.
+    pub heartbeat_misses: u32,
+    /// CPUs the executor and its engine threads are pinned to, as a Linux
+    /// CPU list (`"0-3,8"`); empty = not pinned.
+    pub cpus: String,
 }
 
 impl Default for ExecutorSection {
@@ -321,6 +334,9 @@ impl Default for ExecutorSection {
             openvino_library: "../.deps/openvino/libopenvino_c.so.2641".into(),
             cache_dir: "../.deps/cache".into(),
             infer_timeout_ms: 30_000,
+            heartbeat_ms: 500,
+            heartbeat_misses: 6,
+            cpus: String::new(),
         }
     }
 }
@@ -654,6 +670,19 @@ impl ServerConfig {
                 "workers.inline_input_max_bytes is {}; it must be at most {} (the IPC frame limit)",
                 w.inline_input_max_bytes,
                 MAX_FRAME_BYTES - 4096
+            )));
+        }
+        for (name, list) in [
+            ("workers.cpus", &w.cpus),
+            ("executor.cpus", &self.executor.cpus),
+        ] {
+            parse_cpu_list(list).map_err(|e| invalid(format!("{name} = {list:?}: {e}")))?;
+        }
+        let e = &self.executor;
+        if !(50..=60_000).contains(&e.heartbeat_ms) || !(2..=1000).contains(&e.heartbeat_misses) {
+            return Err(invalid(format!(
+                "executor.heartbeat_ms ({}) must be 50..=60000 and heartbeat_misses ({}) 2..=1000",
+                e.heartbeat_ms, e.heartbeat_misses
             )));
         }
         let l = &self.limits;
@@ -1028,6 +1057,51 @@ mod tests {
             let key = line.split_whitespace().last().unwrap();
             assert!(line.contains(&format!("({})", t.class)), "{line}");
             assert_eq!(t.key_hashes, [key_hash(key)], "{}", t.name);
+        }
+    }
+}
+
+/// The CPUs of a Linux CPU list (`"0-3,8,10-11"`), sorted and without
+/// repeats; empty for `""` (not pinned).
+pub fn parse_cpu_list(list: &str) -> Result<Vec<usize>, String> {
+    const MAX_CPU: usize = 4095;
+    let mut cpus = Vec::new();
+    for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let num = |n: &str| {
+            n.trim()
+                .parse::<usize>()
+                .ok()
+                .filter(|&c| c <= MAX_CPU)
+                .ok_or_else(|| format!("{n:?} is not a CPU number (0..={MAX_CPU})"))
+        };
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if lo > hi {
+            return Err(format!("the range {part:?} runs backwards"));
+        }
+        cpus.extend(lo..=hi);
+    }
+    if cpus.is_empty() && !list.trim().is_empty() {
+        return Err("names no CPU".into());
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod cpu_list_tests {
+    use super::parse_cpu_list;
+
+    #[test]
+    fn cpu_lists_parse_like_linux_writes_them() {
+        assert_eq!(parse_cpu_list(""), Ok(vec![]));
+        assert_eq!(parse_cpu_list("0-3"), Ok(vec![0, 1, 2, 3]));
+        assert_eq!(parse_cpu_list("8, 0-1,1"), Ok(vec![0, 1, 8]));
+        for bad in ["3-1", "a", "0-", "-1", "5000", ",", "1-2-3"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?} accepted");
         }
     }
 }

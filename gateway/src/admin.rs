@@ -8,6 +8,10 @@
 //! - `GET /admin/pools`: the preprocess pool and the executor.
 //! - `PUT /admin/pools/preprocess` `{"workers": n, "threads": t}`.
 //! - `PUT /admin/models/{m}` `{"instances", "max_batch", "max_queue_delay_us"}`.
+//! - `POST /admin/models/{m}/load`, `POST /admin/models/{m}/unload`.
+//! - `POST /admin/reload`: re-read the config files ([`crate::reload`]).
+//! - `POST /admin/models/{m}/score`: the dashboard's playground, the
+//!   public scoring API under the `admin` tenant label.
 //! - `GET /metrics`.
 //!
 //! Every change is validated, applied whole or not at all, logged with the
@@ -15,12 +19,13 @@
 
 use std::net::SocketAddr;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -34,6 +39,15 @@ pub fn app(state: AppState) -> Router {
         .route("/admin/pools", get(pools))
         .route("/admin/pools/preprocess", put(resize_preprocess))
         .route("/admin/models/{model}", put(change_model))
+        .route("/admin/models/{model}/load", post(load_model))
+        .route("/admin/models/{model}/unload", post(unload_model))
+        .route("/admin/reload", post(reload))
+        .route(
+            "/admin/models/{model}/score",
+            post(crate::api::score).layer(DefaultBodyLimit::max(crate::api::body_limit(
+                &state.core.cfg,
+            ))),
+        )
         .route("/metrics", get(crate::api::metrics))
         .fallback(|| async { ApiError::new(Code::NotFound, "no such admin route") })
         .method_not_allowed_fallback(|| async {
@@ -49,9 +63,13 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Marks a request let in with the admin key (the playground's scoring).
+#[derive(Debug, Clone, Copy)]
+pub struct Operator;
+
 /// Lets a request through only with the admin key (any request once a key
 /// is set; without one, reads only).
-async fn require_admin(State(app): State<AppState>, req: Request, next: Next) -> Response {
+async fn require_admin(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let stored = app
         .core
         .cfg
@@ -79,6 +97,7 @@ async fn require_admin(State(app): State<AppState>, req: Request, next: Next) ->
         }
         None => {}
     }
+    req.extensions_mut().insert(Operator);
     next.run(req).await
 }
 
@@ -158,4 +177,53 @@ async fn change_model(
         max_queue_delay_us = spec.batching.max_queue_delay_us,
         "admin: model changed live");
     Ok(Json(state(&app)))
+}
+
+async fn load_model(
+    app: State<AppState>,
+    by: ConnectInfo<SocketAddr>,
+    model: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_loaded(app, by, model, true).await
+}
+
+async fn unload_model(
+    app: State<AppState>,
+    by: ConnectInfo<SocketAddr>,
+    model: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    set_loaded(app, by, model, false).await
+}
+
+/// Loads or unloads a model: a new executor starts with the new set and
+/// takes over once ready, as for any live change.
+async fn set_loaded(
+    State(app): State<AppState>,
+    ConnectInfo(by): ConnectInfo<SocketAddr>,
+    model: Result<Path<String>, PathRejection>,
+    load: bool,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let model = crate::api::model_name(model)?;
+    let what = if load { "load" } else { "unload" };
+    app.executor
+        .set_loaded(&app.core, &model, load)
+        .await
+        .inspect_err(|e| tracing::warn!(%by, model, what, error = %e.message, "admin: refused"))?;
+    tracing::info!(%by, model, what, "admin: model {what}ed");
+    Ok(Json(state(&app)))
+}
+
+async fn reload(
+    State(app): State<AppState>,
+    ConnectInfo(by): ConnectInfo<SocketAddr>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let done = crate::reload::reload(&app)
+        .await
+        .inspect_err(|e| tracing::warn!(%by, error = %e.message, "admin: reload refused"))?;
+    tracing::info!(%by, applied = ?done.applied, restart_required = ?done.restart_required,
+        "admin: config reloaded");
+    let mut answer = state(&app);
+    answer["applied"] = json!(done.applied);
+    answer["restart_required"] = json!(done.restart_required);
+    Ok(Json(answer))
 }

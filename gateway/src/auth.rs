@@ -121,6 +121,26 @@ impl Tenants {
     }
 }
 
+impl Caller {
+    /// A caller under no tenant's limits: everyone when no tenants are
+    /// configured (`anonymous`), or the operator's playground on the admin
+    /// listener (`admin`).
+    pub fn unlimited(tenant: &str, model: &str) -> Caller {
+        Caller {
+            tenant: tenant.into(),
+            class: config::Class::default(),
+            weight: 1,
+            max_body_bytes: 0,
+            served: model.to_string(),
+            max_video_frames: 0,
+            deadline_ms: 0,
+            budget: None,
+            samples: None,
+            _permit: None,
+        }
+    }
+}
+
 /// An admitted caller; holds its tenant's concurrency permit.
 #[derive(Debug)]
 pub struct Caller {
@@ -237,18 +257,7 @@ impl Auth {
     /// that refusal is counted under (`unauthenticated` without a known key).
     pub fn admit(&self, headers: &HeaderMap, model: &str) -> Result<Caller, (String, ApiError)> {
         if self.tenants.is_empty() {
-            return Ok(Caller {
-                tenant: "anonymous".into(),
-                class: config::Class::default(),
-                weight: 1,
-                max_body_bytes: 0,
-                served: model.to_string(),
-                max_video_frames: 0,
-                deadline_ms: 0,
-                budget: None,
-                samples: None,
-                _permit: None,
-            });
+            return Ok(Caller::unlimited("anonymous", model));
         }
         let anonymous = |e: ApiError| ("unauthenticated".to_string(), e);
         let key = api_key(headers).ok_or_else(|| {

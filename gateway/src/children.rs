@@ -43,9 +43,10 @@ pub enum StartError {
     Unexpected,
 }
 
-/// Starts `bin` with `--ipc-fd 3`, each of `fds` as `<flag> <n>` (n = 4, 5…)
-/// and `--parent-pid`, stdin closed, killed if the handle is dropped.
-pub fn spawn(bin: &Path, fds: Vec<(&str, OwnedFd)>) -> Result<Spawned, StartError> {
+/// Starts `bin` with `--ipc-fd 3`, each of `fds` as `<flag> <n>` (n = 4, 5…),
+/// `--parent-pid` and `--cpus` (a CPU list to pin to, when not empty),
+/// stdin closed, killed if the handle is dropped.
+pub fn spawn(bin: &Path, fds: Vec<(&str, OwnedFd)>, cpus: &str) -> Result<Spawned, StartError> {
     let err = |source| StartError::Spawn {
         bin: bin.display().to_string(),
         source,
@@ -66,6 +67,9 @@ pub fn spawn(bin: &Path, fds: Vec<(&str, OwnedFd)>) -> Result<Spawned, StartErro
         });
     }
     cmd.arg("--parent-pid").arg(std::process::id().to_string());
+    if !cpus.is_empty() {
+        cmd.arg("--cpus").arg(cpus);
+    }
     cmd.fd_mappings(maps)
         .map_err(|e| err(std::io::Error::other(e.to_string())))?;
     // Children decode hostile input: they get no secret of the gateway's.
@@ -92,6 +96,9 @@ pub enum Exit {
     /// The gateway killed it: the executor did not answer within
     /// `executor.infer_timeout_ms`.
     Timeout,
+    /// The gateway killed it: the executor missed
+    /// `executor.heartbeat_misses` heartbeats in a row (hung or stopped).
+    Unresponsive,
     /// The gateway is shutting down.
     Shutdown,
     /// The gateway retired it: the pool was scaled down, or a child with a
@@ -108,6 +115,7 @@ impl Exit {
             Exit::SocketClosed => "socket_closed",
             Exit::Killed => "killed",
             Exit::Timeout => "timeout",
+            Exit::Unresponsive => "missed_heartbeats",
             Exit::Shutdown => "shutdown",
             Exit::Retired => "retired",
             Exit::StartFailed => "start_failed",

@@ -67,6 +67,8 @@ pub enum Code {
     AdminKeyRequired,
     AdminDisabled,
     ChangeFailed,
+    ModelNotLoaded,
+    ConfigInvalid,
     Internal,
 }
 
@@ -201,6 +203,18 @@ impl Code {
                 S::SERVICE_UNAVAILABLE,
                 Some(5),
             ),
+            ModelNotLoaded => (
+                "model_not_loaded",
+                "unavailable",
+                S::SERVICE_UNAVAILABLE,
+                Some(5),
+            ),
+            ConfigInvalid => (
+                "config_invalid",
+                "invalid_config",
+                S::UNPROCESSABLE_ENTITY,
+                None,
+            ),
             Internal => ("internal", "internal", S::INTERNAL_SERVER_ERROR, None),
         }
     }
@@ -214,6 +228,7 @@ impl Code {
                 | Code::QueueTimeout
                 | Code::LoadShed
                 | Code::NotReady
+                | Code::ModelNotLoaded
                 | Code::ShuttingDown
         )
     }
@@ -381,6 +396,8 @@ mod tests {
             AdminKeyRequired,
             AdminDisabled,
             ChangeFailed,
+            ModelNotLoaded,
+            ConfigInvalid,
             Internal,
         ];
         let mut names: Vec<_> = all.iter().map(|c| c.as_str()).collect();

@@ -40,6 +40,9 @@ pub struct Executor {
     runtimes: RwLock<Vec<ModelRuntime>>,
     /// The model specs executors start with: the config's, as changed live.
     models: RwLock<Vec<ModelSpec>>,
+    /// Models the admin API unloaded: executors do not load them, and
+    /// their requests are refused before any work.
+    unloaded: RwLock<Vec<String>>,
     next_job: AtomicU64,
     /// One live change at a time.
     changing: tokio::sync::Mutex<()>,
@@ -80,6 +83,8 @@ pub struct ExecutorView {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ModelView {
     pub name: String,
+    /// False once unloaded by the admin API.
+    pub loaded: bool,
     pub instances: u32,
     pub intra_threads: u32,
     pub max_batch: u32,
@@ -107,6 +112,7 @@ impl Executor {
             incarnations: AtomicU64::new(0),
             runtimes: RwLock::new(Vec::new()),
             models: RwLock::new(models),
+            unloaded: RwLock::new(Vec::new()),
             next_job: AtomicU64::new(1),
             changing: tokio::sync::Mutex::new(()),
             handover_tx,
@@ -116,10 +122,26 @@ impl Executor {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.link
+        self.serving().is_some()
+    }
+
+    fn serving(&self) -> Option<Arc<ExecutorLink>> {
+        self.link.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// How long the serving executor has been silent (no heartbeat nor
+    /// answer); `None` while none serves.
+    pub fn silent_for(&self) -> Option<Duration> {
+        self.serving().map(|l| l.silent_for())
+    }
+
+    /// Whether the admin API unloaded `model`.
+    pub fn is_unloaded(&self, model: &str) -> bool {
+        self.unloaded
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .is_some()
+            .iter()
+            .any(|m| m == model)
     }
 
     /// What runs `model` (backend, precision, device), once an executor has
@@ -176,6 +198,7 @@ impl Executor {
                 .into_iter()
                 .enumerate()
                 .map(|(i, m)| ModelView {
+                    loaded: !self.is_unloaded(&m.name),
                     runtime: self.runtime(&m.name),
                     pending: core.pending(i as u16),
                     name: m.name,
@@ -242,43 +265,125 @@ impl Executor {
         }
     }
 
-    /// Changes one model's instances or batching live: validates the new
-    /// spec, starts an executor with it, and puts it in service once ready
-    /// (the old one finishes its samples and goes). Applied whole or not at
-    /// all; answers the specs now in force.
+    /// Changes one model's instances or batching live. Answers the spec
+    /// now in force.
     pub async fn change_model(
         &self,
         core: &Arc<Core>,
         model: &str,
         change: &ModelChange,
     ) -> Result<ModelSpec, ApiError> {
+        self.apply(core, |models, _| {
+            let spec = find(models, model)?;
+            if let Some(n) = change.instances {
+                spec.instances.count = n;
+            }
+            if let Some(b) = change.max_batch {
+                spec.batching.max_batch = b;
+                spec.batching.preferred_sizes.retain(|&s| s <= b);
+            }
+            if let Some(d) = change.max_queue_delay_us {
+                spec.batching.max_queue_delay_us = d;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(self
+            .models()
+            .into_iter()
+            .find(|m| m.name == model)
+            .expect("a changed model stays"))
+    }
+
+    /// Loads (`load`) or unloads a model live. Loading a loaded model, or
+    /// unloading an unloaded one, changes nothing.
+    pub async fn set_loaded(
+        &self,
+        core: &Arc<Core>,
+        model: &str,
+        load: bool,
+    ) -> Result<(), ApiError> {
+        self.apply(core, |models, unloaded| {
+            find(models, model)?;
+            unloaded.retain(|m| m != model);
+            if !load {
+                unloaded.push(model.to_string());
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies the instances and batching of `specs` (from a reloaded
+    /// config) to the models of the same name; answers the models changed.
+    pub async fn apply_specs(
+        &self,
+        core: &Arc<Core>,
+        specs: &[ModelSpec],
+    ) -> Result<Vec<String>, ApiError> {
+        let mut changed = Vec::new();
+        self.apply(core, |models, _| {
+            for m in models.iter_mut() {
+                if let Some(s) = specs.iter().find(|s| s.name == m.name)
+                    && (s.instances != m.instances || s.batching != m.batching)
+                {
+                    m.instances = s.instances.clone();
+                    m.batching = s.batching.clone();
+                    changed.push(m.name.clone());
+                }
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(changed)
+    }
+
+    /// A live change of what executors run: `edit` changes copies of the
+    /// model specs and the unloaded set; when they differ after
+    /// validation, an executor is started with them and put in service
+    /// once ready (the old one finishes its samples and goes). Applied
+    /// whole or not at all; one change at a time.
+    async fn apply(
+        &self,
+        core: &Arc<Core>,
+        edit: impl FnOnce(&mut Vec<ModelSpec>, &mut Vec<String>) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
         let _one = self.changing.lock().await;
         if core.is_shutting_down() {
             return Err(ApiError::new(Code::ShuttingDown, "the gateway is stopping"));
         }
         let mut models = self.models();
-        let Some(spec) = models.iter_mut().find(|m| m.name == model) else {
-            return Err(crate::api::unknown_model(model));
-        };
-        if let Some(n) = change.instances {
-            spec.instances.count = n;
+        let mut unloaded = self
+            .unloaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        edit(&mut models, &mut unloaded)?;
+        unloaded.sort_unstable();
+        let mut before = self
+            .unloaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        before.sort_unstable();
+        if models == self.models() && unloaded == before {
+            return Ok(());
         }
-        if let Some(b) = change.max_batch {
-            spec.batching.max_batch = b;
-            spec.batching.preferred_sizes.retain(|&s| s <= b);
+        for spec in &models {
+            spec.validate()
+                .map_err(|e| ApiError::new(Code::BadRequest, e.to_string()))?;
         }
-        if let Some(d) = change.max_queue_delay_us {
-            spec.batching.max_queue_delay_us = d;
-        }
-        spec.validate()
-            .map_err(|e| ApiError::new(Code::BadRequest, e.to_string()))?;
-        let spec = spec.clone();
-        let started = self.start(core, models.clone()).await.map_err(|e| {
-            ApiError::new(
-                Code::ChangeFailed,
-                format!("the executor with the new settings did not start: {e}; nothing changed"),
-            )
-        })?;
+        let started = self
+            .start(core, models.clone(), unloaded.clone())
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    Code::ChangeFailed,
+                    format!(
+                        "the executor with the new settings did not start: {e}; nothing changed"
+                    ),
+                )
+            })?;
         let (installed, done) = oneshot::channel();
         let handover = Handover { started, installed };
         if let Err(refused) = self.handover_tx.try_send(handover) {
@@ -293,10 +398,11 @@ impl Executor {
             ));
         }
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = models;
+        *self.unloaded.write().unwrap_or_else(|e| e.into_inner()) = unloaded;
         // Put in service by the supervisor, or (while it restarts a crashed
         // executor) by its next round.
         match tokio::time::timeout(Duration::from_secs(30), done).await {
-            Ok(Ok(())) => Ok(spec),
+            Ok(Ok(())) => Ok(()),
             _ => Err(ApiError::new(
                 Code::ChangeFailed,
                 "the new executor is ready but not yet in service (the serving one is restarting); it takes over when the restart completes",
@@ -323,7 +429,12 @@ impl Executor {
     }
 
     /// Starts an executor process with `models` and waits until it is ready.
-    async fn start(&self, core: &Core, models: Vec<ModelSpec>) -> Result<Started, StartError> {
+    async fn start(
+        &self,
+        core: &Core,
+        models: Vec<ModelSpec>,
+        unloaded: Vec<String>,
+    ) -> Result<Started, StartError> {
         let fd = core
             .ledger
             .tensors()
@@ -331,12 +442,13 @@ impl Executor {
             .try_clone_to_owned()
             .map_err(shm::ShmError::from)?;
         let bin = core.bin_dir.join("gpu-executor");
-        let mut sp = children::spawn(&bin, vec![("--tensor-fd", fd)])?;
+        let mut sp = children::spawn(&bin, vec![("--tensor-fd", fd)], &core.cfg.executor.cpus)?;
         let init = ToExecutor::Init(ExecutorInit {
             layout: core.ledger.tensors().layout().clone(),
             models,
             executor: core.cfg.executor.clone(),
             scheduling: core.cfg.scheduling.clone(),
+            unloaded,
         });
         let hs =
             children::handshake::<FromExecutor, _>(&mut sp.stream, &init, Duration::from_secs(300));
@@ -377,7 +489,14 @@ impl Executor {
         // A change made while the executor was down is already started.
         let (mut current, mut installed) = match handovers.try_recv() {
             Ok(h) => (h.started, Some(h.installed)),
-            Err(_) => (self.start(core, self.models()).await?, None),
+            Err(_) => {
+                let unloaded = self
+                    .unloaded
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                (self.start(core, self.models(), unloaded).await?, None)
+            }
         };
         self.install(core, &current);
         loop {
@@ -455,6 +574,15 @@ async fn serve(
                 })
                 .await;
             } => Exit::Retired,
+            () = async {
+                let every = Duration::from_millis(core.cfg.executor.heartbeat_ms);
+                let limit = every * core.cfg.executor.heartbeat_misses;
+                while link.silent_for() < limit {
+                    tokio::time::sleep(every).await;
+                }
+                tracing::error!(silent = ?link.silent_for(),
+                    "the executor missed its heartbeats; killing it");
+            } => Exit::Unresponsive,
         }
     };
     let reason = link
@@ -478,6 +606,13 @@ fn observe(core: &Core, msg: &FromExecutor) {
         }
         _ => {}
     }
+}
+
+fn find<'a>(models: &'a mut [ModelSpec], name: &str) -> Result<&'a mut ModelSpec, ApiError> {
+    models
+        .iter_mut()
+        .find(|m| m.name == name)
+        .ok_or_else(|| crate::api::unknown_model(name))
 }
 
 fn crashed() -> ApiError {

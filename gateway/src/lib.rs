@@ -15,6 +15,7 @@ pub(crate) mod link;
 pub mod metrics;
 pub(crate) mod parse_errors;
 pub mod rate;
+pub mod reload;
 pub mod score;
 pub mod settings;
 pub mod video;
@@ -44,6 +45,8 @@ pub struct AppState {
     /// Uploads being received and answers not yet written
     /// (`server.max_inflight_body_bytes`).
     pub body_budget: body::Budget,
+    /// The config files, to reload (`POST /admin/reload`, SIGHUP).
+    pub config: Arc<reload::ConfigSource>,
 }
 
 impl AppState {
@@ -52,6 +55,7 @@ impl AppState {
     pub fn start(
         cfg: config::ServerConfig,
         bin_dir: std::path::PathBuf,
+        config: reload::ConfigSource,
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let auth = Arc::new(Tenants::new(&cfg));
         let body_budget = body::Budget::new(cfg.server.max_inflight_body_bytes);
@@ -68,6 +72,7 @@ impl AppState {
             executor,
             auth,
             body_budget,
+            config: Arc::new(config),
         };
         Ok((state, tasks))
     }
@@ -75,13 +80,15 @@ impl AppState {
 
 /// Serves until SIGTERM or SIGINT, then stops accepting, drains in-flight
 /// requests (up to `server.shutdown_grace_ms`) and stops the children.
-/// `reload` reads the config again (on SIGHUP; only `[[tenants]]` take
-/// effect then).
+/// `read` reads the config files again, on SIGHUP or `POST /admin/reload`
+/// (see [`reload`] for what takes effect live).
 pub async fn run(
     mut cfg: config::ServerConfig,
-    reload: impl Fn() -> anyhow::Result<config::ServerConfig> + Send + 'static,
+    read: impl Fn() -> anyhow::Result<config::ServerConfig> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
+    let source = reload::ConfigSource::new(cfg.clone(), Some(Box::new(read)));
     let bin_dir = settings::bin_dir(&cfg)?;
+    settings::check_cpus(&cfg)?;
     fit_connections_to_fd_limit(&mut cfg);
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
@@ -95,7 +102,7 @@ pub async fn run(
         ),
     };
     let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
-    let (state, supervisors) = AppState::start(cfg, bin_dir)?;
+    let (state, supervisors) = AppState::start(cfg, bin_dir, source)?;
     let addr = listener.local_addr()?;
     // Tests and scripts read the bound address from this line (port 0 works).
     println!("mmgate listening on http://{addr}");
@@ -106,7 +113,7 @@ pub async fn run(
         tracing::info!(%admin, "admin API listening");
     }
     let core = state.core.clone();
-    tokio::spawn(reload_on_sighup(state.auth.clone(), reload));
+    tokio::spawn(reload::on_sighup(state.clone()));
     let (signal_tx, signal) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -173,35 +180,6 @@ fn fit_connections_to_fd_limit(cfg: &mut config::ServerConfig) {
             cfg.http.max_connections
         );
         cfg.http.max_connections = fit;
-    }
-}
-
-/// On each SIGHUP, reads the config again and puts its tenants in force. A
-/// file that does not load or validate is refused and logged, and the
-/// tenants in force stay. Requests in flight keep the tenant state they
-/// were admitted under; none is dropped.
-async fn reload_on_sighup(
-    tenants: Arc<Tenants>,
-    reload: impl Fn() -> anyhow::Result<config::ServerConfig>,
-) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("no SIGHUP handler: tenants cannot be reloaded");
-        return;
-    };
-    while hup.recv().await.is_some() {
-        match reload() {
-            Ok(cfg) => {
-                let n = tenants.reload(&cfg);
-                tracing::info!(
-                    tenants = n,
-                    "config reloaded: tenants in force (other sections take effect at restart)"
-                );
-            }
-            Err(e) => {
-                tracing::error!("config reload refused, the tenants in force are unchanged: {e:#}")
-            }
-        }
     }
 }
 

@@ -19,6 +19,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -43,6 +44,10 @@ pub(crate) trait Answer: DeserializeOwned + std::fmt::Debug + Send + 'static {
     /// The job this message answers, and whether it is that job's last one;
     /// `None` for a message that belongs to no job.
     fn job(&self) -> Option<(u64, bool)>;
+    /// A message that only says the child is alive.
+    fn is_heartbeat(&self) -> bool {
+        false
+    }
 }
 
 impl Answer for FromWorker {
@@ -66,6 +71,9 @@ impl Answer for FromExecutor {
             }
             _ => None,
         }
+    }
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, FromExecutor::Heartbeat)
     }
 }
 
@@ -110,6 +118,9 @@ pub(crate) struct ChildLink<Out, In> {
     /// work for it.
     dying: CancellationToken,
     why: OnceLock<Exit>,
+    /// When the child was last heard from (`shm::monotonic_ns`): any
+    /// message, heartbeats included; the link's creation at first.
+    heard_ns: AtomicU64,
     _out: PhantomData<fn(&Out)>,
 }
 
@@ -132,6 +143,7 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
             waiting: Mutex::new(Some(HashMap::new())),
             dying: CancellationToken::new(),
             why: OnceLock::new(),
+            heard_ns: AtomicU64::new(shm::monotonic_ns()),
             _out: PhantomData,
         }
     }
@@ -217,7 +229,9 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
     /// Hands a message from the child to its job.
     pub fn deliver(&self, msg: In) {
         let Some((id, last)) = msg.job() else {
-            tracing::warn!(?msg, "unexpected message from a child");
+            if !msg.is_heartbeat() {
+                tracing::warn!(?msg, "unexpected message from a child");
+            }
             return;
         };
         let mut guard = self.lock_waiting();
@@ -248,6 +262,12 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
         self.dying.cancel();
     }
 
+    /// How long since the child was last heard from.
+    pub fn silent_for(&self) -> Duration {
+        let heard = self.heard_ns.load(Ordering::Relaxed);
+        Duration::from_nanos(shm::monotonic_ns().saturating_sub(heard))
+    }
+
     /// Resolves once the link is being killed.
     pub fn dying(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.dying.cancelled()
@@ -266,6 +286,7 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
     ) -> Exit {
         let read = async {
             while let Ok(Some(msg)) = shm::recv::<In>(&mut rd).await {
+                self.heard_ns.store(shm::monotonic_ns(), Ordering::Relaxed);
                 on_msg(&msg);
                 self.deliver(msg);
             }

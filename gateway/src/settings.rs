@@ -201,3 +201,22 @@ pub fn bin_dir(cfg: &config::ServerConfig) -> anyhow::Result<PathBuf> {
     }
     Ok(dir)
 }
+
+/// Refuses CPU lists (`workers.cpus`, `executor.cpus`) naming a CPU this
+/// process may not run on, so a bad list fails at start rather than in
+/// every child.
+pub fn check_cpus(cfg: &config::ServerConfig) -> anyhow::Result<()> {
+    let allowed = shm::allowed_cpus()?;
+    for (name, list) in [
+        ("workers.cpus", &cfg.workers.cpus),
+        ("executor.cpus", &cfg.executor.cpus),
+    ] {
+        let cpus = config::parse_cpu_list(list).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        if let Some(c) = cpus.iter().find(|c| !allowed.contains(c)) {
+            anyhow::bail!(
+                "{name} = {list:?} names CPU {c}, which this process may not use (allowed: {allowed:?})"
+            );
+        }
+    }
+    Ok(())
+}

@@ -513,6 +513,23 @@ impl WorkerPool {
         workers: Option<u32>,
         threads: Option<u32>,
     ) -> Result<(), String> {
+        self.check_resize(workers, threads)?;
+        {
+            let mut m = self.lock_members();
+            if let Some(n) = workers {
+                m.desired = n;
+            }
+            if let Some(t) = threads {
+                m.threads = t;
+            }
+            m.changed_at = Instant::now();
+        }
+        self.reconcile();
+        Ok(())
+    }
+
+    /// Whether [`resize`](Self::resize) would take these values.
+    pub fn check_resize(&self, workers: Option<u32>, threads: Option<u32>) -> Result<(), String> {
         let cfg = &self.core.cfg.workers;
         if let Some(n) = workers
             && !(cfg.min..=cfg.max).contains(&n)
@@ -530,17 +547,6 @@ impl WorkerPool {
                 config::MAX_WORKER_THREADS
             ));
         }
-        {
-            let mut m = self.lock_members();
-            if let Some(n) = workers {
-                m.desired = n;
-            }
-            if let Some(t) = threads {
-                m.threads = t;
-            }
-            m.changed_at = Instant::now();
-        }
-        self.reconcile();
         Ok(())
     }
 
@@ -754,7 +760,7 @@ impl WorkerPool {
             ("--input-fd", dup(input.fd()).map_err(shm::ShmError::from)?),
         ];
         let bin = core.bin_dir.join("preprocess-worker");
-        let mut sp = children::spawn(&bin, fds)?;
+        let mut sp = children::spawn(&bin, fds, &core.cfg.workers.cpus)?;
         let init = ToWorker::Init(WorkerInit {
             worker_id: index,
             threads,

@@ -42,6 +42,10 @@ pub struct Args {
     /// The gateway's pid: we die with it.
     #[arg(long)]
     pub parent_pid: u32,
+    /// Linux CPU list to pin the executor and its engine threads to;
+    /// empty = not pinned.
+    #[arg(long, default_value = "")]
+    pub cpus: String,
 }
 
 /// Runs the executor until the gateway closes the socket (exit 0); any
@@ -58,6 +62,8 @@ pub fn run(args: Args) -> ExitCode {
 
 fn run_inner(args: Args) -> anyhow::Result<()> {
     shm::die_with_parent(args.parent_pid).context("setting the parent-death signal")?;
+    // Before the engines start their threads, so they all inherit it.
+    shm::pin_to_cpus(&args.cpus).context("pinning to CPUs")?;
     let ipc =
         shm::take_inherited_fd(args.ipc_fd).with_context(|| format!("--ipc-fd {}", args.ipc_fd))?;
     let tensor_fd = shm::take_inherited_fd(args.tensor_fd)
@@ -91,11 +97,14 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
     let runtimes = loaded
         .models
         .iter()
-        .map(|(_, m)| m.runtime.clone())
+        .filter_map(|(_, m)| m.as_ref().map(|m| m.runtime.clone()))
         .collect();
     write_frame(&mut writer, &FromExecutor::Ready(runtimes)).context("sending Ready")?;
     drop((writer, reader));
-    tracing::info!(models = loaded.models.len(), "ready");
+    tracing::info!(
+        models = loaded.models.iter().filter(|(_, m)| m.is_some()).count(),
+        "ready"
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -110,16 +119,20 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
 /// Everything `Init` asked for, loaded and warmed up.
 pub struct Loaded {
     pub tensors: Arc<SharedTensors>,
-    pub models: Vec<(ModelSpec, LoadedModel)>,
+    /// Every model of `Init`, in order; `None` for one it said not to load.
+    pub models: Vec<(ModelSpec, Option<LoadedModel>)>,
     /// How batchers order and group queued samples.
     pub scheduling: config::Scheduling,
+    /// How often to tell the gateway we are alive.
+    pub heartbeat: Duration,
 }
 
 /// Maps the tensor pool and loads `instances.count` warmed-up engines per
-/// model. Model `i` of `init.models` is region `i` of the pool and the
-/// `slot.model` index of its jobs.
+/// model (but those of `init.unloaded`). Model `i` of `init.models` is
+/// region `i` of the pool and the `slot.model` index of its jobs.
 pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loaded, ExecError> {
     let scheduling = init.scheduling.clone();
+    let heartbeat = Duration::from_millis(init.executor.heartbeat_ms.max(1));
     if init.models.len() != init.layout.regions.len() {
         return Err(ExecError::Protocol(format!(
             "Init has {} models but the tensor pool has {} regions",
@@ -141,6 +154,11 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
     let backends = Backends::from_section(&init.executor);
     let mut models = Vec::with_capacity(init.models.len());
     for spec in init.models {
+        if init.unloaded.contains(&spec.name) {
+            tracing::info!(model = %spec.name, "model not loaded (unloaded by the admin API)");
+            models.push((spec, None));
+            continue;
+        }
         let start = std::time::Instant::now();
         let loaded = load_model(&spec, &backends, warmup_batch(&spec))?;
         let r = &loaded.runtime;
@@ -153,12 +171,13 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
             ms = start.elapsed().as_millis() as u64,
             "model loaded and warmed up"
         );
-        models.push((spec, loaded));
+        models.push((spec, Some(loaded)));
     }
     Ok(Loaded {
         tensors,
         models,
         scheduling,
+        heartbeat,
     })
 }
 
@@ -182,11 +201,25 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
             }
         }
     });
+    // Alive while this runtime runs: a hung or stopped process goes silent.
+    let beats = answers.clone();
+    let heartbeat = tokio::spawn(async move {
+        let first = tokio::time::Instant::now() + loaded.heartbeat;
+        let mut every = tokio::time::interval_at(first, loaded.heartbeat);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            if beats.send(FromExecutor::Heartbeat).is_err() {
+                break;
+            }
+        }
+    });
     let (lost_tx, mut lost) = mpsc::unbounded_channel::<ExecError>();
     let batchers = loaded
         .models
         .into_iter()
         .map(|(spec, model)| {
+            let Some(model) = model else { return Ok(None) };
             let (tensors, answers, lost) =
                 (loaded.tensors.clone(), answers.clone(), lost_tx.clone());
             Batcher::spawn(
@@ -197,6 +230,7 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
                 lost,
                 &loaded.scheduling,
             )
+            .map(Some)
         })
         .collect::<Result<Vec<_>, _>>()?;
     drop(lost_tx);
@@ -206,8 +240,9 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
         Some(e) = lost.recv() => Err(e),
         r = route(&mut rd, &batchers, &answers) => r,
     };
+    heartbeat.abort();
     let drain = async {
-        for b in batchers {
+        for b in batchers.into_iter().flatten() {
             b.close().await;
         }
         drop(answers);
@@ -229,21 +264,22 @@ pub async fn serve(ipc: UnixStream, loaded: Loaded) -> Result<(), ExecError> {
 /// Hands each `Infer` job to its model's batcher until the socket closes.
 async fn route(
     rd: &mut OwnedReadHalf,
-    batchers: &[Batcher],
+    batchers: &[Option<Batcher>],
     answers: &mpsc::UnboundedSender<FromExecutor>,
 ) -> Result<(), ExecError> {
     while let Some(msg) = shm::recv::<ToExecutor>(rd).await? {
         match msg {
             ToExecutor::Infer(job) => match batchers.get(job.slot.model as usize) {
-                Some(b) => b.submit(job).await?,
-                None => {
+                Some(Some(b)) => b.submit(job).await?,
+                found => {
+                    let why = if found.is_some() {
+                        "is not loaded".to_string()
+                    } else {
+                        format!("does not exist (the executor has {})", batchers.len())
+                    };
                     let _ = answers.send(FromExecutor::Failed {
                         job_id: job.job_id,
-                        message: format!(
-                            "no model with index {} (the executor has {})",
-                            job.slot.model,
-                            batchers.len()
-                        ),
+                        message: format!("model index {} {why}", job.slot.model),
                     });
                 }
             },

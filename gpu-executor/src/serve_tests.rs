@@ -36,7 +36,7 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
         tensors,
         models: vec![(
             spec(8, 0, &[]),
-            LoadedModel {
+            Some(LoadedModel {
                 engines: vec![Box::new(Doomed) as Box<dyn Engine>],
                 runtime: shm::ModelRuntime {
                     model: "m".into(),
@@ -47,9 +47,10 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
                     fallbacks: vec![],
                     calibration: None,
                 },
-            },
+            }),
         )],
         scheduling: config::Scheduling::default(),
+        heartbeat: Duration::from_secs(60),
     };
     let (mut gateway, ours) = UnixStream::pair().unwrap();
     // The gateway's side: one job, then read until the executor hangs up.

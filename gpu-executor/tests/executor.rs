@@ -19,6 +19,8 @@ struct Executor {
     child: Child,
     ipc: UnixStream,
     pool: SharedTensors,
+    /// Models `init` tells the executor not to load.
+    unloaded: Vec<String>,
 }
 
 impl Drop for Executor {
@@ -58,7 +60,12 @@ impl Executor {
             .unwrap()
             .spawn()
             .unwrap();
-        let mut ex = Self { child, ipc, pool };
+        let mut ex = Self {
+            child,
+            ipc,
+            pool,
+            unloaded: Vec::new(),
+        };
         match ex.recv() {
             FromExecutor::Hello(h) => {
                 assert_eq!(h.proto_version, PROTO_VERSION);
@@ -76,6 +83,7 @@ impl Executor {
             models,
             executor,
             scheduling: config::Scheduling::default(),
+            unloaded: self.unloaded.clone(),
         }));
         self.recv()
     }
@@ -92,7 +100,17 @@ impl Executor {
         write_frame(&mut self.ipc, &msg).unwrap();
     }
 
+    /// The next message but heartbeats.
     fn recv(&mut self) -> FromExecutor {
+        loop {
+            match self.recv_any() {
+                FromExecutor::Heartbeat => continue,
+                msg => return msg,
+            }
+        }
+    }
+
+    fn recv_any(&mut self) -> FromExecutor {
         read_frame(&mut self.ipc)
             .unwrap()
             .expect("executor closed the socket")
@@ -249,6 +267,64 @@ fn scores_a_sample_from_shared_memory_and_fails_a_stale_one() {
     }));
     assert!(matches!(ex.recv(), FromExecutor::Failed { job_id: 15, .. }));
 
+    assert_eq!(ex.exit_status().code(), Some(0));
+}
+
+#[test]
+fn heartbeats_come_while_serving_and_an_unloaded_model_refuses_its_jobs() {
+    let spec = small(common::open_nsfw());
+    let mut other = spec.clone();
+    other.name = "second".into();
+    let models = vec![spec.clone(), other];
+    let mut ex = Executor::spawn(&models, 4);
+    ex.unloaded = vec!["second".into()];
+    let mut section = common::executor_section();
+    section.heartbeat_ms = 50;
+    let runtimes = ex.ready(models, section);
+    // Only the loaded model runs.
+    assert_eq!(
+        runtimes
+            .iter()
+            .map(|r| r.model.as_str())
+            .collect::<Vec<_>>(),
+        [spec.name.as_str()]
+    );
+    // Heartbeats every 50 ms, from a task of their own.
+    let start = Instant::now();
+    for _ in 0..5 {
+        assert_eq!(ex.recv_any(), FromExecutor::Heartbeat);
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(150) && took < Duration::from_secs(2),
+        "5 heartbeats took {took:?}"
+    );
+    // A job for the unloaded model (index 1) is answered, not run.
+    ex.send(ToExecutor::Infer(InferJob {
+        job_id: 21,
+        ctx: shm::RequestContext {
+            request_id: "test".into(),
+            ..Default::default()
+        },
+        slot: SlotRef {
+            model: 1,
+            slot: 0,
+            generation: 1,
+        },
+        pending: 0,
+    }));
+    match ex.recv() {
+        FromExecutor::Failed { job_id, message } => {
+            assert_eq!(job_id, 21);
+            assert!(message.contains("not loaded"), "{message}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    // The loaded one serves.
+    assert!(matches!(
+        ex.infer(22, slot(0, 1), &common::sample(&spec, 0)),
+        FromExecutor::Scores(_)
+    ));
     assert_eq!(ex.exit_status().code(), Some(0));
 }
 

@@ -20,6 +20,9 @@ struct Cli {
     /// The gateway's pid; the worker dies with it.
     #[arg(long)]
     parent_pid: u32,
+    /// Linux CPU list to pin the worker's threads to; empty = not pinned.
+    #[arg(long, default_value = "")]
+    cpus: String,
 }
 
 fn main() {
@@ -31,6 +34,11 @@ fn main() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    // Before any thread starts, so every decode thread inherits it.
+    if let Err(e) = shm::pin_to_cpus(&cli.cpus) {
+        tracing::error!("preprocess worker: {e}");
+        std::process::exit(1);
+    }
     let opts = ServeOptions {
         ipc_fd: cli.ipc_fd,
         tensor_fd: cli.tensor_fd,

@@ -38,3 +38,28 @@ pub fn die_with_parent(parent: u32) -> Result<(), ShmError> {
     }
     Ok(())
 }
+
+/// Pins this thread, and every thread it starts later, to the CPUs of the
+/// Linux CPU list `cpus` (`"0-3,8"`); `""` leaves it unpinned. Called by a
+/// child first thing, before it starts any thread.
+pub fn pin_to_cpus(cpus: &str) -> Result<(), ShmError> {
+    let list = config::parse_cpu_list(cpus)
+        .map_err(|e| ShmError::Io(std::io::Error::other(format!("--cpus {cpus:?}: {e}"))))?;
+    if list.is_empty() {
+        return Ok(());
+    }
+    let mut set = nix::sched::CpuSet::new();
+    for cpu in list {
+        set.set(cpu)?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)?;
+    Ok(())
+}
+
+/// The CPUs this process may run on now.
+pub fn allowed_cpus() -> Result<Vec<usize>, ShmError> {
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0))?;
+    Ok((0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}

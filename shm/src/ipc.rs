@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PoolLayout, SlotRef};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTO_VERSION: u32 = 5;
+pub const PROTO_VERSION: u32 = 6;
 
 /// What every process knows of the request a job belongs to: created once
 /// by the gateway and carried in every job message, so one id follows a
@@ -263,6 +263,9 @@ pub struct ExecutorInit {
     pub executor: ExecutorSection,
     /// How batchers order queued samples (`aging_ms`).
     pub scheduling: config::Scheduling,
+    /// Models of `models` not to load (unloaded by the admin API): their
+    /// jobs are refused. Their pool regions stay, so indices do not move.
+    pub unloaded: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -280,8 +283,11 @@ pub struct InferJob {
 pub enum FromExecutor {
     Hello(Hello),
     /// Every model is loaded and has run a warm-up batch; one entry per
-    /// model of `Init`, in order, saying what actually runs it.
+    /// loaded model of `Init`, in order, saying what actually runs it.
     Ready(Vec<ModelRuntime>),
+    /// Sent every `executor.heartbeat_ms` by a task of its own while the
+    /// executor serves: silence means a hung or stopped process.
+    Heartbeat,
     Fatal(String),
     Scores(Scores),
     Failed {
