@@ -26,6 +26,11 @@ RUNTIME_FILES=(
   "$OV/libopenvino_onnx_frontend.so.2641|.deps/openvino/libopenvino_onnx_frontend.so.2641|82d499f5b5e8514def7aaa1ecd5a9f570542d33ae9d00a0077f707cccd0e0192"
   "$OV/libtbb.so.12|.deps/openvino/libtbb.so.12|ac9518497a4f2cb6729792730f145ee58367316031511923fef263c9ac81ca61"
 )
+# npm packages unpacked into .deps/npm/<name>: "name@version|sha256 of the tarball".
+# uPlot is the dashboard's chart library, embedded in the binary at build.
+NPM_BUILD=("uplot@1.6.32|4b8a8191e425658e3ea8c8c1314b0fc679c861ee3a1af2b20c7b16ba50b5133d")
+# playwright-core drives Debian's Chromium in the dashboard's browser test.
+NPM_TEST=("playwright-core@1.64.1|3af03703c967c95037454f2283f709d53ce804a4776d4219d319f5bbcc2a0185")
 MODEL=.deps/models/open-nsfw.onnx
 PYTHON=${PYTHON:-python3}
 
@@ -38,6 +43,8 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
 done
+# npm fetches the dashboard's chart library (any Node.js with npm will do).
+command -v npm >/dev/null || missing+=(nodejs npm)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
   say "installing Debian packages: ${missing[*]}"
@@ -77,11 +84,44 @@ EOF
     fi
   done
 fi
+# --- npm packages (pinned tarballs, sha256-checked) --------------------------
+# npm_unpack "name@version|sha256"...: each into .deps/npm/<name>, again only
+# when its tarball's checksum changed.
+npm_unpack() {
+  local row spec want name dir tgz
+  for row in "$@"; do
+    IFS='|' read -r spec want <<<"$row"
+    name=${spec%@*}; dir=.deps/npm/$name
+    [ "$(cat "$dir/.stamp" 2>/dev/null)" = "$want" ] && continue
+    say "fetching $spec"
+    mkdir -p .deps/npm/tarballs
+    tgz=$(cd .deps/npm/tarballs && npm pack "$spec" --silent | tail -1)
+    tgz=.deps/npm/tarballs/$tgz
+    if ! has_sha "$tgz" "$want"; then
+      say "checksum mismatch for $spec: got $(sha "$tgz"), want $want"; rm -f "$tgz"; exit 1
+    fi
+    rm -rf "$dir"; mkdir -p "$dir"
+    tar xzf "$tgz" --strip-components=1 -C "$dir"
+    echo "$want" > "$dir/.stamp"
+  done
+}
+npm_unpack "${NPM_BUILD[@]}"
+
 # The library's SONAME is libonnxruntime.so.1; give the loader and linker both names.
 ln -sfn libonnxruntime.so.1.32.0 .deps/onnxruntime/libonnxruntime.so.1
 ln -sfn libonnxruntime.so.1.32.0 .deps/onnxruntime/libonnxruntime.so
 
 [ "${1:-}" = test ] || exit 0
+
+# --- The browser test: Debian's Chromium, driven by playwright-core ----------
+if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  say "installing Debian's chromium (the dashboard's browser test)"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+npm_unpack "${NPM_TEST[@]}"
 
 # --- Python environments (hash-pinned) --------------------------------------
 # pinned_venv DIR REQUIREMENTS WHAT: a venv with exactly those wheels, made

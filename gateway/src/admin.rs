@@ -13,6 +13,8 @@
 //! - `POST /admin/models/{m}/score`: the dashboard's playground, the
 //!   public scoring API under the `admin` tenant label.
 //! - `GET /metrics`.
+//! - `GET /ui`: the dashboard (no key needed for the page; its calls send
+//!   the key the operator types in).
 //!
 //! Every change is validated, applied whole or not at all, logged with the
 //! client's address, and answered with the new state.
@@ -23,6 +25,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::Method;
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -60,12 +63,61 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             require_admin,
         ))
+        .merge(dashboard())
         .with_state(state)
 }
 
 /// Marks a request let in with the admin key (the playground's scoring).
 #[derive(Debug, Clone, Copy)]
 pub struct Operator;
+
+/// The dashboard's files, served from the binary.
+fn dashboard() -> Router<AppState> {
+    fn file(body: &'static [u8], kind: &'static str) -> axum::routing::MethodRouter<AppState> {
+        get(move || async move {
+            (
+                [
+                    (header::CONTENT_TYPE, kind),
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                body,
+            )
+        })
+    }
+    const HTML: &str = "text/html; charset=utf-8";
+    const JS: &str = "text/javascript; charset=utf-8";
+    const CSS: &str = "text/css; charset=utf-8";
+    const TEXT: &str = "text/plain; charset=utf-8";
+    Router::new()
+        .route("/ui", file(include_bytes!("../ui/index.html"), HTML))
+        .route("/ui/", file(include_bytes!("../ui/index.html"), HTML))
+        .route("/ui/app.js", file(include_bytes!("../ui/app.js"), JS))
+        .route(
+            "/ui/style.css",
+            file(include_bytes!("../ui/style.css"), CSS),
+        )
+        .route(
+            "/ui/vendor/uPlot.iife.min.js",
+            file(
+                include_bytes!(concat!(env!("MMGATE_UPLOT_DIR"), "/dist/uPlot.iife.min.js")),
+                JS,
+            ),
+        )
+        .route(
+            "/ui/vendor/uPlot.min.css",
+            file(
+                include_bytes!(concat!(env!("MMGATE_UPLOT_DIR"), "/dist/uPlot.min.css")),
+                CSS,
+            ),
+        )
+        .route(
+            "/ui/vendor/LICENSE",
+            file(
+                include_bytes!(concat!(env!("MMGATE_UPLOT_DIR"), "/LICENSE")),
+                TEXT,
+            ),
+        )
+}
 
 /// Lets a request through only with the admin key (any request once a key
 /// is set; without one, reads only).
