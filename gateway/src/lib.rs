@@ -18,6 +18,7 @@ pub mod rate;
 pub mod reload;
 pub mod score;
 pub mod settings;
+pub mod tune;
 pub mod video;
 pub mod workers;
 

@@ -1,5 +1,5 @@
 //! `mmgate serve --config FILE [--listen ADDR]`, `mmgate check-model …`,
-//! `mmgate keys new`.
+//! `mmgate tune …`, `mmgate keys new`.
 
 use clap::Parser;
 use gateway::settings::{Cli, Command, KeysCommand};
@@ -9,6 +9,21 @@ fn main() -> anyhow::Result<std::process::ExitCode> {
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::CheckModel { args } => return gateway::settings::check_model(args),
+        Command::Tune(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "warn".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(gateway::tune::run(args))?;
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
         Command::Keys(KeysCommand::New) => {
             let key = gateway::settings::new_key()?;
             println!("key (give it to the tenant; it is not stored): {key}");

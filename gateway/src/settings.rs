@@ -26,6 +26,11 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Measure this machine and pick pool sizes: sweeps worker processes,
+    /// threads, engine instances, intra-op threads and max batch with the
+    /// sample inputs, within a time budget; prints a table, writes the pick
+    /// as TOML (`mmgate tune --help`).
+    Tune(crate::tune::TuneArgs),
     /// API keys: `mmgate keys new` prints a fresh random key and the
     /// `key_hashes` line for a tenant's config.
     #[command(subcommand)]

@@ -306,3 +306,76 @@ fn a_cpu_list_naming_a_cpu_this_host_lacks_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// `mmgate tune` measures real trials within its budget, prints its table
+/// and pick, and writes the pick as TOML that the config accepts.
+#[test]
+fn the_tuner_measures_within_its_budget_and_writes_its_pick() {
+    common::deps_check();
+    let _machine = common::exclusive();
+    let dir = std::env::temp_dir().join(format!("mmgate-tune-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = write_config(&dir, "");
+    let out_toml = dir.join("tuned.toml");
+    let images = common::repo().join("tests/fixtures/images");
+    let budget = Duration::from_secs(40);
+    let t = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmgate"))
+        .args(["tune", "--config"])
+        .arg(&cfg)
+        .arg("--inputs")
+        .arg(images.join("coffee.jpg"))
+        .arg(images.join("coffee_640.jpg"))
+        .args([
+            "--budget",
+            "40s",
+            "--trial-seconds",
+            "1",
+            "--concurrency",
+            "4",
+        ])
+        .arg("--out")
+        .arg(&out_toml)
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Within its budget (and the time to stop the last trial).
+    assert!(took < budget + Duration::from_secs(15), "took {took:?}");
+    // Progress on stderr, one line per trial; the table on stdout.
+    let trials = stderr.lines().filter(|l| l.starts_with("tune [")).count();
+    assert!(trials >= 3, "{stderr}");
+    assert!(
+        stdout.contains("| workers | threads | instances |"),
+        "{stdout}"
+    );
+    let rows = stdout
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains(" | "))
+        .count();
+    assert!(rows > trials.min(3), "{stdout}");
+    assert!(stdout.contains("pick: workers="), "{stdout}");
+    assert!(stdout.contains("defaults"), "{stdout}");
+    // The TOML names a valid pool, which a config takes.
+    let toml = std::fs::read_to_string(&out_toml).unwrap();
+    let pool = toml
+        .split("[workers]")
+        .nth(1)
+        .unwrap()
+        .split("\n\n")
+        .next()
+        .unwrap();
+    let cfg = write_config(&dir, &format!("[workers]{pool}"));
+    let loaded = config::ServerConfig::load(&cfg).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        pool.contains("count = ") && pool.contains("threads = "),
+        "{toml}"
+    );
+    assert!(
+        pool.contains(&format!("count = {}\n", loaded.workers.count)),
+        "{toml}"
+    );
+}

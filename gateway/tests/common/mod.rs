@@ -70,6 +70,12 @@ pub fn deps_check() {
 /// within 1 s, respawn within 2 s) must not fight other gateways for 2 cores.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Holds the machine for a test that runs gateways itself (as `mmgate tune`
+/// does) rather than through [`Gateway`].
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct Gateway {
     _serial: std::sync::MutexGuard<'static, ()>,
     pub child: Child,
