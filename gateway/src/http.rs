@@ -108,7 +108,7 @@ pub async fn serve(
             limits: limits.clone(),
         });
         let io = Flushed::new(
-            JsonParseErrors::new(Box::pin(io), limits.clone()),
+            JsonParseErrors::new(Box::pin(io), limits.clone(), unwritten.clone()),
             unwritten,
         );
         let conn = builder.serve_connection(TokioIo::new(io), service);
@@ -203,7 +203,7 @@ struct Tracked {
 /// Answer bodies hyper is done with but has not flushed yet, with what
 /// they hold; and whether the connection's close should linger.
 #[derive(Default)]
-struct Unwritten {
+pub(crate) struct Unwritten {
     parked: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>>,
     /// An answer refused its request before reading the body and closes
     /// the connection: see [`LINGER`].
@@ -211,6 +211,12 @@ struct Unwritten {
 }
 
 impl Unwritten {
+    /// The connection's close must linger: an answer refused a request
+    /// whose rest the client may still be sending.
+    pub(crate) fn linger_on_close(&self) {
+        self.linger.store(true, Ordering::Release);
+    }
+
     fn park(&self, held: Box<dyn std::any::Any + Send>) {
         self.parked
             .lock()
@@ -398,7 +404,7 @@ where
         if let Some(e) = head_over_limit(req.headers(), &self.limits) {
             // Refused before its body was read: the connection closes,
             // lingering.
-            self.unwritten.linger.store(true, Ordering::Release);
+            self.unwritten.linger_on_close();
             return Box::pin(std::future::ready(Ok(e.into_closing_response())));
         }
         let busy = Busy::new(self.busy.clone());
@@ -415,7 +421,7 @@ where
                 .get(axum::http::header::CONNECTION)
                 .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"))
             {
-                unwritten.linger.store(true, Ordering::Release);
+                unwritten.linger_on_close();
             }
             let reservation = r.extensions_mut().remove::<Arc<Reservation>>();
             Ok(r.map(|b| {

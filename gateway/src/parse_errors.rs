@@ -4,7 +4,9 @@
 //! stable code for every failure, so the connection's writer recognises
 //! those canned answers (the only ones with `content-length: 0`: every
 //! answer of the app carries a body) and writes the same failure from the
-//! error table instead. hyper closes the connection after them.
+//! error table instead. hyper closes the connection after them, and that
+//! close lingers like the app's refusals (the client may still be sending
+//! the rest of its request).
 
 use std::io;
 use std::pin::Pin;
@@ -20,18 +22,21 @@ use crate::error::{ApiError, Code};
 const MAX_URI_BYTES: usize = 65_534;
 
 /// hyper's read buffer for `limits`: room for the longest request target
-/// and the allowed header bytes, plus line overhead, and never under
-/// hyper's default (it also sizes the reads of upload bodies). A head past
+/// and the allowed header bytes, plus line overhead (about 105 KiB with
+/// the defaults, where hyper's own default is about 400 KiB). A head past
 /// it is cut by hyper (431); one within it is parsed, and
 /// `head_over_limit` holds it to `http.max_header_bytes`, so the limit
-/// does not depend on how the head's bytes happened to arrive.
+/// does not depend on how the head's bytes happened to arrive. hyper
+/// strips the whitespace around header values before anything can count
+/// it, so this buffer is what bounds a head padded with whitespace.
 pub(crate) fn read_buffer_bytes(limits: &HttpLimits) -> usize {
-    const HYPER_DEFAULT: usize = 8192 + 4096 * 100;
+    // hyper's smallest allowed buffer.
+    const HYPER_MIN: usize = 8192;
     MAX_URI_BYTES
         .saturating_add(limits.max_header_bytes)
         .saturating_add(limits.max_headers.saturating_mul(4))
         .saturating_add(8192)
-        .max(HYPER_DEFAULT)
+        .max(HYPER_MIN)
 }
 
 /// The error for a head over `http.max_headers` or `http.max_header_bytes`.
@@ -63,6 +68,8 @@ pub(crate) fn head_over_limit(
 pub(crate) struct JsonParseErrors<T> {
     inner: T,
     limits: HttpLimits,
+    /// Told when a refusal was written, so the close lingers.
+    closing: std::sync::Arc<crate::http::Unwritten>,
     /// The JSON answer being written in place of hyper's.
     replacing: Option<Replacement>,
 }
@@ -75,10 +82,15 @@ struct Replacement {
 }
 
 impl<T> JsonParseErrors<T> {
-    pub(crate) fn new(inner: T, limits: HttpLimits) -> Self {
+    pub(crate) fn new(
+        inner: T,
+        limits: HttpLimits,
+        closing: std::sync::Arc<crate::http::Unwritten>,
+    ) -> Self {
         Self {
             inner,
             limits,
+            closing,
             replacing: None,
         }
     }
@@ -128,6 +140,8 @@ impl<T> JsonParseErrors<T> {
     {
         if self.replacing.is_none() {
             self.replacing = Some(self.replacement_for(first)?);
+            // The rest of the request may still be on its way.
+            self.closing.linger_on_close();
         }
         let r = self.replacing.as_mut()?;
         while r.written < r.bytes.len() {
@@ -203,7 +217,7 @@ mod tests {
 
     #[test]
     fn only_empty_canned_answers_are_replaced() {
-        let w = JsonParseErrors::new((), HttpLimits::default());
+        let w = JsonParseErrors::new((), HttpLimits::default(), Default::default());
         let hyper = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: x\r\n\r\n";
         let r = w.replacement_for(hyper).unwrap();
         assert_eq!(r.consumed, hyper.len());

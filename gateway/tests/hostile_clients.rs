@@ -585,3 +585,66 @@ async fn the_admin_listener_holds_only_a_few_connections() {
     let r = gw.good_image().await;
     assert_eq!(r.status, 200, "{}", r.json);
 }
+
+/// hyper strips the whitespace around a header value before the app can
+/// count it, so padding must be bounded by hyper's read buffer, which is
+/// sized from the limits (the longest URI plus `http.max_header_bytes`),
+/// not hyper's ~400 KiB default: a value padded with 120 KB of spaces is
+/// refused with the JSON 431.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_padded_with_whitespace_is_refused() {
+    let gw = Gateway::start("").await;
+    let mut s = connect(&gw).await;
+    let head = format!(
+        "GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Pad: {}v\r\n\r\n",
+        " ".repeat(120_000)
+    );
+    let _ = s.write_all(head.as_bytes()).await;
+    let (answer, end) = read_to_end(&mut s, Duration::from_secs(5)).await;
+    assert!(end.is_some(), "connection left open: {answer:?}");
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
+    assert!(answer.contains("\"headers_too_large\""), "{answer:?}");
+    let r = gw.good_image().await;
+    assert_eq!(r.status, 200, "{}", r.json);
+}
+
+/// hyper's own refusals (a head it cannot parse, too many headers) close
+/// the connection like the app's do: lingering, so a client that sends its
+/// whole upload before reading still gets the JSON answer, not a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_by_the_http_layer_reaches_a_client_that_sends_it_all_first() {
+    let gw = Gateway::start("").await;
+    let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let len = 8_000_000;
+    let heads = [
+        (
+            format!(
+                "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\n{many}\
+                 Content-Length: {len}\r\n\r\n"
+            ),
+            "HTTP/1.1 431",
+            "headers_too_large",
+        ),
+        (
+            format!(
+                "POST /v1/models/open_nsfw/score HTTP/1.1\r\nHost: x\r\nBad Header\r\n\
+                 Content-Length: {len}\r\n\r\n"
+            ),
+            "HTTP/1.1 400",
+            "bad_request",
+        ),
+    ];
+    for (head, status, code) in heads {
+        for _ in 0..3 {
+            let mut s = connect(&gw).await;
+            s.write_all(head.as_bytes()).await.unwrap();
+            let sent = s.write_all(&vec![0u8; len]).await;
+            let (answer, _) = read_to_end(&mut s, Duration::from_secs(5)).await;
+            assert!(sent.is_ok(), "{status}: the upload was cut off: {sent:?}");
+            assert!(
+                answer.starts_with(status) && answer.contains(code),
+                "answer {answer:?}"
+            );
+        }
+    }
+}
