@@ -139,6 +139,7 @@ async fn require_admin(State(app): State<AppState>, mut req: Request, next: Next
                 )
                 .into_response();
             }
+            req.extensions_mut().insert(Operator);
         }
         None if req.method() != Method::GET => {
             return ApiError::new(
@@ -149,7 +150,6 @@ async fn require_admin(State(app): State<AppState>, mut req: Request, next: Next
         }
         None => {}
     }
-    req.extensions_mut().insert(Operator);
     next.run(req).await
 }
 

@@ -251,6 +251,10 @@ impl Executor {
                 format!("the executor could not score this sample: {message}"),
             )),
             Ok(Some(FromExecutor::Expired { .. })) => Err(crate::score::deadline_exceeded()),
+            Ok(Some(FromExecutor::NotLoaded { .. })) => Err(ApiError::new(
+                Code::ModelNotLoaded,
+                "the model was unloaded while this request ran",
+            )),
             Ok(_) => Err(crashed()),
             Err(_) => {
                 link.kill(Exit::Timeout);
@@ -314,21 +318,44 @@ impl Executor {
         .await
     }
 
-    /// Applies the instances and batching of `specs` (from a reloaded
-    /// config) to the models of the same name; answers the models changed.
-    pub async fn apply_specs(
+    /// Applies a reloaded config's model changes: for each `(before, now)`
+    /// pair of a model's spec in the files, the `instances` and `batching`
+    /// fields that differ take their new value; the others keep theirs
+    /// (a live change made since stays). Answers the models changed.
+    pub async fn apply_file_changes(
         &self,
         core: &Arc<Core>,
-        specs: &[ModelSpec],
+        changes: &[(ModelSpec, ModelSpec)],
     ) -> Result<Vec<String>, ApiError> {
+        fn merge<T: serde::Serialize + serde::de::DeserializeOwned>(
+            live: &T,
+            before: &T,
+            now: &T,
+        ) -> Result<T, ApiError> {
+            let as_json = |v: &T| serde_json::to_value(v).unwrap_or_default();
+            let (mut live, before, now) = (as_json(live), as_json(before), as_json(now));
+            if let (Some(l), Some(b), Some(n)) =
+                (live.as_object_mut(), before.as_object(), now.as_object())
+            {
+                for (k, v) in n {
+                    if b.get(k) != Some(v) {
+                        l.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+            serde_json::from_value(live)
+                .map_err(|e| ApiError::new(Code::BadRequest, format!("bad model settings: {e}")))
+        }
         let mut changed = Vec::new();
         self.apply(core, |models, _| {
             for m in models.iter_mut() {
-                if let Some(s) = specs.iter().find(|s| s.name == m.name)
-                    && (s.instances != m.instances || s.batching != m.batching)
-                {
-                    m.instances = s.instances.clone();
-                    m.batching = s.batching.clone();
+                let Some((before, now)) = changes.iter().find(|(b, _)| b.name == m.name) else {
+                    continue;
+                };
+                let instances = merge(&m.instances, &before.instances, &now.instances)?;
+                let batching = merge(&m.batching, &before.batching, &now.batching)?;
+                if instances != m.instances || batching != m.batching {
+                    (m.instances, m.batching) = (instances, batching);
                     changed.push(m.name.clone());
                 }
             }
@@ -535,6 +562,8 @@ impl Executor {
 
     /// Puts a ready executor in service: new samples go to it.
     fn install(&self, core: &Core, started: &Started) {
+        // A ready executor may have waited for its turn unread.
+        started.link.heard_now();
         *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = started.runtimes.clone();
         *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(started.link.clone());
         self.pid.store(started.pid, Ordering::Relaxed);

@@ -66,9 +66,9 @@ impl Answer for FromExecutor {
     fn job(&self) -> Option<(u64, bool)> {
         match self {
             FromExecutor::Scores(s) => Some((s.job_id, true)),
-            FromExecutor::Failed { job_id, .. } | FromExecutor::Expired { job_id } => {
-                Some((*job_id, true))
-            }
+            FromExecutor::Failed { job_id, .. }
+            | FromExecutor::Expired { job_id }
+            | FromExecutor::NotLoaded { job_id } => Some((*job_id, true)),
             _ => None,
         }
     }
@@ -262,6 +262,11 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
         self.dying.cancel();
     }
 
+    /// Counts as hearing from the child now (when it is put in service).
+    pub fn heard_now(&self) {
+        self.heard_ns.store(shm::monotonic_ns(), Ordering::Relaxed);
+    }
+
     /// How long since the child was last heard from.
     pub fn silent_for(&self) -> Duration {
         let heard = self.heard_ns.load(Ordering::Relaxed);
@@ -297,7 +302,9 @@ impl<Out: Serialize, In: Answer> ChildLink<Out, In> {
                 self.flush.notified().await;
             }
         };
+        // Messages already read are taken before `stop` judges silence.
         let reason = tokio::select! {
+            biased;
             _ = child.wait() => Exit::Exited,
             _ = read => Exit::SocketClosed,
             _ = flusher => Exit::SocketClosed,

@@ -70,43 +70,55 @@ pub async fn reload(app: &AppState) -> Result<Reloaded, ApiError> {
     })?;
     let mut applied = Vec::new();
     let restart_required = needs_restart(&last, &next);
-
-    // Checked before anything is applied.
+    // Tenants first, whatever happens to the rest: a revoked key must not
+    // wait for a pool change.
+    let tenants = app.auth.reload(&next);
+    if last.tenants != next.tenants {
+        applied.push("tenants".to_string());
+        last.tenants = next.tenants.clone();
+    }
+    let refused = |applied: &[String], e: String| {
+        let done = if applied.is_empty() {
+            "nothing changed".to_string()
+        } else {
+            format!("{} put in force, the rest not", applied.join(", "))
+        };
+        ApiError::new(
+            Code::ConfigInvalid,
+            format!("the config was not reloaded ({done}): {e}"),
+        )
+    };
+    // Checked before the executor changes.
     let (w0, w1) = (&last.workers, &next.workers);
     let workers = (w1.count != w0.count).then_some(w1.count);
     let threads = (w1.threads != w0.threads).then_some(w1.threads);
-    app.workers.check_resize(workers, threads).map_err(|e| {
-        ApiError::new(
-            Code::ConfigInvalid,
-            format!("the config was not reloaded, nothing changed: {e}"),
-        )
-    })?;
-    // The one step that can fail: a new executor must start.
-    let changed: Vec<_> = next
+    app.workers
+        .check_resize(workers, threads)
+        .map_err(|e| refused(&applied, e))?;
+    // Each model's instances and batching as the files had them before and
+    // have them now: only fields that changed there change live.
+    let changes: Vec<_> = next
         .models
         .iter()
-        .filter(|m| {
-            last.models.iter().any(|o| {
-                o.name == m.name && (o.instances != m.instances || o.batching != m.batching)
-            })
+        .filter_map(|m| {
+            let o = last.models.iter().find(|o| o.name == m.name)?;
+            (o.instances != m.instances || o.batching != m.batching).then(|| (o.clone(), m.clone()))
         })
-        .cloned()
         .collect();
-    if !changed.is_empty() {
-        for m in app.executor.apply_specs(&app.core, &changed).await? {
-            applied.push(format!("models.{m}"));
-        }
+    if !changes.is_empty() {
+        let changed = app
+            .executor
+            .apply_file_changes(&app.core, &changes)
+            .await
+            .map_err(|e| refused(&applied, e.message))?;
+        applied.extend(changed.into_iter().map(|m| format!("models.{m}")));
     }
     if workers.is_some() || threads.is_some() {
         app.workers
             .resize(workers, threads)
-            .map_err(|e| ApiError::new(Code::ConfigInvalid, e))?;
+            .map_err(|e| refused(&applied, e))?;
         applied.extend(workers.map(|_| "workers.count".to_string()));
         applied.extend(threads.map(|_| "workers.threads".to_string()));
-    }
-    let tenants = app.auth.reload(&next);
-    if last.tenants != next.tenants {
-        applied.push("tenants".into());
     }
     tracing::info!(tenants, ?applied, ?restart_required, "config reloaded");
     *last = next;

@@ -211,6 +211,9 @@ pub fn bin_dir(cfg: &config::ServerConfig) -> anyhow::Result<PathBuf> {
 /// process may not run on, so a bad list fails at start rather than in
 /// every child.
 pub fn check_cpus(cfg: &config::ServerConfig) -> anyhow::Result<()> {
+    if cfg.workers.cpus.is_empty() && cfg.executor.cpus.is_empty() {
+        return Ok(());
+    }
     let allowed = shm::allowed_cpus()?;
     for (name, list) in [
         ("workers.cpus", &cfg.workers.cpus),

@@ -12,6 +12,11 @@ use reqwest::Method;
 
 const ADMIN_KEY: &str = "admin-secret-7f3a9c";
 
+/// `POST path` on the admin listener, with the admin key.
+async fn post(gw: &Gateway, path: &str) -> common::Reply {
+    gw.admin(Method::POST, path, Some(ADMIN_KEY), None).await
+}
+
 async fn readyz(gw: &Gateway) -> common::Reply {
     gw.get("/readyz").await
 }
@@ -119,28 +124,14 @@ async fn a_model_unloads_and_loads_live_and_its_requests_say_so() {
     assert_eq!(before.status, 200);
     let first = executor_pid(&gw).await;
 
-    let r = gw
-        .admin(
-            Method::POST,
-            "/admin/models/nope/unload",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let r = post(&gw, "/admin/models/nope/unload").await;
     r.refused(404, "model_not_found");
     let r = gw
         .admin(Method::POST, "/admin/models/open_nsfw/unload", None, None)
         .await;
     r.refused(401, "admin_key_required");
 
-    let r = gw
-        .admin(
-            Method::POST,
-            "/admin/models/open_nsfw/unload",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let r = post(&gw, "/admin/models/open_nsfw/unload").await;
     assert_eq!(r.status, 200, "{}", r.json);
     let model = &r.json["executor"]["models"][0];
     assert_eq!(model["loaded"], false, "{}", r.json);
@@ -155,25 +146,11 @@ async fn a_model_unloads_and_loads_live_and_its_requests_say_so() {
     assert_ne!(second, first);
 
     // Unloading again changes nothing (no new executor).
-    let r = gw
-        .admin(
-            Method::POST,
-            "/admin/models/open_nsfw/unload",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let r = post(&gw, "/admin/models/open_nsfw/unload").await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(executor_pid(&gw).await, second);
 
-    let r = gw
-        .admin(
-            Method::POST,
-            "/admin/models/open_nsfw/load",
-            Some(ADMIN_KEY),
-            None,
-        )
-        .await;
+    let r = post(&gw, "/admin/models/open_nsfw/load").await;
     assert_eq!(r.status, 200, "{}", r.json);
     let model = &r.json["executor"]["models"][0];
     assert_eq!(model["loaded"], true, "{}", r.json);
@@ -191,7 +168,30 @@ async fn a_model_unloads_and_loads_live_and_its_requests_say_so() {
 /// needing a restart; a bad file changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_applies_what_can_change_live_and_a_bad_file_changes_nothing() {
-    let first = tenant("acme", "");
+    // The model's spec in a folder of the test's, to change it.
+    let models = std::env::temp_dir().join(format!("mmgate-reload-models-{}", std::process::id()));
+    std::fs::create_dir_all(&models).unwrap();
+    let repo = common::repo();
+    let spec = std::fs::read_to_string(repo.join("configs/models/open_nsfw.toml"))
+        .unwrap()
+        .replace(
+            "file = \"../../.deps/models/open-nsfw.onnx\"",
+            &format!("file = {:?}", repo.join(".deps/models/open-nsfw.onnx")),
+        );
+    let write_spec = |delay_us: u32| {
+        let text = spec.replace(
+            "max_queue_delay_us = 2000",
+            &format!("max_queue_delay_us = {delay_us}"),
+        );
+        assert!(text.contains(&format!("max_queue_delay_us = {delay_us}")));
+        std::fs::write(models.join("open_nsfw.toml"), text).unwrap()
+    };
+    write_spec(2000);
+    let first = format!(
+        "{}[server]\nmodels_dir = {:?}\n",
+        tenant("acme", ""),
+        models
+    );
     let gw = Gateway::start_with(&first, &[("MMGATE_ADMIN_KEY", ADMIN_KEY)]).await;
     let score_as = |key: &'static str| {
         gw.client
@@ -207,9 +207,7 @@ async fn a_reload_applies_what_can_change_live_and_a_bad_file_changes_nothing() 
 
     // A file that does not validate: refused, nothing changes.
     write_config(&gw.dir, &format!("{first}[workers]\ncount = 0\n"));
-    let r = gw
-        .admin(Method::POST, "/admin/reload", Some(ADMIN_KEY), None)
-        .await;
+    let r = post(&gw, "/admin/reload").await;
     r.refused(422, "config_invalid");
 
     let pid = executor_pid(&gw).await;
@@ -218,13 +216,11 @@ async fn a_reload_applies_what_can_change_live_and_a_bad_file_changes_nothing() 
         tenant("bolt", "")
     );
     write_config(&gw.dir, &next);
-    let r = gw
-        .admin(Method::POST, "/admin/reload", Some(ADMIN_KEY), None)
-        .await;
+    let r = post(&gw, "/admin/reload").await;
     assert_eq!(r.status, 200, "{}", r.json);
     assert_eq!(
         r.json["applied"],
-        serde_json::json!(["workers.count", "tenants"])
+        serde_json::json!(["tenants", "workers.count"])
     );
     assert_eq!(r.json["restart_required"], serde_json::json!(["http"]));
     assert_eq!(r.json["preprocess"]["desired"], 3, "{}", r.json);
@@ -234,9 +230,7 @@ async fn a_reload_applies_what_can_change_live_and_a_bad_file_changes_nothing() 
     gw.wait_children("preprocess-work", 3).await;
 
     // Reloading the same files again applies nothing.
-    let r = gw
-        .admin(Method::POST, "/admin/reload", Some(ADMIN_KEY), None)
-        .await;
+    let r = post(&gw, "/admin/reload").await;
     assert_eq!(r.json["applied"], serde_json::json!([]), "{}", r.json);
     assert_eq!(
         r.json["restart_required"],
@@ -244,6 +238,39 @@ async fn a_reload_applies_what_can_change_live_and_a_bad_file_changes_nothing() 
         "{}",
         r.json
     );
+
+    // A live change survives a reload that changes another field.
+    let r = gw
+        .admin(
+            Method::PUT,
+            "/admin/models/open_nsfw",
+            Some(ADMIN_KEY),
+            Some(serde_json::json!({"instances": 1})),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    write_spec(1500);
+    let r = post(&gw, "/admin/reload").await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["applied"], serde_json::json!(["models.open_nsfw"]));
+    let m = &r.json["executor"]["models"][0];
+    assert_eq!(m["instances"], 1, "the live change was undone: {m}");
+    assert_eq!(m["max_queue_delay_us"], 1500, "{m}");
+
+    // A change that cannot be made (a pool past the running max) is
+    // refused, but a tenant change in the same files is put in force: a
+    // revoked or new key does not wait for the rest.
+    let carl = format!(
+        "{first}{}{}[workers]\ncount = 10\nmax = 12\n[http]\nmax_connections = 777\n",
+        tenant("bolt", ""),
+        tenant("carl", "")
+    );
+    write_config(&gw.dir, &carl);
+    let r = post(&gw, "/admin/reload").await;
+    let msg = r.refused(422, "config_invalid").to_string();
+    assert!(msg.contains("tenants put in force"), "{msg}");
+    assert_eq!(common::Reply::of(score_as("key-carl")).await.status, 200);
+    let _ = std::fs::remove_dir_all(&models);
 }
 
 /// `cpus` pins a pool: every thread of every worker, and of the executor,

@@ -271,15 +271,17 @@ async fn route(
         match msg {
             ToExecutor::Infer(job) => match batchers.get(job.slot.model as usize) {
                 Some(Some(b)) => b.submit(job).await?,
-                found => {
-                    let why = if found.is_some() {
-                        "is not loaded".to_string()
-                    } else {
-                        format!("does not exist (the executor has {})", batchers.len())
-                    };
+                Some(None) => {
+                    let _ = answers.send(FromExecutor::NotLoaded { job_id: job.job_id });
+                }
+                None => {
                     let _ = answers.send(FromExecutor::Failed {
                         job_id: job.job_id,
-                        message: format!("model index {} {why}", job.slot.model),
+                        message: format!(
+                            "model index {} does not exist (the executor has {})",
+                            job.slot.model,
+                            batchers.len()
+                        ),
                     });
                 }
             },

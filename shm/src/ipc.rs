@@ -298,6 +298,11 @@ pub enum FromExecutor {
     Expired {
         job_id: u64,
     },
+    /// The job's model is not loaded in this executor (unloaded by the
+    /// admin API): it was not run.
+    NotLoaded {
+        job_id: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
