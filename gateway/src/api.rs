@@ -21,11 +21,22 @@ use crate::score::{self, ScoreResponse};
 use crate::video::{self, VideoResponse};
 use shm::RequestContext;
 
-/// A scoring answer: images or one video.
+/// A scoring answer: images or one video (`/v1`), or a v2 `infer`.
 #[derive(Debug)]
 pub enum Scored {
     Images(ScoreResponse),
     Video(Box<VideoResponse>),
+    V2(Box<crate::v2::InferResponse>),
+}
+
+/// The protocol a scoring request came in by: the request path is the
+/// same, its body and answers are the protocol's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// mmgate's own `/v1` API.
+    V1,
+    /// The KServe v2 / Open Inference Protocol (`/v2/models/{m}/infer`).
+    V2,
 }
 
 pub fn app(state: AppState) -> Router {
@@ -40,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::v2::routes())
         .fallback(|| async { ApiError::new(Code::NotFound, "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -109,6 +121,47 @@ pub(crate) fn unknown_model(name: &str) -> ApiError {
 
 /// 503 while fewer than `[workers] min` workers are ready, the executor is
 /// not, or the gateway drains; `degraded` while below the desired size.
+/// Each model's state for readiness: `loaded`, `unloaded` (by the admin
+/// API) or `not_loaded`, with what runs it.
+fn model_states(app: &AppState) -> Vec<(String, &'static str, Option<shm::ModelRuntime>)> {
+    app.executor
+        .models()
+        .into_iter()
+        .map(|m| {
+            let r = app.executor.runtime(&m.name);
+            let state = match (&r, app.executor.is_unloaded(&m.name)) {
+                (_, true) => "unloaded",
+                (Some(_), false) => "loaded",
+                (None, false) => "not_loaded",
+            };
+            (m.name, state, r)
+        })
+        .collect()
+}
+
+/// Why the gateway is not ready, as stable codes; empty when it is.
+pub(crate) fn not_ready(app: &AppState) -> Vec<&'static str> {
+    let mut why = Vec::new();
+    if app.workers.ready_count() < app.core.cfg.workers.min as usize {
+        why.push("workers_below_min");
+    }
+    let heartbeat = Duration::from_millis(app.core.cfg.executor.heartbeat_ms);
+    match app.executor.silent_for() {
+        None => why.push("executor_not_ready"),
+        // One heartbeat missed: two intervals of silence.
+        Some(s) if s > 2 * heartbeat => why.push("executor_missed_heartbeat"),
+        Some(_) => {
+            if model_states(app).iter().any(|(_, s, _)| *s == "not_loaded") {
+                why.push("model_not_loaded");
+            }
+        }
+    }
+    if app.core.is_draining() {
+        why.push("draining");
+    }
+    why
+}
+
 /// Ready when at least `workers.min` workers are ready, the executor
 /// serves and has been heard from within one heartbeat, every model not
 /// unloaded by the admin API is loaded, and the gateway is not draining.
@@ -117,33 +170,13 @@ pub(crate) fn unknown_model(name: &str) -> ApiError {
 async fn readyz(State(app): State<AppState>) -> Response {
     let workers = app.workers.ready_count();
     let desired = app.workers.desired() as usize;
-    let min = app.core.cfg.workers.min as usize;
     let silent = app.executor.silent_for();
-    let heartbeat = Duration::from_millis(app.core.cfg.executor.heartbeat_ms);
-    let mut not_ready = Vec::new();
-    if workers < min {
-        not_ready.push("workers_below_min");
-    }
-    match silent {
-        None => not_ready.push("executor_not_ready"),
-        // One heartbeat missed: two intervals of silence.
-        Some(s) if s > 2 * heartbeat => not_ready.push("executor_missed_heartbeat"),
-        Some(_) => {}
-    }
-    let models: Vec<_> = app
-        .executor
-        .models()
-        .iter()
-        .map(|m| {
-            let r = app.executor.runtime(&m.name);
-            let unloaded = app.executor.is_unloaded(&m.name);
-            let state = match (&r, unloaded) {
-                (_, true) => "unloaded",
-                (Some(_), false) => "loaded",
-                (None, false) => "not_loaded",
-            };
+    let not_ready = not_ready(&app);
+    let models: Vec<_> = model_states(&app)
+        .into_iter()
+        .map(|(name, state, r)| {
             json!({
-                "name": m.name,
+                "name": name,
                 "state": state,
                 "backend": r.as_ref().map(|r| r.backend.as_str()),
                 "precision": r.as_ref().map(|r| r.precision.as_str()),
@@ -151,12 +184,6 @@ async fn readyz(State(app): State<AppState>) -> Response {
             })
         })
         .collect();
-    if silent.is_some() && models.iter().any(|m| m["state"] == "not_loaded") {
-        not_ready.push("model_not_loaded");
-    }
-    if app.core.is_draining() {
-        not_ready.push("draining");
-    }
     let ready = not_ready.is_empty();
     let status = if ready {
         StatusCode::OK
@@ -169,7 +196,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
         "degraded": workers < desired,
         "workers_ready": workers,
         "workers": desired,
-        "workers_min": min,
+        "workers_min": app.core.cfg.workers.min,
         "executor_ready": silent.is_some(),
         "executor_silent_ms": silent.map(|s| s.as_millis() as u64),
         "draining": app.core.is_draining(),
@@ -224,10 +251,20 @@ pub(crate) async fn score(
     model: Result<Path<String>, PathRejection>,
     req: Request,
 ) -> Response {
-    let model = match model_name(model) {
-        Ok(m) => m,
-        Err(e) => return e.into_response(),
-    };
+    match model_name(model) {
+        Ok(m) => serve_scoring(app, m, req, Front::V1).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// One scoring request, whatever its protocol: admission, budgets,
+/// deadline, the work, metrics and the request id.
+pub(crate) async fn serve_scoring(
+    app: AppState,
+    model: String,
+    req: Request,
+    front: Front,
+) -> Response {
     let started = Instant::now();
     let rid = request_id(req.headers());
     let mut body_read = false;
@@ -238,7 +275,7 @@ pub(crate) async fn score(
     // its id.
     let span = tracing::debug_span!("request", request_id = %rid);
     let (tenant, served, outcome) =
-        score_inner(&app, &model, &rid, req, &reservation, &mut body_read)
+        score_inner(&app, &model, &rid, req, &reservation, &mut body_read, front)
             .instrument(span.clone())
             .await;
     let core = &app.core;
@@ -247,12 +284,32 @@ pub(crate) async fn score(
     let label = if known { served.as_str() } else { "unknown" };
     let mut resp = match outcome {
         Ok(body) => {
-            let (mut r, timings) = match &body {
-                Scored::Images(b) => ((StatusCode::OK, Json(b)).into_response(), b.timings),
-                Scored::Video(b) => ((StatusCode::OK, Json(b)).into_response(), b.timings),
+            let (mut r, timings) = match body {
+                Scored::Images(b) => {
+                    let t = b.timings;
+                    ((StatusCode::OK, Json(b)).into_response(), t)
+                }
+                Scored::Video(b) => {
+                    let t = b.timings;
+                    ((StatusCode::OK, Json(b)).into_response(), t)
+                }
+                Scored::V2(b) => {
+                    let t = b.timings;
+                    (b.into_response(), t)
+                }
             };
             if let Ok(v) = HeaderValue::from_str(&timings.header()) {
                 r.headers_mut().insert("server-timing", v);
+            }
+            r
+        }
+        Err(e) if front == Front::V2 => {
+            tracing::debug!(request_id = rid, error = %e, "request failed");
+            let mut r = crate::v2::error_response(e);
+            if !body_read {
+                // Refused before its body was read: the close lingers.
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             r
         }
@@ -296,6 +353,7 @@ async fn score_inner(
     req: Request,
     reservation: &Arc<Reservation>,
     body_read: &mut bool,
+    front: Front,
 ) -> (String, String, Result<Scored, ApiError>) {
     // The admin listener's playground: let in by the admin key.
     let admitted = if req.extensions().get::<crate::admin::Operator>().is_some() {
@@ -365,8 +423,18 @@ async fn score_inner(
             .transpose()
             .map_err(|e| ApiError::new(Code::BadRequest, format!("bad query string: {e}")))?
             .unwrap_or_default();
+        let header_len = match front {
+            Front::V2 => crate::v2::header_len(req.headers())?,
+            Front::V1 => None,
+        };
         let mut uploads = score::read_uploads(req, &app.core.cfg, caller.max_body_bytes).await?;
         *body_read = true;
+        if front == Front::V2 {
+            let body = uploads.pop().map(|u| u.data).unwrap_or_default();
+            return crate::v2::run(app, ctx, &caller, idx, body, header_len)
+                .await
+                .map(|r| Scored::V2(Box::new(r)));
+        }
         if uploads.len() == 1 && config::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
             let upload = uploads.pop().expect("one upload");
             score::check_media(&upload, &app.core.cfg)?;

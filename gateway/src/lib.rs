@@ -19,6 +19,7 @@ pub mod reload;
 pub mod score;
 pub mod settings;
 pub mod tune;
+pub mod v2;
 pub mod video;
 pub mod workers;
 

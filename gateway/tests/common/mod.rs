@@ -82,6 +82,8 @@ pub struct Gateway {
     pub addr: String,
     /// The admin listener's address (a free port unless the test set one).
     pub admin_addr: Option<String>,
+    /// The gRPC listener's address, when one was asked for.
+    pub grpc_addr: Option<String>,
     pub dir: PathBuf,
     pub client: reqwest::Client,
 }
@@ -188,6 +190,7 @@ impl Gateway {
             child,
             addr,
             admin_addr,
+            grpc_addr: None,
             dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))

@@ -1,0 +1,874 @@
+//! The KServe v2 / Open Inference Protocol over HTTP, beside mmgate's own
+//! `/v1` API: health, server and model metadata, Triton's model
+//! configuration, and `infer` with JSON tensors or the binary tensor data
+//! extension.
+//!
+//! An `infer` takes the model's one input in either of two forms:
+//! - `FP32`, shape `[N, …]` as the model's input: raw tensors, written from
+//!   the body straight into shared-memory slots and sent to the executor's
+//!   batcher (no preprocess worker);
+//! - `BYTES`, shape `[N]`: encoded images, each through the preprocess
+//!   pool like a `/v1` upload.
+//!
+//! It answers `scores` (`FP32 [N, labels]`) and, when asked, `labels`
+//! (`BYTES [N, labels]`). Admission, tenancy, limits, deadlines and metrics
+//! are the `/v1` request's ([`crate::api`]); errors are written the way the
+//! protocol writes them, `{"error": "…"}`, with the code's status.
+
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, Code};
+use crate::score::{self, Timings, Upload};
+use shm::RequestContext;
+
+/// The header giving the JSON part's length in a binary request or answer.
+pub const HEADER_LENGTH: &str = "inference-header-content-length";
+
+/// The only model version: models are replaced, not versioned.
+const VERSION: &str = "1";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(|| async { StatusCode::OK }))
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready),
+        )
+        .route("/v2/models/{model}/config", get(model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config),
+        )
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+}
+
+/// An error as the protocol writes it: `{"error": "<code>: <message>"}`.
+/// Bad input data (an element that is not an image, 415/422 on `/v1`) is
+/// the protocol's 400.
+pub fn error_response(e: ApiError) -> Response {
+    let status = match e.code.status() {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE | StatusCode::UNPROCESSABLE_ENTITY => {
+            StatusCode::BAD_REQUEST
+        }
+        s => s,
+    };
+    let message = format!("{}: {}", e.code.as_str(), e.message);
+    let mut r = (status, Json(json!({ "error": message }))).into_response();
+    if let Some(s) = e.retry_after.or(e.code.row().3)
+        && let Ok(v) = HeaderValue::from_str(&s.to_string())
+    {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    r
+}
+
+/// `{model}` or `{model}/versions/{version}`: the model's index and spec,
+/// or the protocol's 404.
+fn model_of(
+    app: &AppState,
+    path: Result<Path<Vec<(String, String)>>, PathRejection>,
+) -> Result<(u16, config::ModelSpec), ApiError> {
+    let Path(parts) =
+        path.map_err(|e| ApiError::new(Code::BadRequest, format!("bad path: {e}")))?;
+    let get = |k: &str| parts.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let name = get("model").unwrap_or_default();
+    if let Some(v) = get("version")
+        && v != VERSION
+    {
+        return Err(ApiError::new(
+            Code::ModelNotFound,
+            format!(
+                "model {:?} has no version {:?}; its one version is {VERSION}",
+                crate::error::clip(name),
+                crate::error::clip(v)
+            ),
+        ));
+    }
+    let (i, _) = app
+        .core
+        .model(name)
+        .ok_or_else(|| crate::api::unknown_model(name))?;
+    // The spec as executors run it now (instances and batching change live).
+    let spec = app.executor.models()[i as usize].clone();
+    Ok((i, spec))
+}
+
+async fn server_metadata() -> Json<Value> {
+    Json(json!({
+        "name": "mmgate",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data", "model_configuration"],
+    }))
+}
+
+async fn server_ready(State(app): State<AppState>) -> StatusCode {
+    if crate::api::not_ready(&app).is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// The input's shape with `-1` for the batch dimension.
+fn input_dims(spec: &config::ModelSpec) -> Vec<i64> {
+    spec.input.batch_shape(1)[1..]
+        .iter()
+        .map(|&d| d as i64)
+        .collect()
+}
+
+fn model_metadata(
+    State(app): State<AppState>,
+    path: Result<Path<Vec<(String, String)>>, PathRejection>,
+) -> impl Future<Output = Response> {
+    let answer = model_of(&app, path).map(|(_, spec)| {
+        let mut shape = vec![-1];
+        shape.extend(input_dims(&spec));
+        let labels = spec.output.labels.len() as i64;
+        Json(json!({
+            "name": spec.name,
+            "versions": [VERSION],
+            "platform": format!("mmgate_{}", spec.backend.as_str()),
+            "inputs": [{"name": spec.input.name, "datatype": "FP32", "shape": shape}],
+            "outputs": [
+                {"name": "scores", "datatype": "FP32", "shape": [-1, labels]},
+                {"name": "labels", "datatype": "BYTES", "shape": [-1, labels]},
+            ],
+        }))
+        .into_response()
+    });
+    std::future::ready(answer.unwrap_or_else(error_response))
+}
+
+async fn model_ready(
+    State(app): State<AppState>,
+    path: Result<Path<Vec<(String, String)>>, PathRejection>,
+) -> Response {
+    match model_of(&app, path) {
+        Err(e) => error_response(e),
+        Ok((_, spec)) => {
+            let loaded = app.executor.is_ready()
+                && !app.executor.is_unloaded(&spec.name)
+                && app.executor.runtime(&spec.name).is_some();
+            if loaded {
+                StatusCode::OK.into_response()
+            } else {
+                error_response(ApiError::new(
+                    Code::ModelNotLoaded,
+                    format!("model {:?} is not ready", spec.name),
+                ))
+            }
+        }
+    }
+}
+
+/// Triton's model-configuration extension, which perf_analyzer reads first.
+async fn model_config(
+    State(app): State<AppState>,
+    path: Result<Path<Vec<(String, String)>>, PathRejection>,
+) -> Response {
+    match model_of(&app, path) {
+        Err(e) => error_response(e),
+        Ok((_, spec)) => Json(json!({
+            "name": spec.name,
+            "platform": format!("mmgate_{}", spec.backend.as_str()),
+            "max_batch_size": spec.batching.max_batch,
+            "input": [{
+                "name": spec.input.name,
+                "data_type": "TYPE_FP32",
+                "format": match spec.input.layout {
+                    config::Layout::Nhwc => "FORMAT_NHWC",
+                    config::Layout::Nchw => "FORMAT_NCHW",
+                },
+                "dims": input_dims(&spec),
+            }],
+            "output": [
+                {"name": "scores", "data_type": "TYPE_FP32", "dims": [spec.output.labels.len()]},
+                {"name": "labels", "data_type": "TYPE_STRING", "dims": [spec.output.labels.len()]},
+            ],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": spec.batching.max_queue_delay_us,
+            },
+            "instance_group": [{"count": spec.instances.count, "kind": "KIND_CPU"}],
+        }))
+        .into_response(),
+    }
+}
+
+async fn infer(
+    State(app): State<AppState>,
+    path: Result<Path<Vec<(String, String)>>, PathRejection>,
+    req: Request,
+) -> Response {
+    let model = match model_of(&app, path) {
+        Ok((_, spec)) => spec.name,
+        Err(e) => return error_response(e),
+    };
+    crate::api::serve_scoring(app, model, req, crate::api::Front::V2).await
+}
+
+// ---------------------------------------------------------------- requests
+
+#[derive(Debug, Deserialize)]
+struct RequestHeader {
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputHeader>,
+    #[serde(default)]
+    outputs: Vec<OutputHeader>,
+}
+
+#[derive(Debug, Deserialize)]
+struct InputHeader {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    data: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OutputHeader {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// The one input, decoded.
+#[derive(Debug, PartialEq)]
+pub enum Tensor {
+    /// `N` samples of the model's input, as `f32`s, in order.
+    Fp32 { n: usize, values: Vec<f32> },
+    /// `N` encoded images.
+    Bytes(Vec<Bytes>),
+}
+
+/// A parsed `infer` request.
+#[derive(Debug)]
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub input: Tensor,
+    /// Outputs asked for, and whether each is wanted as binary data.
+    pub outputs: Vec<(String, bool)>,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(Code::BadRequest, msg)
+}
+
+fn param_bool(p: &Map<String, Value>, key: &str) -> bool {
+    p.get(key).and_then(Value::as_bool).unwrap_or(false)
+}
+
+/// Parses an `infer` body: JSON, or with `header_len`, a JSON header of
+/// that length followed by the inputs' binary data.
+pub fn parse(
+    body: &Bytes,
+    header_len: Option<usize>,
+    spec: &config::ModelSpec,
+    max_samples: usize,
+) -> Result<InferRequest, ApiError> {
+    let json_len = header_len.unwrap_or(body.len());
+    if json_len > body.len() {
+        return Err(bad(format!(
+            "Inference-Header-Content-Length is {json_len} but the body has {} bytes",
+            body.len()
+        )));
+    }
+    let head: RequestHeader = serde_json::from_slice(&body[..json_len])
+        .map_err(|e| bad(format!("the request is not a valid inference request: {e}")))?;
+    let mut binary = body.slice(json_len..);
+    let mut input = None;
+    for i in head.inputs {
+        let size = i.parameters.get("binary_data_size").map(|v| {
+            v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                bad(format!(
+                    "input {:?}: binary_data_size is not a size",
+                    i.name
+                ))
+            })
+        });
+        let data = match (size.transpose()?, i.data) {
+            (Some(n), None) => {
+                if n > binary.len() {
+                    return Err(bad(format!(
+                        "input {:?}: binary_data_size is {n} but {} bytes of binary data are left",
+                        i.name,
+                        binary.len()
+                    )));
+                }
+                Data::Binary(binary.split_to(n))
+            }
+            (None, Some(v)) => Data::Json(v),
+            (Some(_), Some(_)) => {
+                return Err(bad(format!(
+                    "input {:?} has both data and binary_data_size",
+                    i.name
+                )));
+            }
+            (None, None) => return Err(bad(format!("input {:?} has no data", i.name))),
+        };
+        if i.name != spec.input.name {
+            return Err(bad(format!(
+                "unexpected input {:?}: model {:?} takes one input, {:?}",
+                i.name, spec.name, spec.input.name
+            )));
+        }
+        if input.is_some() {
+            return Err(bad(format!("input {:?} is given twice", i.name)));
+        }
+        input = Some(tensor(
+            &i.name,
+            &i.datatype,
+            &i.shape,
+            data,
+            spec,
+            max_samples,
+        )?);
+    }
+    if !binary.is_empty() {
+        return Err(bad(format!(
+            "{} bytes of binary data follow the inputs' binary_data_size",
+            binary.len()
+        )));
+    }
+    let input = input.ok_or_else(|| {
+        bad(format!(
+            "missing input {:?} of model {:?}",
+            spec.input.name, spec.name
+        ))
+    })?;
+    let all_binary = param_bool(&head.parameters, "binary_data_output");
+    let outputs = if head.outputs.is_empty() {
+        vec![("scores".to_string(), all_binary)]
+    } else {
+        let mut v = Vec::new();
+        for o in head.outputs {
+            if o.name != "scores" && o.name != "labels" {
+                return Err(bad(format!(
+                    "unknown output {:?}: the outputs are \"scores\" and \"labels\"",
+                    o.name
+                )));
+            }
+            let binary = param_bool(&o.parameters, "binary_data")
+                || (all_binary && !o.parameters.contains_key("binary_data"));
+            v.push((o.name, binary));
+        }
+        v
+    };
+    Ok(InferRequest {
+        id: head.id,
+        input,
+        outputs,
+    })
+}
+
+enum Data {
+    Json(Value),
+    Binary(Bytes),
+}
+
+fn tensor(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+    data: Data,
+    spec: &config::ModelSpec,
+    max_samples: usize,
+) -> Result<Tensor, ApiError> {
+    let n = shape.first().copied().unwrap_or(0);
+    if n < 1 || n as usize > max_samples {
+        return Err(bad(format!(
+            "input {name:?}: the batch dimension is {n}; it must be 1 to {max_samples}"
+        )));
+    }
+    let n = n as usize;
+    match datatype {
+        "FP32" => {
+            let dims = input_dims(spec);
+            if shape[1..] != dims[..] {
+                return Err(bad(format!(
+                    "input {name:?}: shape {shape:?} does not match the model's [N, {}]",
+                    dims.iter()
+                        .map(i64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let count = n * spec.input.elements();
+            let values = match data {
+                Data::Binary(b) => {
+                    if b.len() != count * 4 {
+                        return Err(bad(format!(
+                            "input {name:?}: {} bytes of binary data for {count} FP32 values ({} bytes)",
+                            b.len(),
+                            count * 4
+                        )));
+                    }
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                }
+                Data::Json(v) => {
+                    let mut out = Vec::with_capacity(count);
+                    flatten_numbers(&v, &mut out, count)
+                        .map_err(|e| bad(format!("input {name:?}: {e}")))?;
+                    if out.len() != count {
+                        return Err(bad(format!(
+                            "input {name:?}: {} values for shape {shape:?} ({count})",
+                            out.len()
+                        )));
+                    }
+                    out
+                }
+            };
+            Ok(Tensor::Fp32 { n, values })
+        }
+        "BYTES" => {
+            if !(shape.len() == 1 || shape.len() == 2 && shape[1] == 1) {
+                return Err(bad(format!(
+                    "input {name:?}: BYTES (encoded images) takes shape [N] or [N, 1], not {shape:?}"
+                )));
+            }
+            let items = match data {
+                Data::Binary(b) => {
+                    split_bytes(b).map_err(|e| bad(format!("input {name:?}: {e}")))?
+                }
+                Data::Json(Value::Array(a)) => flat_strings(&a)
+                    .ok_or_else(|| bad(format!("input {name:?}: BYTES data must be strings")))?,
+                Data::Json(_) => {
+                    return Err(bad(format!("input {name:?}: BYTES data must be an array")));
+                }
+            };
+            if items.len() != n {
+                return Err(bad(format!(
+                    "input {name:?}: {} elements for shape {shape:?}",
+                    items.len()
+                )));
+            }
+            Ok(Tensor::Bytes(items))
+        }
+        other => Err(bad(format!(
+            "input {name:?}: datatype {:?} is not taken; use FP32 (the model's input) or BYTES (encoded images)",
+            crate::error::clip(other)
+        ))),
+    }
+}
+
+/// Numbers of a (possibly nested) JSON array, at most `max` of them.
+fn flatten_numbers(v: &Value, out: &mut Vec<f32>, max: usize) -> Result<(), String> {
+    match v {
+        Value::Number(n) => {
+            if out.len() >= max {
+                return Err(format!("more than {max} values"));
+            }
+            out.push(n.as_f64().ok_or("not a number")? as f32);
+            Ok(())
+        }
+        Value::Array(a) => a.iter().try_for_each(|x| flatten_numbers(x, out, max)),
+        _ => Err("FP32 data must be numbers".into()),
+    }
+}
+
+fn flat_strings(a: &[Value]) -> Option<Vec<Bytes>> {
+    let mut out = Vec::new();
+    for v in a {
+        match v {
+            Value::String(s) => out.push(Bytes::from(s.clone().into_bytes())),
+            Value::Array(inner) => out.extend(flat_strings(inner)?),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// BYTES elements in the binary extension: each a 4-byte little-endian
+/// length, then that many bytes.
+fn split_bytes(mut b: Bytes) -> Result<Vec<Bytes>, String> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 4 {
+            return Err("a BYTES element's length is cut off".into());
+        }
+        let len = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        let _ = b.split_to(4);
+        if len > b.len() {
+            return Err(format!(
+                "a BYTES element claims {len} bytes but {} are left",
+                b.len()
+            ));
+        }
+        out.push(b.split_to(len));
+    }
+    Ok(out)
+}
+
+// ---------------------------------------------------------------- running
+
+/// An `infer` answer.
+#[derive(Debug)]
+pub struct InferResponse {
+    model: String,
+    id: Option<String>,
+    /// One row of scores per sample, in the model's label order.
+    rows: Vec<Vec<f32>>,
+    labels: Vec<String>,
+    outputs: Vec<(String, bool)>,
+    pub timings: Timings,
+}
+
+/// Reads the body and runs the request: the `/v2` part of
+/// [`crate::api`]'s scoring request, with its caller and context.
+pub async fn run(
+    app: &AppState,
+    ctx: &RequestContext,
+    caller: &Caller,
+    model: u16,
+    body: Bytes,
+    header_len: Option<usize>,
+) -> Result<InferResponse, ApiError> {
+    let started = Instant::now();
+    let spec = &app.core.cfg.models[model as usize];
+    let max = app.core.cfg.limits.max_images_per_request;
+    let req = parse(&body, header_len, spec, max)?;
+    drop(body);
+    let (rows, mut timings) = match req.input {
+        Tensor::Bytes(images) => {
+            let uploads = images
+                .into_iter()
+                .map(|data| Upload { name: None, data })
+                .collect();
+            let (results, timings) = score::score_all(app, ctx, caller, model, uploads).await?;
+            let rows = results
+                .iter()
+                .map(|r| {
+                    spec.output
+                        .labels
+                        .iter()
+                        .map(|l| r.scores.get(l).and_then(Value::as_f64).unwrap_or(f64::NAN) as f32)
+                        .collect()
+                })
+                .collect();
+            (rows, timings)
+        }
+        Tensor::Fp32 { n, values } => raw(app, ctx, caller, model, n, values).await?,
+    };
+    timings.total_ms = score::ms(started.elapsed());
+    Ok(InferResponse {
+        model: spec.name.clone(),
+        id: req.id,
+        rows,
+        labels: spec.output.labels.clone(),
+        outputs: req.outputs,
+        timings,
+    })
+}
+
+/// Raw tensors: each sample written into a shared-memory slot from here and
+/// sent to the executor's batcher, all at once, answered in order.
+async fn raw(
+    app: &AppState,
+    ctx: &RequestContext,
+    caller: &Caller,
+    model: u16,
+    n: usize,
+    values: Vec<f32>,
+) -> Result<(Vec<Vec<f32>>, Timings), ApiError> {
+    let core = &app.core;
+    let samples = u32::try_from(n).unwrap_or(u32::MAX);
+    caller.take_samples(samples)?;
+    let per = core.cfg.models[model as usize].input.elements();
+    let critical = ctx.class == config::Class::Critical;
+    let wait = Duration::from_millis(core.cfg.server.queue_timeout_ms);
+    // Samples still to be sent tell the batcher to wait for them.
+    let mut pending: Vec<_> = (0..n).map(|_| core.pending_guard(model)).collect();
+    let values = &values;
+    let futs = (0..n).map(|i| {
+        let guard = pending.pop().expect("one per sample");
+        async move {
+            let t = Instant::now();
+            let lease = tokio::time::timeout(wait, core.ledger.lease_for(model, critical))
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        Code::QueueTimeout,
+                        format!("no tensor slot was free within {} ms", wait.as_millis()),
+                    )
+                })?
+                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+            let queued = t.elapsed();
+            core.ledger
+                .tensors()
+                .write_f32(lease.slot(), |buf| {
+                    buf.copy_from_slice(&values[i * per..(i + 1) * per]);
+                })
+                .map_err(|e| ApiError::new(Code::Internal, e.to_string()))?;
+            drop(guard);
+            let s = score::infer_sample(app, ctx, model, lease).await?;
+            Ok::<_, ApiError>((s, queued))
+        }
+    });
+    let answers = futures::future::join_all(futs).await;
+    if answers
+        .iter()
+        .all(|r| r.as_ref().is_err_and(|e| e.code.is_overload()))
+    {
+        caller.refund_samples(samples);
+    }
+    let mut rows = Vec::with_capacity(n);
+    let mut timings = Timings::default();
+    for (i, a) in answers.into_iter().enumerate() {
+        let (s, queued) = a.map_err(|e| {
+            if n == 1 {
+                e
+            } else {
+                e.context(&format!("sample {} of {n}", i + 1))
+            }
+        })?;
+        timings.queue_ms = timings.queue_ms.max(score::ms(queued));
+        timings.batch_wait_ms = timings.batch_wait_ms.max(s.queue_us as f64 / 1e3);
+        timings.inference_ms = timings.inference_ms.max(s.infer_us as f64 / 1e3);
+        rows.push(s.values);
+    }
+    Ok((rows, timings))
+}
+
+impl InferResponse {
+    /// The answer as JSON, or as a JSON header and binary data when an
+    /// output was asked for as binary.
+    pub fn into_response(self) -> Response {
+        let n = self.rows.len();
+        let l = self.labels.len();
+        let mut outputs = Vec::new();
+        let mut binary = BytesMut::new();
+        for (name, as_binary) in &self.outputs {
+            let (datatype, data, raw): (&str, Value, Vec<u8>) = if name == "scores" {
+                let flat: Vec<f32> = self.rows.iter().flatten().copied().collect();
+                let raw = flat.iter().flat_map(|v| v.to_le_bytes()).collect();
+                ("FP32", json!(flat), raw)
+            } else {
+                let names: Vec<&str> = (0..n)
+                    .flat_map(|_| self.labels.iter().map(String::as_str))
+                    .collect();
+                let mut raw = Vec::new();
+                for s in &names {
+                    raw.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                    raw.extend_from_slice(s.as_bytes());
+                }
+                ("BYTES", json!(names), raw)
+            };
+            let mut o = json!({"name": name, "datatype": datatype, "shape": [n, l]});
+            if *as_binary {
+                o["parameters"] = json!({"binary_data_size": raw.len()});
+                binary.extend_from_slice(&raw);
+            } else {
+                o["data"] = data;
+            }
+            outputs.push(o);
+        }
+        let t = self.timings;
+        let mut head = json!({
+            "model_name": self.model,
+            "model_version": VERSION,
+            "outputs": outputs,
+            "parameters": {
+                "queue_ms": t.queue_ms,
+                "decode_ms": t.decode_ms,
+                "batch_wait_ms": t.batch_wait_ms,
+                "inference_ms": t.inference_ms,
+                "total_ms": t.total_ms,
+            },
+        });
+        if let Some(id) = &self.id {
+            head["id"] = json!(id);
+        }
+        let head = serde_json::to_vec(&head).expect("JSON");
+        if binary.is_empty() {
+            return ([(header::CONTENT_TYPE, "application/json")], head).into_response();
+        }
+        let len = head.len();
+        let mut body = BytesMut::with_capacity(len + binary.len());
+        body.extend_from_slice(&head);
+        body.extend_from_slice(&binary);
+        (
+            [
+                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+                (
+                    header::HeaderName::from_static(HEADER_LENGTH),
+                    len.to_string(),
+                ),
+            ],
+            body.freeze(),
+        )
+            .into_response()
+    }
+}
+
+/// `Inference-Header-Content-Length`, if given.
+pub fn header_len(headers: &axum::http::HeaderMap) -> Result<Option<usize>, ApiError> {
+    headers
+        .get(HEADER_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .ok_or_else(|| bad("Inference-Header-Content-Length is not a length"))
+        })
+        .transpose()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> config::ModelSpec {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../configs/models/open_nsfw.toml");
+        config::ModelSpec::load(&path).unwrap()
+    }
+
+    fn binary(head: Value, data: &[u8]) -> (Bytes, usize) {
+        let mut b = serde_json::to_vec(&head).unwrap();
+        let len = b.len();
+        b.extend_from_slice(data);
+        (b.into(), len)
+    }
+
+    #[test]
+    fn binary_bytes_and_fp32_inputs_parse() {
+        let s = spec();
+        let mut elems = Vec::new();
+        for img in [&b"abc"[..], &b"de"[..]] {
+            elems.extend_from_slice(&(img.len() as u32).to_le_bytes());
+            elems.extend_from_slice(img);
+        }
+        let head = json!({"id": "7", "inputs": [{"name": "input:0", "shape": [2], "datatype": "BYTES",
+            "parameters": {"binary_data_size": elems.len()}}],
+            "outputs": [{"name": "scores", "parameters": {"binary_data": true}}, {"name": "labels"}]});
+        let (body, len) = binary(head, &elems);
+        let r = parse(&body, Some(len), &s, 8).unwrap();
+        assert_eq!(r.id.as_deref(), Some("7"));
+        assert_eq!(
+            r.input,
+            Tensor::Bytes(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")])
+        );
+        assert_eq!(
+            r.outputs,
+            [("scores".to_string(), true), ("labels".to_string(), false)]
+        );
+
+        let count = s.input.elements();
+        let raw: Vec<u8> = (0..count).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let head = json!({"inputs": [{"name": "input:0", "shape": [1, 224, 224, 3], "datatype": "FP32",
+            "parameters": {"binary_data_size": raw.len()}}], "parameters": {"binary_data_output": true}});
+        let (body, len) = binary(head, &raw);
+        let r = parse(&body, Some(len), &s, 8).unwrap();
+        match r.input {
+            Tensor::Fp32 { n: 1, values } => assert_eq!(values[5], 5.0),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(r.outputs, [("scores".to_string(), true)]);
+    }
+
+    #[test]
+    fn malformed_requests_are_400_with_a_reason() {
+        let s = spec();
+        let fp32 = |shape: Value, size: usize| {
+            json!({"inputs": [{"name": "input:0", "shape": shape, "datatype": "FP32",
+                "parameters": {"binary_data_size": size}}]})
+        };
+        let n = s.input.sample_bytes();
+        let cases: Vec<(Bytes, Option<usize>, &str)> = vec![
+            // wrong datatype
+            {
+                let (b, l) = binary(
+                    json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "INT8", "data": [1]}]}),
+                    &[],
+                );
+                (b, Some(l), "datatype")
+            },
+            // wrong shape
+            {
+                let (b, l) = binary(fp32(json!([1, 3, 224, 224]), n), &vec![0; n]);
+                (b, Some(l), "does not match")
+            },
+            // missing input
+            {
+                let (b, l) = binary(json!({"inputs": []}), &[]);
+                (b, Some(l), "missing input")
+            },
+            // header length beyond the body
+            (
+                Bytes::from_static(b"{\"inputs\": []}"),
+                Some(1000),
+                "but the body has",
+            ),
+            // a binary size that does not match
+            {
+                let (b, l) = binary(fp32(json!([1, 224, 224, 3]), n), &vec![0; n - 4]);
+                (b, Some(l), "binary_data_size")
+            },
+            {
+                let (b, l) = binary(fp32(json!([1, 224, 224, 3]), n - 4), &vec![0; n - 4]);
+                (b, Some(l), "bytes of binary data")
+            },
+            // trailing data
+            {
+                let (b, l) = binary(fp32(json!([1, 224, 224, 3]), n), &vec![0; n + 3]);
+                (b, Some(l), "follow")
+            },
+            // a BYTES element cut off
+            {
+                let (b, l) = binary(
+                    json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": 6}}]}),
+                    &[9, 0, 0, 0, 1, 2],
+                );
+                (b, Some(l), "claims 9 bytes")
+            },
+            // another input's name
+            {
+                let (b, l) = binary(
+                    json!({"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}),
+                    &[],
+                );
+                (b, Some(l), "unexpected input")
+            },
+            (Bytes::from_static(b"not json"), None, "not a valid"),
+            // too many samples
+            {
+                let (b, l) = binary(
+                    json!({"inputs": [{"name": "input:0", "shape": [9], "datatype": "BYTES",
+                    "data": ["a","a","a","a","a","a","a","a","a"]}]}),
+                    &[],
+                );
+                (b, Some(l), "batch dimension")
+            },
+        ];
+        for (body, len, want) in cases {
+            let e = parse(&body, len, &s, 8).unwrap_err();
+            assert_eq!(e.code, Code::BadRequest, "{}", e.message);
+            assert!(e.message.contains(want), "{want:?} not in {:?}", e.message);
+        }
+    }
+}

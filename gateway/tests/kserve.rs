@@ -1,0 +1,172 @@
+//! The KServe v2 / Open Inference Protocol, checked with the official
+//! Triton Python client (`tritonclient`, installed by `setup.sh test` into
+//! `.deps/triton-venv`) running `tests/kserve/conformance.py`: every score
+//! equals the `/v1` path's score on the same image. Malformed requests get
+//! a 400 with the protocol's error body.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Gateway, fixture, repo};
+
+/// A solid-colour PNG: its preprocessed tensor is the same value in every
+/// position, so a raw tensor can be built for it exactly.
+const FLAT_RGB: [u8; 3] = [200, 50, 10];
+
+fn flat_png() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(320, 240, image::Rgb(FLAT_RGB));
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// The flat image's tensor values, per channel in the model's order.
+fn flat_pixel(spec: &config::ModelSpec) -> [f32; 3] {
+    let p = &spec.preprocess;
+    let [r, g, b] = FLAT_RGB.map(f32::from);
+    let ordered = match p.color_order {
+        config::ColorOrder::Rgb => [r, g, b],
+        config::ColorOrder::Bgr => [b, g, r],
+    };
+    std::array::from_fn(|c| (ordered[c] * p.scale - p.mean[c]) / p.std[c])
+}
+
+fn scores(reply: &common::Reply) -> serde_json::Value {
+    assert_eq!(reply.status, 200, "{}", reply.json);
+    reply.json["results"][0]["scores"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_triton_client_gets_the_v1_scores_over_kserve_v2() {
+    let python = repo().join(".deps/triton-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run `bash scripts/setup.sh test` (or `make test`)",
+        python.display()
+    );
+    let gw = Gateway::start("").await;
+    let spec = config::ModelSpec::load(&repo().join("configs/models/open_nsfw.toml")).unwrap();
+    let jpeg = repo().join("tests/fixtures/images/coffee.jpg");
+    let jpeg_scores = scores(
+        &gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
+            .await,
+    );
+    let flat = std::env::temp_dir().join(format!("mmgate-flat-{}.png", std::process::id()));
+    std::fs::write(&flat, flat_png()).unwrap();
+    let flat_scores = scores(&gw.score("open_nsfw", flat_png(), "image/png").await);
+    let out = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new(&python)
+            .arg(repo().join("tests/kserve/conformance.py"))
+            .env("HTTP_URL", &gw.addr)
+            .env("GRPC_URL", gw.grpc_addr.clone().unwrap_or_default())
+            .env("MODEL", "open_nsfw")
+            .env("JPEG", &jpeg)
+            .env("JPEG_SCORES", jpeg_scores.to_string())
+            .env("FLAT", &flat)
+            .env("FLAT_SCORES", flat_scores.to_string())
+            .env(
+                "FLAT_PIXEL",
+                serde_json::to_string(&flat_pixel(&spec)).unwrap(),
+            )
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the conformance run took over 120 s")
+    .expect("python runs");
+    let _ = std::fs::remove_file(&flat);
+    let text = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("conformance: all checks passed"), "{text}");
+    // The v2 requests are counted like /v1 ones.
+    let v2 = gw
+        .metric("mmgate_requests_total", "code=\"200\",model=\"open_nsfw\"")
+        .await;
+    assert!(v2 >= 6.0, "{v2}");
+}
+
+/// Malformed requests: a 400 with `{"error": "…"}`, nothing crashes, and
+/// the gateway serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_v2_requests_get_400_with_the_protocol_error_body() {
+    let gw = Gateway::start("").await;
+    let url = gw.url("/v2/models/open_nsfw/infer");
+    let n = 224 * 224 * 3 * 4;
+    let binary = |head: serde_json::Value, data: Vec<u8>, declared: Option<usize>| {
+        let mut body = serde_json::to_vec(&head).unwrap();
+        let len = declared.unwrap_or(body.len());
+        body.extend(data);
+        gw.client
+            .post(&url)
+            .header("inference-header-content-length", len.to_string())
+            .body(body)
+    };
+    let fp32 = |size: usize| {
+        serde_json::json!({"inputs": [{"name": "input:0", "shape": [1, 224, 224, 3],
+            "datatype": "FP32", "parameters": {"binary_data_size": size}}]})
+    };
+    let mut not_image = Vec::new();
+    not_image.extend_from_slice(&11u32.to_le_bytes());
+    not_image.extend_from_slice(b"hello world");
+    let cases = [
+        (
+            "wrong datatype",
+            binary(
+                serde_json::json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "INT64", "data": [1]}]}),
+                vec![],
+                None,
+            ),
+        ),
+        (
+            "wrong shape",
+            binary(
+                serde_json::json!({"inputs": [{"name": "input:0", "shape": [1, 3, 224, 224], "datatype": "FP32", "parameters": {"binary_data_size": n}}]}),
+                vec![0; n],
+                None,
+            ),
+        ),
+        (
+            "missing input",
+            binary(serde_json::json!({"inputs": []}), vec![], None),
+        ),
+        (
+            "header length beyond the body",
+            binary(fp32(n), vec![0; 16], Some(100_000)),
+        ),
+        (
+            "binary size mismatch",
+            binary(fp32(n), vec![0; n - 8], None),
+        ),
+        (
+            "a BYTES element that is not an image",
+            binary(
+                serde_json::json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": not_image.len()}}]}),
+                not_image.clone(),
+                None,
+            ),
+        ),
+        ("not JSON", gw.client.post(&url).body("{{{")),
+    ];
+    for (what, req) in cases {
+        let r = common::Reply::of(req).await;
+        assert_eq!(r.status, 400, "{what}: {}", r.json);
+        let msg = r.json["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {}", r.json));
+        assert!(!msg.is_empty(), "{what}");
+    }
+    // Unknown model and version: the protocol's 404.
+    for path in ["/v2/models/nope", "/v2/models/open_nsfw/versions/7"] {
+        let r = gw.get(path).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.json);
+        assert!(r.json["error"].is_string(), "{}", r.json);
+    }
+    assert_eq!(gw.good_image().await.status, 200);
+}

@@ -1,0 +1,128 @@
+"""KServe v2 conformance of a running mmgate, with the official Triton client.
+
+Run by gateway/tests/kserve.rs with:
+  HTTP_URL   host:port of the public listener
+  GRPC_URL   host:port of the gRPC listener (empty: gRPC not checked)
+  MODEL      the model's name
+  JPEG       path of a JPEG; JPEG_SCORES its /v1 scores as JSON {label: value}
+  FLAT       path of a solid-colour PNG whose preprocessed tensor is constant;
+             FLAT_SCORES its /v1 scores; FLAT_PIXEL the tensor's per-channel
+             values as JSON [c0, c1, c2] (the model's channel order)
+Prints one line per check; exits 1 on the first failure.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import tritonclient.http as httpclient
+
+MODEL = os.environ["MODEL"]
+TOL = 1e-5
+
+
+def check(ok, what):
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        sys.exit(1)
+
+
+def close(got, want, what):
+    got = [float(x) for x in got]
+    check(
+        len(got) == len(want) and all(abs(a - b) <= TOL for a, b in zip(got, want)),
+        f"{what}: {got} vs /v1 {want}",
+    )
+
+
+def main():
+    jpeg = open(os.environ["JPEG"], "rb").read()
+    flat_png = open(os.environ["FLAT"], "rb").read()
+    jpeg_scores = json.loads(os.environ["JPEG_SCORES"])
+    flat_scores = json.loads(os.environ["FLAT_SCORES"])
+    pixel = json.loads(os.environ["FLAT_PIXEL"])
+    http = httpclient.InferenceServerClient(url=os.environ["HTTP_URL"])
+
+    check(http.is_server_live(), "server live")
+    check(http.is_server_ready(), "server ready")
+    meta = http.get_server_metadata()
+    check(meta["name"] == "mmgate" and "binary_tensor_data" in meta["extensions"], f"server metadata {meta}")
+    check(http.is_model_ready(MODEL), "model ready")
+    m = http.get_model_metadata(MODEL)
+    inp = m["inputs"][0]
+    check(inp["datatype"] == "FP32" and inp["shape"][0] == -1, f"model metadata {m}")
+    labels = [o for o in m["outputs"] if o["name"] == "scores"][0]["shape"][1]
+    cfg = http.get_model_config(MODEL)
+    check(cfg["max_batch_size"] >= 1 and cfg["input"][0]["dims"] == inp["shape"][1:], f"model config {cfg}")
+    check(sorted(jpeg_scores) == sorted(set(jpeg_scores)) and len(jpeg_scores) == labels, f"{labels} labels")
+
+    def rows(result):
+        return result.as_numpy("scores")
+
+    # Encoded images as BYTES, binary: one row per element, in order.
+    for binary in (True,):
+        x = httpclient.InferInput(inp["name"], [2], "BYTES")
+        x.set_data_from_numpy(np.array([jpeg, flat_png], dtype=np.object_), binary_data=binary)
+        out = [httpclient.InferRequestedOutput("scores", binary_data=True),
+               httpclient.InferRequestedOutput("labels", binary_data=False)]
+        r = http.infer(MODEL, [x], outputs=out, request_id="bytes-1")
+        s = rows(r)
+        check(s.shape == (2, labels), f"BYTES scores shape {s.shape}")
+        # The columns' labels, in the model's order.
+        order = [n.decode() if isinstance(n, bytes) else n for n in r.as_numpy("labels")[0]]
+        check(sorted(order) == sorted(jpeg_scores), f"labels {order}")
+        close(s[0], [jpeg_scores[k] for k in order], "BYTES jpeg")
+        close(s[1], [flat_scores[k] for k in order], "BYTES png")
+        check(r.get_response()["id"] == "bytes-1", "id echoed")
+
+    # A raw tensor, binary and JSON: the flat image's preprocessed tensor.
+    shape = [1] + inp["shape"][1:]
+    tensor = np.empty(shape, dtype=np.float32)
+    channels_last = cfg["input"][0].get("format") != "FORMAT_NCHW"
+    for c in range(3):
+        if channels_last:
+            tensor[..., c] = pixel[c]
+        else:
+            tensor[:, c] = pixel[c]
+    for binary in (True, False):
+        x = httpclient.InferInput(inp["name"], shape, "FP32")
+        x.set_data_from_numpy(tensor, binary_data=binary)
+        r = http.infer(MODEL, [x], outputs=[httpclient.InferRequestedOutput("scores", binary_data=binary)])
+        close(rows(r)[0], [flat_scores[k] for k in order], f"FP32 {'binary' if binary else 'JSON'}")
+
+    # N > 1 raw samples are split across slots and answered in order.
+    batch = np.concatenate([tensor, np.zeros_like(tensor), tensor])
+    x = httpclient.InferInput(inp["name"], list(batch.shape), "FP32")
+    x.set_data_from_numpy(batch, binary_data=True)
+    s = rows(http.infer(MODEL, [x]))
+    check(s.shape == (3, labels), f"FP32 batch shape {s.shape}")
+    close(s[0], [flat_scores[k] for k in order], "FP32 batch row 1")
+    close(s[2], [flat_scores[k] for k in order], "FP32 batch row 3")
+
+    grpc_url = os.environ.get("GRPC_URL", "")
+    if grpc_url:
+        import tritonclient.grpc as grpcclient
+
+        g = grpcclient.InferenceServerClient(url=grpc_url)
+        check(g.is_server_live() and g.is_server_ready(), "gRPC server live and ready")
+        check(g.get_server_metadata().name == "mmgate", "gRPC server metadata")
+        check(g.is_model_ready(MODEL), "gRPC model ready")
+        gm = g.get_model_metadata(MODEL)
+        check(gm.inputs[0].datatype == "FP32" and list(gm.inputs[0].shape)[0] == -1, "gRPC model metadata")
+        gc = g.get_model_config(MODEL)
+        check(gc.config.max_batch_size >= 1, "gRPC model config")
+        x = grpcclient.InferInput(inp["name"], shape, "FP32")
+        x.set_data_from_numpy(tensor)
+        r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores")], request_id="g-1")
+        close(r.as_numpy("scores")[0], [flat_scores[k] for k in order], "gRPC FP32 raw")
+        check(r.get_response().id == "g-1", "gRPC id echoed")
+        x = grpcclient.InferInput(inp["name"], [1], "BYTES")
+        x.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
+        r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores"),
+                                         grpcclient.InferRequestedOutput("labels")])
+        close(r.as_numpy("scores")[0], [jpeg_scores[k] for k in order], "gRPC BYTES jpeg")
+
+    print("conformance: all checks passed")
+
+
+main()
