@@ -1,9 +1,40 @@
 //! Finds the dashboard's chart library (uPlot, from its npm package, which
-//! `scripts/setup.sh` unpacks into `.deps/npm/uplot`) for `include_bytes!`.
+//! `scripts/setup.sh` unpacks into `.deps/npm/uplot`) for `include_bytes!`,
+//! and generates the KServe v2 gRPC server from the protocol's descriptors
+//! (`.deps/proto/kserve_v2.fds`, which set-up takes from the official
+//! client's package), with no protoc.
 
 use std::path::PathBuf;
 
 fn main() {
+    uplot();
+    grpc();
+}
+
+fn grpc() {
+    use prost::Message;
+    println!("cargo:rerun-if-env-changed=MMGATE_PROTO_FDS");
+    let path = std::env::var_os("MMGATE_PROTO_FDS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps/proto/kserve_v2.fds")
+        });
+    println!("cargo:rerun-if-changed={}", path.display());
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}: run `bash scripts/setup.sh` (it takes the KServe v2 gRPC descriptors from the tritonclient package)",
+            path.display()
+        )
+    });
+    let fds = tonic_prost_build::FileDescriptorSet::decode(&bytes[..])
+        .unwrap_or_else(|e| panic!("{}: not a FileDescriptorSet: {e}", path.display()));
+    tonic_prost_build::configure()
+        .build_client(false)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating the gRPC server: {e}"));
+}
+
+fn uplot() {
     println!("cargo:rerun-if-env-changed=MMGATE_UPLOT_DIR");
     let dir = std::env::var_os("MMGATE_UPLOT_DIR")
         .map(PathBuf::from)

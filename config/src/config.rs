@@ -27,6 +27,8 @@ pub struct ServerConfig {
     pub scheduling: Scheduling,
     #[serde(default)]
     pub admin: AdminSection,
+    #[serde(default)]
+    pub grpc: GrpcSection,
     /// API keys and what they may do; no tenants = no authentication.
     #[serde(default)]
     pub tenants: Vec<Tenant>,
@@ -533,6 +535,15 @@ impl Default for AdminSection {
             key_hash: None,
         }
     }
+}
+
+/// The KServe v2 gRPC service's listener.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSection {
+    /// Address of the gRPC listener (`--grpc-listen`, e.g.
+    /// `127.0.0.1:8001`); empty = no gRPC.
+    pub listen: String,
 }
 
 /// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs

@@ -10,6 +10,7 @@ pub mod core;
 pub mod degrade;
 pub mod error;
 pub mod executor;
+pub mod grpc;
 pub mod http;
 pub(crate) mod link;
 pub mod metrics;
@@ -103,6 +104,14 @@ pub async fn run(
                 .map_err(|e| anyhow::anyhow!("cannot listen on {a} (admin): {e}"))?,
         ),
     };
+    let grpc_listener = match cfg.grpc.listen.as_str() {
+        "" => None,
+        a => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {a} (gRPC): {e}"))?,
+        ),
+    };
     let grace = Duration::from_millis(cfg.server.shutdown_grace_ms);
     let (state, supervisors) = AppState::start(cfg, bin_dir, source)?;
     let addr = listener.local_addr()?;
@@ -113,6 +122,11 @@ pub async fn run(
         let admin = l.local_addr()?;
         println!("mmgate admin listening on http://{admin}");
         tracing::info!(%admin, "admin API listening");
+    }
+    if let Some(l) = &grpc_listener {
+        let grpc = l.local_addr()?;
+        println!("mmgate grpc listening on {grpc}");
+        tracing::info!(%grpc, "KServe v2 gRPC listening");
     }
     let core = state.core.clone();
     tokio::spawn(reload::on_sighup(state.clone()));
@@ -126,6 +140,12 @@ pub async fn run(
         let admin = admin::app(state.clone());
         let cap = ADMIN_MAX_CONNECTIONS as usize;
         tokio::spawn(http::serve(l, admin, core.clone(), cap, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    if let Some(l) = grpc_listener {
+        let mut stop = signal.clone();
+        tokio::spawn(grpc::serve(l, state.clone(), async move {
             let _ = stop.wait_for(|s| *s).await;
         }));
     }

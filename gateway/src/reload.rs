@@ -142,6 +142,7 @@ fn needs_restart(old: &config::ServerConfig, new: &config::ServerConfig) -> Vec<
         ("video", json(&old.video), json(&new.video)),
         ("scheduling", json(&old.scheduling), json(&new.scheduling)),
         ("admin", json(&old.admin), json(&new.admin)),
+        ("grpc", json(&old.grpc), json(&new.grpc)),
     ];
     for (name, a, b) in sections {
         if a != b {

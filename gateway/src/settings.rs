@@ -62,6 +62,10 @@ pub struct ServeArgs {
     /// picks a free port; empty turns the admin API off).
     #[arg(long, env = "MMGATE_ADMIN_LISTEN")]
     pub admin_listen: Option<String>,
+    /// Address of the KServe v2 gRPC listener, e.g. 127.0.0.1:8001 (port 0
+    /// picks a free port; empty, the default, turns gRPC off).
+    #[arg(long, env = "MMGATE_GRPC_LISTEN")]
+    pub grpc_listen: Option<String>,
     /// Preprocess worker processes at start.
     #[arg(long, env = "MMGATE_WORKERS")]
     pub workers: Option<u32>,
@@ -105,6 +109,7 @@ impl ServeArgs {
         set(&mut s.queue_capacity, self.queue_capacity);
         set(&mut s.bin_dir, self.bin_dir.clone());
         set(&mut cfg.admin.listen, self.admin_listen.clone());
+        set(&mut cfg.grpc.listen, self.grpc_listen.clone());
         // The key itself is only ever held as its hash.
         if let Some(key) = std::env::var("MMGATE_ADMIN_KEY")
             .ok()

@@ -89,16 +89,27 @@ fn model_of(
     let Path(parts) =
         path.map_err(|e| ApiError::new(Code::BadRequest, format!("bad path: {e}")))?;
     let get = |k: &str| parts.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-    let name = get("model").unwrap_or_default();
-    if let Some(v) = get("version")
-        && v != VERSION
-    {
+    model(
+        app,
+        get("model").unwrap_or_default(),
+        get("version").unwrap_or_default(),
+    )
+}
+
+/// Model `name` at `version` (empty = the current one), with its index and
+/// the spec as executors run it now.
+pub fn model(
+    app: &AppState,
+    name: &str,
+    version: &str,
+) -> Result<(u16, config::ModelSpec), ApiError> {
+    if !version.is_empty() && version != VERSION {
         return Err(ApiError::new(
             Code::ModelNotFound,
             format!(
                 "model {:?} has no version {:?}; its one version is {VERSION}",
                 crate::error::clip(name),
-                crate::error::clip(v)
+                crate::error::clip(version)
             ),
         ));
     }
@@ -106,16 +117,49 @@ fn model_of(
         .core
         .model(name)
         .ok_or_else(|| crate::api::unknown_model(name))?;
-    // The spec as executors run it now (instances and batching change live).
+    // Instances and batching change live.
     let spec = app.executor.models()[i as usize].clone();
     Ok((i, spec))
 }
+
+/// Whether `spec`'s model can serve now.
+pub fn model_is_ready(app: &AppState, spec: &config::ModelSpec) -> bool {
+    app.executor.is_ready()
+        && !app.executor.is_unloaded(&spec.name)
+        && app.executor.runtime(&spec.name).is_some()
+}
+
+/// A tensor as metadata shows it: name, datatype, shape (`-1` for the
+/// batch).
+pub type TensorMeta = (String, &'static str, Vec<i64>);
+
+/// The model's input and output tensors.
+pub fn tensors(spec: &config::ModelSpec) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
+    let mut shape = vec![-1];
+    shape.extend(input_dims(spec));
+    let labels = spec.output.labels.len() as i64;
+    (
+        vec![(spec.input.name.clone(), "FP32", shape)],
+        vec![
+            ("scores".into(), "FP32", vec![-1, labels]),
+            ("labels".into(), "BYTES", vec![-1, labels]),
+        ],
+    )
+}
+
+/// The platform name a model is shown under.
+pub fn platform(spec: &config::ModelSpec) -> String {
+    format!("mmgate_{}", spec.backend.as_str())
+}
+
+/// The server's name and protocol extensions.
+pub const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "model_configuration"];
 
 async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "mmgate",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration"],
+        "extensions": EXTENSIONS,
     }))
 }
 
@@ -135,27 +179,29 @@ fn input_dims(spec: &config::ModelSpec) -> Vec<i64> {
         .collect()
 }
 
-fn model_metadata(
+async fn model_metadata(
     State(app): State<AppState>,
     path: Result<Path<Vec<(String, String)>>, PathRejection>,
-) -> impl Future<Output = Response> {
-    let answer = model_of(&app, path).map(|(_, spec)| {
-        let mut shape = vec![-1];
-        shape.extend(input_dims(&spec));
-        let labels = spec.output.labels.len() as i64;
-        Json(json!({
-            "name": spec.name,
-            "versions": [VERSION],
-            "platform": format!("mmgate_{}", spec.backend.as_str()),
-            "inputs": [{"name": spec.input.name, "datatype": "FP32", "shape": shape}],
-            "outputs": [
-                {"name": "scores", "datatype": "FP32", "shape": [-1, labels]},
-                {"name": "labels", "datatype": "BYTES", "shape": [-1, labels]},
-            ],
-        }))
-        .into_response()
-    });
-    std::future::ready(answer.unwrap_or_else(error_response))
+) -> Response {
+    match model_of(&app, path) {
+        Err(e) => error_response(e),
+        Ok((_, spec)) => {
+            let (inputs, outputs) = tensors(&spec);
+            let list = |v: Vec<TensorMeta>| {
+                v.into_iter()
+                    .map(|(name, datatype, shape)| json!({"name": name, "datatype": datatype, "shape": shape}))
+                    .collect::<Vec<_>>()
+            };
+            Json(json!({
+                "name": spec.name,
+                "versions": [VERSION],
+                "platform": platform(&spec),
+                "inputs": list(inputs),
+                "outputs": list(outputs),
+            }))
+            .into_response()
+        }
+    }
 }
 
 async fn model_ready(
@@ -164,19 +210,11 @@ async fn model_ready(
 ) -> Response {
     match model_of(&app, path) {
         Err(e) => error_response(e),
-        Ok((_, spec)) => {
-            let loaded = app.executor.is_ready()
-                && !app.executor.is_unloaded(&spec.name)
-                && app.executor.runtime(&spec.name).is_some();
-            if loaded {
-                StatusCode::OK.into_response()
-            } else {
-                error_response(ApiError::new(
-                    Code::ModelNotLoaded,
-                    format!("model {:?} is not ready", spec.name),
-                ))
-            }
-        }
+        Ok((_, spec)) if model_is_ready(&app, &spec) => StatusCode::OK.into_response(),
+        Ok((_, spec)) => error_response(ApiError::new(
+            Code::ModelNotLoaded,
+            format!("model {:?} is not ready", spec.name),
+        )),
     }
 }
 
@@ -189,7 +227,7 @@ async fn model_config(
         Err(e) => error_response(e),
         Ok((_, spec)) => Json(json!({
             "name": spec.name,
-            "platform": format!("mmgate_{}", spec.backend.as_str()),
+            "platform": platform(&spec),
             "max_batch_size": spec.batching.max_batch,
             "input": [{
                 "name": spec.input.name,

@@ -37,30 +37,40 @@ fn scores(reply: &common::Reply) -> serde_json::Value {
     reply.json["results"][0]["scores"].clone()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_triton_client_gets_the_v1_scores_over_kserve_v2() {
+/// Runs the conformance script against `gw` (as the tenant with `key`, if
+/// given); answers its output.
+async fn conformance(gw: &Gateway, key: Option<&str>) -> String {
     let python = repo().join(".deps/triton-venv/bin/python");
     assert!(
         python.is_file(),
         "{} is missing: run `bash scripts/setup.sh test` (or `make test`)",
         python.display()
     );
-    let gw = Gateway::start("").await;
     let spec = config::ModelSpec::load(&repo().join("configs/models/open_nsfw.toml")).unwrap();
+    let score = |body: Vec<u8>, ctype: &'static str| {
+        let mut req = gw
+            .client
+            .post(gw.url("/v1/models/open_nsfw/score"))
+            .header("content-type", ctype)
+            .body(body);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        req
+    };
     let jpeg = repo().join("tests/fixtures/images/coffee.jpg");
-    let jpeg_scores = scores(
-        &gw.score("open_nsfw", fixture("images/coffee.jpg"), "image/jpeg")
-            .await,
-    );
+    let jpeg_scores =
+        scores(&common::Reply::of(score(fixture("images/coffee.jpg"), "image/jpeg")).await);
     let flat = std::env::temp_dir().join(format!("mmgate-flat-{}.png", std::process::id()));
     std::fs::write(&flat, flat_png()).unwrap();
-    let flat_scores = scores(&gw.score("open_nsfw", flat_png(), "image/png").await);
+    let flat_scores = scores(&common::Reply::of(score(flat_png(), "image/png")).await);
     let out = tokio::time::timeout(
         Duration::from_secs(120),
         tokio::process::Command::new(&python)
             .arg(repo().join("tests/kserve/conformance.py"))
             .env("HTTP_URL", &gw.addr)
             .env("GRPC_URL", gw.grpc_addr.clone().unwrap_or_default())
+            .env("KEY", key.unwrap_or_default())
             .env("MODEL", "open_nsfw")
             .env("JPEG", &jpeg)
             .env("JPEG_SCORES", jpeg_scores.to_string())
@@ -85,11 +95,45 @@ async fn the_triton_client_gets_the_v1_scores_over_kserve_v2() {
     println!("{text}");
     assert!(out.status.success(), "{text}");
     assert!(text.contains("conformance: all checks passed"), "{text}");
+    text
+}
+
+/// HTTP and gRPC: metadata, readiness, BYTES-JPEG, binary and JSON FP32,
+/// a batch, gRPC raw and BYTES; every score the /v1 score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_triton_client_gets_the_v1_scores_over_kserve_v2() {
+    let gw = Gateway::start_with("", &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")]).await;
+    assert!(gw.grpc_addr.is_some());
+    let text = conformance(&gw, None).await;
+    assert!(text.contains("ok   gRPC BYTES jpeg"), "{text}");
     // The v2 requests are counted like /v1 ones.
     let v2 = gw
         .metric("mmgate_requests_total", "code=\"200\",model=\"open_nsfw\"")
         .await;
-    assert!(v2 >= 6.0, "{v2}");
+    assert!(v2 >= 8.0, "{v2}");
+}
+
+/// Tenancy applies to the protocol: the key comes from the `x-api-key`
+/// header or the gRPC metadata of that name, a call without one is
+/// refused, and requests count under the tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
+    let gw = Gateway::start_with(
+        &common::tenant("acme", ""),
+        &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let text = conformance(&gw, Some("key-acme")).await;
+    assert!(
+        text.contains("ok   HTTP infer without a key refused"),
+        "{text}"
+    );
+    assert!(
+        text.contains("ok   gRPC infer without a key refused"),
+        "{text}"
+    );
+    let acme = gw.metric("mmgate_requests_total", "tenant=\"acme\"").await;
+    assert!(acme >= 8.0, "{acme}");
 }
 
 /// Malformed requests: a 400 with `{"error": "…"}`, nothing crashes, and

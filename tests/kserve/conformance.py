@@ -42,6 +42,12 @@ def main():
     flat_scores = json.loads(os.environ["FLAT_SCORES"])
     pixel = json.loads(os.environ["FLAT_PIXEL"])
     http = httpclient.InferenceServerClient(url=os.environ["HTTP_URL"])
+    # With KEY set, every call sends a tenant's key (HTTP header or gRPC
+    # metadata) and a call without it must be refused.
+    key = os.environ.get("KEY", "")
+    # A fresh dict each call: tritonclient writes its own headers into it.
+    def hdr():
+        return {"x-api-key": key} if key else None
 
     check(http.is_server_live(), "server live")
     check(http.is_server_ready(), "server ready")
@@ -65,7 +71,13 @@ def main():
         x.set_data_from_numpy(np.array([jpeg, flat_png], dtype=np.object_), binary_data=binary)
         out = [httpclient.InferRequestedOutput("scores", binary_data=True),
                httpclient.InferRequestedOutput("labels", binary_data=False)]
-        r = http.infer(MODEL, [x], outputs=out, request_id="bytes-1")
+        if key:
+            try:
+                http.infer(MODEL, [x], outputs=out)
+                check(False, "HTTP infer without a key was refused")
+            except Exception as e:
+                check("missing_api_key" in str(e), f"HTTP infer without a key refused: {e}")
+        r = http.infer(MODEL, [x], outputs=out, request_id="bytes-1", headers=hdr())
         s = rows(r)
         check(s.shape == (2, labels), f"BYTES scores shape {s.shape}")
         # The columns' labels, in the model's order.
@@ -87,14 +99,14 @@ def main():
     for binary in (True, False):
         x = httpclient.InferInput(inp["name"], shape, "FP32")
         x.set_data_from_numpy(tensor, binary_data=binary)
-        r = http.infer(MODEL, [x], outputs=[httpclient.InferRequestedOutput("scores", binary_data=binary)])
+        r = http.infer(MODEL, [x], outputs=[httpclient.InferRequestedOutput("scores", binary_data=binary)], headers=hdr())
         close(rows(r)[0], [flat_scores[k] for k in order], f"FP32 {'binary' if binary else 'JSON'}")
 
     # N > 1 raw samples are split across slots and answered in order.
     batch = np.concatenate([tensor, np.zeros_like(tensor), tensor])
     x = httpclient.InferInput(inp["name"], list(batch.shape), "FP32")
     x.set_data_from_numpy(batch, binary_data=True)
-    s = rows(http.infer(MODEL, [x]))
+    s = rows(http.infer(MODEL, [x], headers=hdr()))
     check(s.shape == (3, labels), f"FP32 batch shape {s.shape}")
     close(s[0], [flat_scores[k] for k in order], "FP32 batch row 1")
     close(s[2], [flat_scores[k] for k in order], "FP32 batch row 3")
@@ -113,13 +125,19 @@ def main():
         check(gc.config.max_batch_size >= 1, "gRPC model config")
         x = grpcclient.InferInput(inp["name"], shape, "FP32")
         x.set_data_from_numpy(tensor)
-        r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores")], request_id="g-1")
+        if key:
+            try:
+                g.infer(MODEL, [x])
+                check(False, "gRPC infer without a key was refused")
+            except Exception as e:
+                check("UNAUTHENTICATED" in str(e) or "missing_api_key" in str(e), f"gRPC infer without a key refused: {e}")
+        r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores")], request_id="g-1", headers=hdr())
         close(r.as_numpy("scores")[0], [flat_scores[k] for k in order], "gRPC FP32 raw")
         check(r.get_response().id == "g-1", "gRPC id echoed")
         x = grpcclient.InferInput(inp["name"], [1], "BYTES")
         x.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
         r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores"),
-                                         grpcclient.InferRequestedOutput("labels")])
+                                         grpcclient.InferRequestedOutput("labels")], headers=hdr())
         close(r.as_numpy("scores")[0], [jpeg_scores[k] for k in order], "gRPC BYTES jpeg")
 
     print("conformance: all checks passed")

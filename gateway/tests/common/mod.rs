@@ -185,12 +185,26 @@ impl Gateway {
                 )
             }
         };
+        let grpc_addr = match env.iter().find(|(k, _)| *k == "MMGATE_GRPC_LISTEN") {
+            Some((_, a)) if !a.is_empty() => {
+                let mut line = String::new();
+                out.read_line(&mut line)
+                    .expect("mmgate prints its gRPC address");
+                Some(
+                    line.trim()
+                        .strip_prefix("mmgate grpc listening on ")
+                        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+                        .to_string(),
+                )
+            }
+            _ => None,
+        };
         let gw = Gateway {
             _serial: serial,
             child,
             addr,
             admin_addr,
-            grpc_addr: None,
+            grpc_addr,
             dir,
             client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(60))
