@@ -116,7 +116,7 @@ npm_unpack "${NPM_BUILD[@]}"
 # a FileDescriptorSet, which build.rs generates the server from (no protoc).
 FDS=.deps/proto/kserve_v2.fds
 want=$(cat .deps/proto/service_pb2.py .deps/proto/model_config_pb2.py | sha256sum | cut -c1-64)
-if [ "$(cat "$FDS.stamp" 2>/dev/null)" != "$want" ]; then
+if [ ! -s "$FDS" ] || [ "$(cat "$FDS.stamp" 2>/dev/null)" != "$want" ]; then
   "$PYTHON" scripts/descriptors.py .deps/proto/model_config_pb2.py .deps/proto/service_pb2.py > "$FDS"
   echo "$want" > "$FDS.stamp"
 fi

@@ -538,12 +538,23 @@ impl Default for AdminSection {
 }
 
 /// The KServe v2 gRPC service's listener.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcSection {
     /// Address of the gRPC listener (`--grpc-listen`, e.g.
     /// `127.0.0.1:8001`); empty = no gRPC.
     pub listen: String,
+    /// gRPC connections served at once; more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            max_connections: 256,
+        }
+    }
 }
 
 /// Largest IPC frame any process accepts (`shm::MAX_FRAME`); inline inputs

@@ -423,18 +423,16 @@ async fn score_inner(
             .transpose()
             .map_err(|e| ApiError::new(Code::BadRequest, format!("bad query string: {e}")))?
             .unwrap_or_default();
-        let header_len = match front {
-            Front::V2 => crate::v2::header_len(req.headers())?,
-            Front::V1 => None,
-        };
-        let mut uploads = score::read_uploads(req, &app.core.cfg, caller.max_body_bytes).await?;
-        *body_read = true;
         if front == Front::V2 {
-            let body = uploads.pop().map(|u| u.data).unwrap_or_default();
+            let header_len = crate::v2::header_len(req.headers())?;
+            let body = score::read_body(req, &app.core.cfg, caller.max_body_bytes).await?;
+            *body_read = true;
             return crate::v2::run(app, ctx, &caller, idx, body, header_len)
                 .await
                 .map(|r| Scored::V2(Box::new(r)));
         }
+        let mut uploads = score::read_uploads(req, &app.core.cfg, caller.max_body_bytes).await?;
+        *body_read = true;
         if uploads.len() == 1 && config::sniff(&uploads[0].data).is_some_and(|k| k.is_video()) {
             let upload = uploads.pop().expect("one upload");
             score::check_media(&upload, &app.core.cfg)?;

@@ -328,6 +328,24 @@ impl Auth {
 impl Auth {
     /// The tenant whose key this is: its SHA-256 compared with every stored
     /// hash, each in constant time, with no early exit.
+    /// Whether `headers` carry a known key (or no tenants are configured):
+    /// a cheap check before a request's body is read, with no permit or
+    /// token taken ([`admit`](Self::admit) does the rest).
+    pub fn knows(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if self.tenants.is_empty() {
+            return Ok(());
+        }
+        let key = api_key(headers).ok_or_else(|| {
+            ApiError::new(
+                Code::MissingApiKey,
+                "send an API key as `Authorization: Bearer <key>` or `x-api-key: <key>`",
+            )
+        })?;
+        self.tenant_of(key)
+            .map(|_| ())
+            .ok_or_else(|| ApiError::new(Code::InvalidApiKey, "the API key is not known"))
+    }
+
     fn tenant_of(&self, key: &str) -> Option<usize> {
         let h = config::key_digest(key);
         let mut found = None;

@@ -14,6 +14,7 @@
 //! as `raw_output_contents`.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use bytes::Bytes;
@@ -38,32 +39,213 @@ pub struct Service {
     app: AppState,
 }
 
-/// The tonic server for `app`, with messages up to the largest body a
-/// scoring request may have.
-pub fn server(app: AppState) -> GrpcInferenceServiceServer<Service> {
-    let limit = crate::api::body_limit(&app.core.cfg) + (1 << 20);
-    GrpcInferenceServiceServer::new(Service { app })
+/// The tonic service for `app`: messages up to `limits.max_body_bytes`
+/// (and a little for the message's framing), and inference calls without
+/// a known key refused before their message is read (health and metadata
+/// need no key, as over HTTP).
+pub fn service(app: AppState) -> KeyChecked {
+    let limit = app.core.cfg.limits.max_body_bytes + (64 << 10);
+    let auth = app.auth.clone();
+    let inner = GrpcInferenceServiceServer::new(Service { app })
         .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    KeyChecked { inner, auth }
 }
 
-/// Serves gRPC on `listener` until `shutdown`.
+/// [`GrpcInferenceServiceServer`] behind the API-key check of inference
+/// calls.
+#[derive(Debug, Clone)]
+pub struct KeyChecked {
+    inner: GrpcInferenceServiceServer<Service>,
+    auth: std::sync::Arc<crate::auth::Tenants>,
+}
+
+impl tonic::server::NamedService for KeyChecked {
+    const NAME: &'static str =
+        <GrpcInferenceServiceServer<Service> as tonic::server::NamedService>::NAME;
+}
+
+impl<B> tower::Service<axum::http::Request<B>> for KeyChecked
+where
+    GrpcInferenceServiceServer<Service>: tower::Service<
+            axum::http::Request<B>,
+            Response = axum::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        >,
+    <GrpcInferenceServiceServer<Service> as tower::Service<axum::http::Request<B>>>::Future:
+        Send + 'static,
+{
+    type Response = axum::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
+        if req.uri().path().ends_with("/ModelInfer") {
+            let meta = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+            if let Err(e) = self.auth.current().knows(&headers_of(&meta)) {
+                let answer = status(e).into_http();
+                return Box::pin(std::future::ready(Ok(answer)));
+            }
+        }
+        Box::pin(self.inner.call(req))
+    }
+}
+
+/// The call metadata a scoring request reads, as HTTP headers.
+fn headers_of(meta: &tonic::metadata::MetadataMap) -> axum::http::HeaderMap {
+    let mut h = axum::http::HeaderMap::new();
+    for name in [
+        "authorization",
+        "x-api-key",
+        "x-request-timeout",
+        "x-request-id",
+    ] {
+        if let Some(v) = meta.get(name)
+            && let Ok(v) = HeaderValue::from_bytes(v.as_bytes())
+        {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+    // The client's own deadline (`grpc-timeout`), when it set none of ours.
+    if !h.contains_key("x-request-timeout")
+        && let Some(ms) = meta
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(grpc_timeout_ms)
+        && let Ok(v) = HeaderValue::from_str(&ms.to_string())
+    {
+        h.insert(HeaderName::from_static("x-request-timeout"), v);
+    }
+    h
+}
+
+/// `grpc-timeout` (`<digits><unit>`, unit H M S m u n) in whole
+/// milliseconds, at least 1.
+fn grpc_timeout_ms(v: &str) -> Option<u64> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let ms = match unit {
+        "H" => n.saturating_mul(3_600_000),
+        "M" => n.saturating_mul(60_000),
+        "S" => n.saturating_mul(1000),
+        "m" => n,
+        "u" => n / 1000,
+        "n" => n / 1_000_000,
+        _ => return None,
+    };
+    Some(ms.clamp(1, config::MAX_DEADLINE_MS))
+}
+
+/// Serves gRPC on `listener` until `shutdown`: at most
+/// `grpc.max_connections` at once (more are closed at once), idle ones
+/// pinged and dropped when they do not answer, each call bounded.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let cfg = &app.core.cfg;
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.grpc.max_connections));
+    let call_limit = Duration::from_millis(
+        cfg.server.queue_timeout_ms + cfg.limits.decode_deadline_ms + cfg.executor.infer_timeout_ms,
+    );
+    let incoming = futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        let _ = stream.set_nodelay(true);
+                        let conn = Capped {
+                            stream,
+                            _permit: permit,
+                        };
+                        return Some((Ok::<_, std::io::Error>(conn), (listener, slots)));
+                    }
+                    // Over the cap: closed unanswered.
+                    Err(_) => drop(stream),
+                },
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("gRPC accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
     let r = tonic::transport::Server::builder()
-        .concurrency_limit_per_connection(256)
-        .tcp_nodelay(true)
-        .add_service(server(app))
+        .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(Some(64))
+        .timeout(call_limit)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // A raw tensor is hundreds of KiB: HTTP/2's 64 KiB default windows
+        // would make a lone request wait for window updates.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(4 * STREAM_WINDOW)
+        .add_service(service(app))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     if let Err(e) = r {
         tracing::error!("gRPC server: {e}");
     }
 }
+
+/// A gRPC connection holding one of the listener's connection slots.
+struct Capped {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tonic::transport::server::Connected for Capped {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Capped {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// HTTP/2 flow-control window per stream.
+const STREAM_WINDOW: u32 = 4 << 20;
 
 /// An [`ApiError`] as a gRPC status.
 fn status(e: ApiError) -> Status {
@@ -81,7 +263,8 @@ fn status_of(http: StatusCode, message: String) -> Status {
         404 => Status::not_found(message),
         408 | 504 => Status::deadline_exceeded(message),
         429 => Status::resource_exhausted(message),
-        503 => Status::unavailable(message),
+        // 502: a child crashed under the request; worth a retry, as 503.
+        502 | 503 => Status::unavailable(message),
         _ => Status::internal(message),
     }
 }
@@ -291,18 +474,7 @@ impl GrpcInferenceService for Service {
             .header(axum::http::header::CONTENT_LENGTH, body.len().to_string())
             .body(axum::body::Body::from(body))
             .map_err(|e| Status::internal(e.to_string()))?;
-        for name in [
-            "authorization",
-            "x-api-key",
-            "x-request-timeout",
-            "x-request-id",
-        ] {
-            if let Some(v) = meta.get(name)
-                && let Ok(v) = HeaderValue::from_bytes(v.as_bytes())
-            {
-                http.headers_mut().insert(HeaderName::from_static(name), v);
-            }
-        }
+        http.headers_mut().extend(headers_of(&meta));
         let resp = crate::api::serve_scoring(self.app.clone(), spec.name, http, Front::V2).await;
         let (parts, body) = resp.into_parts();
         let limit = crate::api::body_limit(&self.app.core.cfg) + (1 << 20);
@@ -355,7 +527,7 @@ impl GrpcInferenceService for Service {
             config: Some(pb::ModelConfig {
                 name: spec.name.clone(),
                 platform: v2::platform(&spec),
-                max_batch_size: spec.batching.max_batch as i32,
+                max_batch_size: v2::max_batch_size(&self.app, &spec) as i32,
                 input: inputs
                     .into_iter()
                     .map(|(name, t, shape)| pb::ModelInput {
@@ -489,6 +661,16 @@ mod tests {
             parameters: HashMap::new(),
             contents: Some(contents),
         }
+    }
+
+    #[test]
+    fn grpc_timeouts_become_milliseconds() {
+        assert_eq!(grpc_timeout_ms("250m"), Some(250));
+        assert_eq!(grpc_timeout_ms("2S"), Some(2000));
+        assert_eq!(grpc_timeout_ms("1H"), Some(3_600_000));
+        assert_eq!(grpc_timeout_ms("10u"), Some(1));
+        assert_eq!(grpc_timeout_ms("5x"), None);
+        assert_eq!(grpc_timeout_ms(""), None);
     }
 
     /// Typed `contents` (not `raw_input_contents`) become the same binary

@@ -143,12 +143,14 @@ pub async fn run(
             let _ = stop.wait_for(|s| *s).await;
         }));
     }
-    if let Some(l) = grpc_listener {
+    // Stops taking calls on the signal and finishes those in flight; the
+    // children are stopped only after it.
+    let grpc_server = grpc_listener.map(|l| {
         let mut stop = signal.clone();
         tokio::spawn(grpc::serve(l, state.clone(), async move {
             let _ = stop.wait_for(|s| *s).await;
-        }));
-    }
+        }))
+    });
     let drain_core = core.clone();
     let mut drain = signal.clone();
     let cap = core.cfg.http.max_connections;
@@ -164,6 +166,9 @@ pub async fn run(
             let _ = late.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "shutdown grace period over; abandoning in-flight requests"),
+    }
+    if let Some(g) = grpc_server {
+        let _ = tokio::time::timeout(grace, g).await;
     }
     core.shutdown();
     let all = futures::future::join_all(supervisors);
@@ -192,7 +197,13 @@ const ADMIN_MAX_CONNECTIONS: u64 = 16;
 fn fit_connections_to_fd_limit(cfg: &mut config::ServerConfig) {
     let nofile = http::raise_nofile_limit();
     // The pool may grow to `workers.max` (one more while one is recycled).
-    let reserve = RESERVED_FDS + ADMIN_MAX_CONNECTIONS + 8 * (u64::from(cfg.workers.max) + 1);
+    let grpc = if cfg.grpc.listen.is_empty() {
+        0
+    } else {
+        cfg.grpc.max_connections as u64
+    };
+    let reserve =
+        RESERVED_FDS + ADMIN_MAX_CONNECTIONS + grpc + 8 * (u64::from(cfg.workers.max) + 1);
     let fit = nofile.saturating_sub(reserve).max(16) as usize;
     if cfg.http.max_connections > fit {
         tracing::warn!(

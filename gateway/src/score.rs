@@ -174,6 +174,31 @@ pub async fn read_uploads(
     Ok(uploads)
 }
 
+/// Reads a body that holds no video (a KServe v2 request) up to
+/// `limits.max_body_bytes`, lowered by the tenant's `max_body_bytes`.
+pub async fn read_body(
+    req: Request,
+    cfg: &config::ServerConfig,
+    tenant_max_body_bytes: usize,
+) -> Result<Bytes, ApiError> {
+    let server = cfg.limits.max_body_bytes;
+    let limit = match tenant_max_body_bytes {
+        0 => server,
+        t => server.min(t),
+    };
+    let capped = limit < server;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large_raw(limit, capped));
+    }
+    axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|e| body_error(e, limit, capped))
+}
+
 fn body_error(e: axum::Error, limit: usize, tenant_capped: bool) -> ApiError {
     let inner = e.into_inner();
     if let Some(b) = crate::body::BodyError::find(inner.as_ref()) {

@@ -36,6 +36,9 @@ use shm::RequestContext;
 /// The header giving the JSON part's length in a binary request or answer.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
 
+/// Longest request `id` echoed back.
+const MAX_ID_BYTES: usize = 256;
+
 /// The only model version: models are replaced, not versioned.
 const VERSION: &str = "1";
 
@@ -147,6 +150,13 @@ pub fn tensors(spec: &config::ModelSpec) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
     )
 }
 
+/// The largest batch a request may send: the batcher's `max_batch`, but
+/// never more samples than a request may hold.
+pub fn max_batch_size(app: &AppState, spec: &config::ModelSpec) -> u32 {
+    let per_request = u32::try_from(app.core.cfg.limits.max_images_per_request).unwrap_or(u32::MAX);
+    spec.batching.max_batch.min(per_request)
+}
+
 /// The platform name a model is shown under.
 pub fn platform(spec: &config::ModelSpec) -> String {
     format!("mmgate_{}", spec.backend.as_str())
@@ -228,7 +238,7 @@ async fn model_config(
         Ok((_, spec)) => Json(json!({
             "name": spec.name,
             "platform": platform(&spec),
-            "max_batch_size": spec.batching.max_batch,
+            "max_batch_size": max_batch_size(&app, &spec),
             "input": [{
                 "name": spec.input.name,
                 "data_type": "TYPE_FP32",
@@ -282,7 +292,9 @@ struct InputHeader {
     datatype: String,
     #[serde(default)]
     parameters: Map<String, Value>,
-    data: Option<Value>,
+    /// Parsed only once the datatype and count are known, with at most
+    /// that many elements: a long array costs no more than its values.
+    data: Option<Box<serde_json::value::RawValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,8 +409,12 @@ pub fn parse(
         ))
     })?;
     let all_binary = param_bool(&head.parameters, "binary_data_output");
+    // No outputs named: all of them.
     let outputs = if head.outputs.is_empty() {
-        vec![("scores".to_string(), all_binary)]
+        vec![
+            ("scores".to_string(), all_binary),
+            ("labels".to_string(), all_binary),
+        ]
     } else {
         let mut v = Vec::new();
         for o in head.outputs {
@@ -414,6 +430,9 @@ pub fn parse(
         }
         v
     };
+    if head.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
+        return Err(bad(format!("the request id is over {MAX_ID_BYTES} bytes")));
+    }
     Ok(InferRequest {
         id: head.id,
         input,
@@ -422,7 +441,7 @@ pub fn parse(
 }
 
 enum Data {
-    Json(Value),
+    Json(Box<serde_json::value::RawValue>),
     Binary(Bytes),
 }
 
@@ -468,9 +487,11 @@ fn tensor(
                         .collect()
                 }
                 Data::Json(v) => {
-                    let mut out = Vec::with_capacity(count);
-                    flatten_numbers(&v, &mut out, count)
-                        .map_err(|e| bad(format!("input {name:?}: {e}")))?;
+                    let out: Vec<f32> = limited_array(v.get(), count).map_err(|e| {
+                        bad(format!(
+                            "input {name:?}: FP32 data must be a flat (row-major) array of {count} numbers: {e}"
+                        ))
+                    })?;
                     if out.len() != count {
                         return Err(bad(format!(
                             "input {name:?}: {} values for shape {shape:?} ({count})",
@@ -490,13 +511,17 @@ fn tensor(
             }
             let items = match data {
                 Data::Binary(b) => {
-                    split_bytes(b).map_err(|e| bad(format!("input {name:?}: {e}")))?
+                    split_bytes(b, n).map_err(|e| bad(format!("input {name:?}: {e}")))?
                 }
-                Data::Json(Value::Array(a)) => flat_strings(&a)
-                    .ok_or_else(|| bad(format!("input {name:?}: BYTES data must be strings")))?,
-                Data::Json(_) => {
-                    return Err(bad(format!("input {name:?}: BYTES data must be an array")));
-                }
+                Data::Json(v) => limited_array::<String>(v.get(), n)
+                    .map_err(|e| {
+                        bad(format!(
+                            "input {name:?}: BYTES data must be a flat array of {n} strings: {e}"
+                        ))
+                    })?
+                    .into_iter()
+                    .map(|s| Bytes::from(s.into_bytes()))
+                    .collect(),
             };
             if items.len() != n {
                 return Err(bad(format!(
@@ -513,38 +538,47 @@ fn tensor(
     }
 }
 
-/// Numbers of a (possibly nested) JSON array, at most `max` of them.
-fn flatten_numbers(v: &Value, out: &mut Vec<f32>, max: usize) -> Result<(), String> {
-    match v {
-        Value::Number(n) => {
-            if out.len() >= max {
-                return Err(format!("more than {max} values"));
+/// The elements of a flat JSON array, refused past `max` before more are
+/// built.
+fn limited_array<T: serde::de::DeserializeOwned>(raw: &str, max: usize) -> Result<Vec<T>, String> {
+    use serde::de::{DeserializeSeed, Error, SeqAccess, Visitor};
+    struct Limited<T>(usize, std::marker::PhantomData<T>);
+    impl<'de, T: serde::de::DeserializeOwned> Visitor<'de> for Limited<T> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "a flat array of at most {} elements", self.0)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let mut out = Vec::with_capacity(self.0.min(1 << 20));
+            while let Some(x) = seq.next_element()? {
+                if out.len() == self.0 {
+                    return Err(A::Error::custom(format!("more than {} elements", self.0)));
+                }
+                out.push(x);
             }
-            out.push(n.as_f64().ok_or("not a number")? as f32);
-            Ok(())
-        }
-        Value::Array(a) => a.iter().try_for_each(|x| flatten_numbers(x, out, max)),
-        _ => Err("FP32 data must be numbers".into()),
-    }
-}
-
-fn flat_strings(a: &[Value]) -> Option<Vec<Bytes>> {
-    let mut out = Vec::new();
-    for v in a {
-        match v {
-            Value::String(s) => out.push(Bytes::from(s.clone().into_bytes())),
-            Value::Array(inner) => out.extend(flat_strings(inner)?),
-            _ => return None,
+            Ok(out)
         }
     }
-    Some(out)
+    impl<'de, T: serde::de::DeserializeOwned> DeserializeSeed<'de> for Limited<T> {
+        type Value = Vec<T>;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw);
+    Limited(max, std::marker::PhantomData)
+        .deserialize(&mut de)
+        .map_err(|e| e.to_string())
 }
 
 /// BYTES elements in the binary extension: each a 4-byte little-endian
 /// length, then that many bytes.
-fn split_bytes(mut b: Bytes) -> Result<Vec<Bytes>, String> {
+fn split_bytes(mut b: Bytes, max: usize) -> Result<Vec<Bytes>, String> {
     let mut out = Vec::new();
     while !b.is_empty() {
+        if out.len() == max {
+            return Err(format!("more than the {max} elements of its shape"));
+        }
         if b.len() < 4 {
             return Err("a BYTES element's length is cut off".into());
         }
@@ -825,7 +859,11 @@ mod tests {
             Tensor::Fp32 { n: 1, values } => assert_eq!(values[5], 5.0),
             other => panic!("{other:?}"),
         }
-        assert_eq!(r.outputs, [("scores".to_string(), true)]);
+        // No outputs named: all, as binary.
+        assert_eq!(
+            r.outputs,
+            [("scores".to_string(), true), ("labels".to_string(), true)]
+        );
     }
 
     #[test]

@@ -197,6 +197,12 @@ async fn malformed_v2_requests_get_400_with_the_protocol_error_body() {
             ),
         ),
         ("not JSON", gw.client.post(&url).body("{{{")),
+        // More values than the shape holds: refused without building them.
+        ("FP32 JSON data longer than its shape", gw.client.post(&url).body(format!(
+            "{{\"inputs\": [{{\"name\": \"input:0\", \"shape\": [1, 224, 224, 3], \"datatype\": \"FP32\", \"data\": [{}0]}}]}}",
+            "0,".repeat(224 * 224 * 3)
+        ))),
+        ("many empty BYTES elements for shape [1]", binary(serde_json::json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 400_000}}]}), vec![0; 400_000], None)),
     ];
     for (what, req) in cases {
         let r = common::Reply::of(req).await;
@@ -206,6 +212,23 @@ async fn malformed_v2_requests_get_400_with_the_protocol_error_body() {
             .unwrap_or_else(|| panic!("{what}: {}", r.json));
         assert!(!msg.is_empty(), "{what}");
     }
+    // A body over limits.max_body_bytes (32 MiB): 413, before it is read.
+    let big = gw
+        .client
+        .post(&url)
+        .header("inference-header-content-length", "2")
+        .header("content-length", (33u64 << 20).to_string())
+        .body(vec![b'{'; 1024]);
+    let r = common::Reply::of(big).await;
+    assert_eq!(r.status, 413, "{}", r.json);
+    assert!(
+        r.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("payload_too_large"),
+        "{}",
+        r.json
+    );
     // Unknown model and version: the protocol's 404.
     for path in ["/v2/models/nope", "/v2/models/open_nsfw/versions/7"] {
         let r = gw.get(path).await;
