@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Raw tensors over the KServe v2 protocol (HTTP binary and gRPC) against the
+# engine alone, in one run: `ceiling --model-only` (the model's 2 instances
+# × 1 thread, batch 1, in process, no HTTP/IPC) before and after, and
+# `v2load` at each concurrency over each protocol against `mmgate serve`
+# with the default config. Env: CONCURRENCY ("1 8 32"), SECS (8), N (1200).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RESULTS=v2raw . load-tests/lib.sh
+engine() {
+  "$T/ceiling" --backend openvino --model-only "${N:-1200}" --threads 2 --intra 1 | tee -a "$OUT/results.jsonl"
+}
+engine
+start_mmgate v2 MMGATE_GRPC_LISTEN=127.0.0.1:0
+grpc=$(sed -n 's/^mmgate grpc listening on //p' "$OUT/mmgate-v2.out")
+for c in ${CONCURRENCY:-1 8 32}; do
+  for p in http grpc; do
+    url=$URL_v2; [ "$p" = grpc ] && url=$grpc
+    "$T/v2load" --protocol "$p" --url "$url" --concurrency "$c" --seconds "${SECS:-8}" \
+      | tee -a "$OUT/results.jsonl"
+  done
+done
+kill "$PID_v2"; wait "$PID_v2" 2>/dev/null || true
+engine
+echo "results: $OUT" >&2
