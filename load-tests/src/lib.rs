@@ -35,6 +35,19 @@ impl Target {
     }
 }
 
+/// A closed-loop load's shape: clients, measured seconds, warm-up.
+#[derive(Debug, clap::Args)]
+pub struct Closed {
+    /// Clients, each with one request in flight.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Measured seconds (after warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+}
+
 /// Median, p99 and mean of latencies, in milliseconds.
 pub fn summary(lat: &mut [Duration]) -> (f64, f64, f64) {
     if lat.is_empty() {

@@ -12,13 +12,8 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     target: load_tests::Target,
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
-    /// Measured seconds (after warm-up).
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
-    #[arg(long, default_value_t = 2.0)]
-    warmup: f64,
+    #[command(flatten)]
+    load: load_tests::Closed,
     /// Gateway pid, to sample the tree's memory.
     #[arg(long)]
     pid: Option<u32>,
@@ -31,10 +26,10 @@ async fn main() -> anyhow::Result<()> {
     let client = a
         .target
         .client()?
-        .pool_max_idle_per_host(a.concurrency)
+        .pool_max_idle_per_host(a.load.concurrency)
         .build()?;
     let url = a.target.score_url();
-    run(&client, &url, &body, a.concurrency, a.warmup).await;
+    run(&client, &url, &body, a.load.concurrency, a.load.warmup).await;
     let peak = Arc::new(std::sync::Mutex::new(0.0f64));
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = a.pid.map(|pid| {
@@ -50,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         })
     });
     let t = Instant::now();
-    let (mut lat, errors) = run(&client, &url, &body, a.concurrency, a.seconds).await;
+    let (mut lat, errors) = run(&client, &url, &body, a.load.concurrency, a.load.seconds).await;
     let wall = t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     if let Some(s) = sampler {
@@ -60,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let (p50, p99, mean) = load_tests::summary(&mut lat);
     let line = serde_json::json!({
         "file": a.target.file.file_name().map(|f| f.to_string_lossy().to_string()),
-        "concurrency": a.concurrency,
+        "concurrency": a.load.concurrency,
         "ok": ok,
         "errors": errors,
         "throughput_per_s": ok as f64 / wall,

@@ -25,12 +25,8 @@ struct Args {
     model: String,
     #[arg(long, default_value = "configs/models/open_nsfw.toml")]
     spec: std::path::PathBuf,
-    #[arg(long, default_value_t = 1)]
-    concurrency: usize,
-    #[arg(long, default_value_t = 10.0)]
-    seconds: f64,
-    #[arg(long, default_value_t = 2.0)]
-    warmup: f64,
+    #[command(flatten)]
+    load: load_tests::Closed,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
@@ -48,10 +44,10 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let tensor = bytes::Bytes::from(tensor);
     let start = Instant::now();
-    let from = start + Duration::from_secs_f64(a.warmup);
-    let to = from + Duration::from_secs_f64(a.seconds);
+    let from = start + Duration::from_secs_f64(a.load.warmup);
+    let to = from + Duration::from_secs_f64(a.load.seconds);
     let mut clients = Vec::new();
-    for _ in 0..a.concurrency {
+    for _ in 0..a.load.concurrency {
         let (a_model, shape, tensor) = (a.model.clone(), shape.clone(), tensor.clone());
         let input = spec.input.name.clone();
         let (protocol, url) = (a.protocol.clone(), a.url.clone());
@@ -84,10 +80,10 @@ async fn main() -> anyhow::Result<()> {
     let (p50, p99, mean) = load_tests::summary(&mut lat);
     let line = serde_json::json!({
         "protocol": a.protocol,
-        "concurrency": a.concurrency,
+        "concurrency": a.load.concurrency,
         "ok": lat.len(),
         "errors": errors,
-        "throughput_per_s": lat.len() as f64 / a.seconds,
+        "throughput_per_s": lat.len() as f64 / a.load.seconds,
         "p50_ms": p50,
         "p99_ms": p99,
         "mean_ms": mean,
