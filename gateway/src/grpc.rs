@@ -547,6 +547,17 @@ impl GrpcInferenceService for Service {
                         ..Default::default()
                     })
                     .collect(),
+                instance_group: vec![pb::ModelInstanceGroup {
+                    kind: pb::model_instance_group::Kind::Cpu as i32,
+                    count: spec.instances.count as i32,
+                    ..Default::default()
+                }],
+                scheduling_choice: Some(pb::model_config::SchedulingChoice::DynamicBatching(
+                    pb::ModelDynamicBatching {
+                        max_queue_delay_microseconds: spec.batching.max_queue_delay_us,
+                        ..Default::default()
+                    },
+                )),
                 ..Default::default()
             }),
         }))

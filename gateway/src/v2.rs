@@ -266,11 +266,27 @@ async fn infer(
     path: Result<Path<Vec<(String, String)>>, PathRejection>,
     req: Request,
 ) -> Response {
-    let model = match model_of(&app, path) {
-        Ok((_, spec)) => spec.name,
-        Err(e) => return error_response(e),
+    let Ok(Path(parts)) = path else {
+        return closing(bad("bad path"));
     };
-    crate::api::serve_scoring(app, model, req, crate::api::Front::V2).await
+    let get = |k: &str| parts.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let name = get("model").unwrap_or_default();
+    if let Some(v) = get("version")
+        && let Err(e) = model(&app, &name, &v)
+    {
+        return closing(e);
+    }
+    // An unknown model is answered (and counted) by the request path.
+    crate::api::serve_scoring(app, name, req, crate::api::Front::V2).await
+}
+
+/// An error answered before the body was read: the connection closes
+/// (lingering).
+fn closing(e: ApiError) -> Response {
+    let mut r = error_response(e);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
 }
 
 // ---------------------------------------------------------------- requests

@@ -235,5 +235,20 @@ async fn malformed_v2_requests_get_400_with_the_protocol_error_body() {
         assert_eq!(r.status, 404, "{path}: {}", r.json);
         assert!(r.json["error"].is_string(), "{}", r.json);
     }
+    // An infer for an unknown model or version: 404, the connection
+    // closed, and counted like /v1's.
+    for path in [
+        "/v2/models/nope/infer",
+        "/v2/models/open_nsfw/versions/7/infer",
+    ] {
+        let r = common::Reply::of(gw.client.post(gw.url(path)).body("{}")).await;
+        assert_eq!(r.status, 404, "{path}: {}", r.json);
+        assert!(r.json["error"].is_string(), "{}", r.json);
+        assert_eq!(r.headers["connection"], "close", "{path}");
+    }
+    let unknown = gw
+        .metric("mmgate_requests_total", "model=\"unknown\"")
+        .await;
+    assert!(unknown >= 1.0, "{unknown}");
     assert_eq!(gw.good_image().await.status, 200);
 }
