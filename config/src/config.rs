@@ -55,6 +55,10 @@ pub struct ServerSection {
     /// written that the gateway holds at once (reserved as bytes arrive);
     /// over it = 503.
     pub max_inflight_body_bytes: usize,
+    /// The KServe v2 system shared-memory extension (`--allow-client-shm`):
+    /// local clients may register `/dev/shm` regions and pass tensors
+    /// through them. Off by default.
+    pub allow_client_shm: bool,
 }
 
 impl Default for ServerSection {
@@ -67,6 +71,7 @@ impl Default for ServerSection {
             shutdown_grace_ms: 30_000,
             bin_dir: String::new(),
             max_inflight_body_bytes: 1 << 30,
+            allow_client_shm: false,
         }
     }
 }

@@ -326,11 +326,15 @@ fn http_body(req: &pb::ModelInferRequest) -> Result<(Vec<u8>, usize), Status> {
         } else {
             owned[i].len()
         };
+        let parameters = match shm_json(&input.parameters) {
+            Some(shm) => Value::Object(shm),
+            None => json!({"binary_data_size": size}),
+        };
         inputs.push(json!({
             "name": input.name,
             "datatype": input.datatype,
             "shape": input.shape,
-            "parameters": {"binary_data_size": size},
+            "parameters": parameters,
         }));
     }
     if raw {
@@ -341,7 +345,10 @@ fn http_body(req: &pb::ModelInferRequest) -> Result<(Vec<u8>, usize), Status> {
     let outputs: Vec<Value> = req
         .outputs
         .iter()
-        .map(|o| json!({"name": o.name, "parameters": {"binary_data": true}}))
+        .map(|o| match shm_json(&o.parameters) {
+            Some(shm) => json!({"name": o.name, "parameters": shm}),
+            None => json!({"name": o.name, "parameters": {"binary_data": true}}),
+        })
         .collect();
     let mut head = json!({"inputs": inputs, "parameters": {"binary_data_output": true}});
     if !outputs.is_empty() {
@@ -379,7 +386,25 @@ fn grpc_answer(body: Bytes, header_len: usize) -> Result<pb::ModelInferResponse,
                 .as_array()
                 .map(|a| a.iter().filter_map(Value::as_i64).collect())
                 .unwrap_or_default(),
-            parameters: HashMap::new(),
+            parameters: o["parameters"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with("shared_memory_"))
+                .filter_map(|(k, v)| {
+                    use pb::infer_parameter::ParameterChoice as P;
+                    let choice = match v {
+                        Value::String(s) => P::StringParam(s.clone()),
+                        v => P::Int64Param(v.as_i64()?),
+                    };
+                    Some((
+                        k.clone(),
+                        pb::InferParameter {
+                            parameter_choice: Some(choice),
+                        },
+                    ))
+                })
+                .collect(),
             contents: None,
         });
     }
@@ -441,7 +466,10 @@ impl GrpcInferenceService for Service {
         Ok(Response::new(pb::ServerMetadataResponse {
             name: "mmgate".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            extensions: v2::EXTENSIONS.iter().map(|e| e.to_string()).collect(),
+            extensions: v2::extensions(&self.app)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
         }))
     }
 
@@ -597,23 +625,58 @@ impl GrpcInferenceService for Service {
 
     async fn system_shared_memory_status(
         &self,
-        _: Request<pb::SystemSharedMemoryStatusRequest>,
+        req: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> Answer<pb::SystemSharedMemoryStatusResponse> {
-        Err(unserved("the system shared-memory extension"))
+        self.knows(req.metadata())?;
+        let name = req.into_inner().name;
+        let list = self
+            .app
+            .client_shm
+            .status((!name.is_empty()).then_some(name.as_str()))
+            .map_err(status)?;
+        let regions = list
+            .into_iter()
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    pb::system_shared_memory_status_response::RegionStatus {
+                        name: r.name,
+                        key: r.key,
+                        offset: r.offset,
+                        byte_size: r.byte_size,
+                    },
+                )
+            })
+            .collect();
+        Ok(Response::new(pb::SystemSharedMemoryStatusResponse {
+            regions,
+        }))
     }
 
     async fn system_shared_memory_register(
         &self,
-        _: Request<pb::SystemSharedMemoryRegisterRequest>,
+        req: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> Answer<pb::SystemSharedMemoryRegisterResponse> {
-        Err(unserved("the system shared-memory extension"))
+        self.knows(req.metadata())?;
+        let r = req.into_inner();
+        self.app
+            .client_shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(status)?;
+        Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
     }
 
     async fn system_shared_memory_unregister(
         &self,
-        _: Request<pb::SystemSharedMemoryUnregisterRequest>,
+        req: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> Answer<pb::SystemSharedMemoryUnregisterResponse> {
-        Err(unserved("the system shared-memory extension"))
+        self.knows(req.metadata())?;
+        let name = req.into_inner().name;
+        self.app
+            .client_shm
+            .unregister((!name.is_empty()).then_some(name.as_str()))
+            .map_err(status)?;
+        Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
     }
 
     async fn cuda_shared_memory_status(
@@ -650,6 +713,43 @@ impl GrpcInferenceService for Service {
     ) -> Answer<pb::LogSettingsResponse> {
         Err(unserved("log settings"))
     }
+}
+
+impl Service {
+    /// The shared-memory calls take a tenant's key when tenants are set.
+    fn knows(&self, meta: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        self.app
+            .auth
+            .current()
+            .knows(&headers_of(meta))
+            .map_err(status)
+    }
+}
+
+/// A gRPC parameter as JSON.
+fn param_json(p: &pb::InferParameter) -> Value {
+    use pb::infer_parameter::ParameterChoice as P;
+    match &p.parameter_choice {
+        Some(P::BoolParam(b)) => json!(b),
+        Some(P::Int64Param(i)) => json!(i),
+        Some(P::StringParam(s)) => json!(s),
+        Some(P::DoubleParam(d)) => json!(d),
+        Some(P::Uint64Param(u)) => json!(u),
+        None => Value::Null,
+    }
+}
+
+/// The shared-memory parameters of a tensor, as JSON; `None` without.
+fn shm_json(
+    params: &HashMap<String, pb::InferParameter>,
+) -> Option<serde_json::Map<String, Value>> {
+    params.contains_key("shared_memory_region").then(|| {
+        params
+            .iter()
+            .filter(|(k, _)| k.starts_with("shared_memory_"))
+            .map(|(k, v)| (k.clone(), param_json(v)))
+            .collect()
+    })
 }
 
 fn unserved(what: &str) -> Status {
@@ -708,7 +808,14 @@ mod tests {
             ..Default::default()
         };
         let (body, len) = http_body(&req).unwrap();
-        let parsed = v2::parse(&body.into(), Some(len), &spec, 8).unwrap();
+        let parsed = v2::parse(
+            &body.into(),
+            Some(len),
+            &spec,
+            8,
+            &crate::client_shm::Regions::new(false),
+        )
+        .unwrap();
         assert_eq!(parsed.id.as_deref(), Some("x"));
         match parsed.input {
             v2::Tensor::Fp32 { n: 1, values } => assert_eq!(values[7], 7.0),
@@ -726,7 +833,14 @@ mod tests {
             ..Default::default()
         };
         let (body, len) = http_body(&req).unwrap();
-        let parsed = v2::parse(&body.into(), Some(len), &spec, 8).unwrap();
+        let parsed = v2::parse(
+            &body.into(),
+            Some(len),
+            &spec,
+            8,
+            &crate::client_shm::Regions::new(false),
+        )
+        .unwrap();
         assert_eq!(
             parsed.input,
             v2::Tensor::Bytes(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")])

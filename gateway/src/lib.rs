@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod body;
 pub mod children;
+pub mod client_shm;
 pub mod core;
 pub mod degrade;
 pub mod error;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub body_budget: body::Budget,
     /// The config files, to reload (`POST /admin/reload`, SIGHUP).
     pub config: Arc<reload::ConfigSource>,
+    /// Clients' shared-memory regions (the KServe v2 extension).
+    pub client_shm: Arc<client_shm::Regions>,
 }
 
 impl AppState {
@@ -62,6 +65,7 @@ impl AppState {
     ) -> anyhow::Result<(Self, Vec<JoinHandle<()>>)> {
         let auth = Arc::new(Tenants::new(&cfg));
         let body_budget = body::Budget::new(cfg.server.max_inflight_body_bytes);
+        let client_shm = Arc::new(client_shm::Regions::new(cfg.server.allow_client_shm));
         let core = Core::new(cfg, bin_dir)?;
         let workers = WorkerPool::new(&core);
         let executor = Arc::new(Executor::new(core.cfg.models.clone()));
@@ -76,6 +80,7 @@ impl AppState {
             auth,
             body_budget,
             config: Arc::new(config),
+            client_shm,
         };
         Ok((state, tasks))
     }

@@ -66,6 +66,10 @@ pub struct ServeArgs {
     /// picks a free port; empty, the default, turns gRPC off).
     #[arg(long, env = "MMGATE_GRPC_LISTEN")]
     pub grpc_listen: Option<String>,
+    /// Let local KServe v2 clients pass tensors through registered
+    /// `/dev/shm` regions (the system shared-memory extension).
+    #[arg(long, env = "MMGATE_ALLOW_CLIENT_SHM")]
+    pub allow_client_shm: bool,
     /// Preprocess worker processes at start.
     #[arg(long, env = "MMGATE_WORKERS")]
     pub workers: Option<u32>,
@@ -110,6 +114,9 @@ impl ServeArgs {
         set(&mut s.bin_dir, self.bin_dir.clone());
         set(&mut cfg.admin.listen, self.admin_listen.clone());
         set(&mut cfg.grpc.listen, self.grpc_listen.clone());
+        if self.allow_client_shm {
+            cfg.server.allow_client_shm = true;
+        }
         // The key itself is only ever held as its hash.
         if let Some(key) = std::env::var("MMGATE_ADMIN_KEY")
             .ok()

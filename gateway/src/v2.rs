@@ -60,6 +60,20 @@ pub fn routes() -> Router<AppState> {
             get(model_config),
         )
         .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/systemsharedmemory/status", get(shm_status))
+        .route(
+            "/v2/systemsharedmemory/region/{region}/status",
+            get(shm_status),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{region}/register",
+            post(shm_register),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{region}/unregister",
+            post(shm_unregister),
+        )
+        .route("/v2/systemsharedmemory/unregister", post(shm_unregister))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
 }
 
@@ -162,14 +176,20 @@ pub fn platform(spec: &config::ModelSpec) -> String {
     format!("mmgate_{}", spec.backend.as_str())
 }
 
-/// The server's name and protocol extensions.
-pub const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "model_configuration"];
+/// The protocol extensions served (shared memory only when allowed).
+pub fn extensions(app: &AppState) -> Vec<&'static str> {
+    let mut e = vec!["binary_tensor_data", "model_configuration"];
+    if app.core.cfg.server.allow_client_shm {
+        e.push("system_shared_memory");
+    }
+    e
+}
 
-async fn server_metadata() -> Json<Value> {
+async fn server_metadata(State(app): State<AppState>) -> Json<Value> {
     Json(json!({
         "name": "mmgate",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": EXTENSIONS,
+        "extensions": extensions(&app),
     }))
 }
 
@@ -225,6 +245,69 @@ async fn model_ready(
             Code::ModelNotLoaded,
             format!("model {:?} is not ready", spec.name),
         )),
+    }
+}
+
+/// The region named in the path, if any.
+fn region_of(path: Option<Path<String>>) -> Option<String> {
+    path.map(|Path(r)| r)
+}
+
+#[derive(Debug, Deserialize)]
+struct RegisterBody {
+    key: String,
+    #[serde(default)]
+    offset: u64,
+    byte_size: u64,
+}
+
+/// The shared-memory calls take a tenant's key when tenants are configured.
+fn shm_caller(app: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    app.auth.current().knows(headers)
+}
+
+async fn shm_status(
+    State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
+    region: Option<Path<String>>,
+) -> Response {
+    let r = shm_caller(&app, &headers)
+        .and_then(|()| app.client_shm.status(region_of(region).as_deref()));
+    match r {
+        Ok(list) => Json(list).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn shm_register(
+    State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
+    Path(region): Path<String>,
+    // JSON whatever its Content-Type (Triton's client sends none).
+    body: Bytes,
+) -> Response {
+    let r = shm_caller(&app, &headers).and_then(|()| {
+        let b: RegisterBody =
+            serde_json::from_slice(&body).map_err(|e| bad(format!("bad register body: {e}")))?;
+        app.client_shm
+            .register(&region, &b.key, b.offset, b.byte_size)
+    });
+    match r {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn shm_unregister(
+    State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
+    region: Option<Path<String>>,
+) -> Response {
+    let r = shm_caller(&app, &headers)
+        .and_then(|()| app.client_shm.unregister(region_of(region).as_deref()));
+    match r {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => error_response(e),
     }
 }
 
@@ -336,6 +419,39 @@ pub struct InferRequest {
     pub input: Tensor,
     /// Outputs asked for, and whether each is wanted as binary data.
     pub outputs: Vec<(String, bool)>,
+    /// Outputs to write into a client's shared-memory region instead.
+    pub shm_outputs: Vec<ShmOutput>,
+}
+
+/// An output written into a registered region.
+#[derive(Debug)]
+pub struct ShmOutput {
+    pub name: String,
+    pub region_name: String,
+    pub region: std::sync::Arc<crate::client_shm::Region>,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+/// A region, offset and size from a tensor's parameters, if it names one.
+fn shm_params(p: &Map<String, Value>, what: &str) -> Result<Option<(String, u64, u64)>, ApiError> {
+    let Some(region) = p.get("shared_memory_region") else {
+        return Ok(None);
+    };
+    let region = region
+        .as_str()
+        .ok_or_else(|| bad(format!("{what}: shared_memory_region is not a name")))?;
+    let size = p
+        .get("shared_memory_byte_size")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| bad(format!("{what}: shared_memory_byte_size is missing")))?;
+    let offset = match p.get("shared_memory_offset") {
+        None => 0,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| bad(format!("{what}: shared_memory_offset is not an offset")))?,
+    };
+    Ok(Some((region.to_string(), offset, size)))
 }
 
 fn bad(msg: impl Into<String>) -> ApiError {
@@ -353,6 +469,7 @@ pub fn parse(
     header_len: Option<usize>,
     spec: &config::ModelSpec,
     max_samples: usize,
+    regions: &crate::client_shm::Regions,
 ) -> Result<InferRequest, ApiError> {
     let json_len = header_len.unwrap_or(body.len());
     if json_len > body.len() {
@@ -374,7 +491,26 @@ pub fn parse(
                 ))
             })
         });
+        let shm = shm_params(&i.parameters, &format!("input {:?}", i.name))?;
         let data = match (size.transpose()?, i.data) {
+            (None, None) if shm.is_some() => {
+                let (region, offset, size) = shm.expect("checked");
+                // Bounded like a body.
+                let max = spec.input.sample_bytes().saturating_mul(max_samples);
+                if size as usize > max.max(body.len()) {
+                    return Err(bad(format!(
+                        "input {:?}: shared_memory_byte_size {size} is over {max}",
+                        i.name
+                    )));
+                }
+                Data::Binary(Bytes::from(regions.get(&region)?.read(offset, size)?))
+            }
+            _ if shm.is_some() => {
+                return Err(bad(format!(
+                    "input {:?} has both shared memory and data",
+                    i.name
+                )));
+            }
             (Some(n), None) => {
                 if n > binary.len() {
                     return Err(bad(format!(
@@ -433,7 +569,7 @@ pub fn parse(
         ]
     } else {
         let mut v = Vec::new();
-        for o in head.outputs {
+        for o in &head.outputs {
             if o.name != "scores" && o.name != "labels" {
                 return Err(bad(format!(
                     "unknown output {:?}: the outputs are \"scores\" and \"labels\"",
@@ -442,17 +578,32 @@ pub fn parse(
             }
             let binary = param_bool(&o.parameters, "binary_data")
                 || (all_binary && !o.parameters.contains_key("binary_data"));
-            v.push((o.name, binary));
+            v.push((o.name.clone(), binary));
         }
         v
     };
     if head.id.as_ref().is_some_and(|id| id.len() > MAX_ID_BYTES) {
         return Err(bad(format!("the request id is over {MAX_ID_BYTES} bytes")));
     }
+    let mut shm_outputs = Vec::new();
+    for o in &head.outputs {
+        if let Some((region_name, offset, byte_size)) =
+            shm_params(&o.parameters, &format!("output {:?}", o.name))?
+        {
+            shm_outputs.push(ShmOutput {
+                name: o.name.clone(),
+                region: regions.get(&region_name)?,
+                region_name,
+                offset,
+                byte_size,
+            });
+        }
+    }
     Ok(InferRequest {
         id: head.id,
         input,
         outputs,
+        shm_outputs,
     })
 }
 
@@ -622,6 +773,7 @@ pub struct InferResponse {
     rows: Vec<Vec<f32>>,
     labels: Vec<String>,
     outputs: Vec<(String, bool)>,
+    shm_outputs: Vec<ShmOutput>,
     pub timings: Timings,
 }
 
@@ -638,7 +790,7 @@ pub async fn run(
     let started = Instant::now();
     let spec = &app.core.cfg.models[model as usize];
     let max = app.core.cfg.limits.max_images_per_request;
-    let req = parse(&body, header_len, spec, max)?;
+    let req = parse(&body, header_len, spec, max, &app.client_shm)?;
     drop(body);
     let (rows, mut timings) = match req.input {
         Tensor::Bytes(images) => {
@@ -668,6 +820,7 @@ pub async fn run(
         rows,
         labels: spec.output.labels.clone(),
         outputs: req.outputs,
+        shm_outputs: req.shm_outputs,
         timings,
     })
 }
@@ -766,7 +919,23 @@ impl InferResponse {
                 ("BYTES", json!(names), raw)
             };
             let mut o = json!({"name": name, "datatype": datatype, "shape": [n, l]});
-            if *as_binary {
+            if let Some(to) = self.shm_outputs.iter().find(|t| &t.name == name) {
+                if raw.len() as u64 > to.byte_size {
+                    return error_response(bad(format!(
+                        "output {name:?} is {} bytes; its shared_memory_byte_size is {}",
+                        raw.len(),
+                        to.byte_size
+                    )));
+                }
+                if let Err(e) = to.region.write(to.offset, &raw) {
+                    return error_response(e);
+                }
+                o["parameters"] = json!({
+                    "shared_memory_region": to.region_name,
+                    "shared_memory_offset": to.offset,
+                    "shared_memory_byte_size": raw.len(),
+                });
+            } else if *as_binary {
                 o["parameters"] = json!({"binary_data_size": raw.len()});
                 binary.extend_from_slice(&raw);
             } else {
@@ -854,7 +1023,14 @@ mod tests {
             "parameters": {"binary_data_size": elems.len()}}],
             "outputs": [{"name": "scores", "parameters": {"binary_data": true}}, {"name": "labels"}]});
         let (body, len) = binary(head, &elems);
-        let r = parse(&body, Some(len), &s, 8).unwrap();
+        let r = parse(
+            &body,
+            Some(len),
+            &s,
+            8,
+            &crate::client_shm::Regions::new(false),
+        )
+        .unwrap();
         assert_eq!(r.id.as_deref(), Some("7"));
         assert_eq!(
             r.input,
@@ -870,7 +1046,14 @@ mod tests {
         let head = json!({"inputs": [{"name": "input:0", "shape": [1, 224, 224, 3], "datatype": "FP32",
             "parameters": {"binary_data_size": raw.len()}}], "parameters": {"binary_data_output": true}});
         let (body, len) = binary(head, &raw);
-        let r = parse(&body, Some(len), &s, 8).unwrap();
+        let r = parse(
+            &body,
+            Some(len),
+            &s,
+            8,
+            &crate::client_shm::Regions::new(false),
+        )
+        .unwrap();
         match r.input {
             Tensor::Fp32 { n: 1, values } => assert_eq!(values[5], 5.0),
             other => panic!("{other:?}"),
@@ -958,7 +1141,7 @@ mod tests {
             },
         ];
         for (body, len, want) in cases {
-            let e = parse(&body, len, &s, 8).unwrap_err();
+            let e = parse(&body, len, &s, 8, &crate::client_shm::Regions::new(false)).unwrap_err();
             assert_eq!(e.code, Code::BadRequest, "{}", e.message);
             assert!(e.message.contains(want), "{want:?} not in {:?}", e.message);
         }

@@ -39,7 +39,7 @@ fn scores(reply: &common::Reply) -> serde_json::Value {
 
 /// Runs the conformance script against `gw` (as the tenant with `key`, if
 /// given); answers its output.
-async fn conformance(gw: &Gateway, key: Option<&str>) -> String {
+async fn conformance(gw: &Gateway, key: Option<&str>, shm: bool) -> String {
     let python = repo().join(".deps/triton-venv/bin/python");
     assert!(
         python.is_file(),
@@ -71,6 +71,7 @@ async fn conformance(gw: &Gateway, key: Option<&str>) -> String {
             .env("HTTP_URL", &gw.addr)
             .env("GRPC_URL", gw.grpc_addr.clone().unwrap_or_default())
             .env("KEY", key.unwrap_or_default())
+            .env("SHM", if shm { "1" } else { "0" })
             .env("MODEL", "open_nsfw")
             .env("JPEG", &jpeg)
             .env("JPEG_SCORES", jpeg_scores.to_string())
@@ -99,13 +100,23 @@ async fn conformance(gw: &Gateway, key: Option<&str>) -> String {
 }
 
 /// HTTP and gRPC: metadata, readiness, BYTES-JPEG, binary and JSON FP32,
-/// a batch, gRPC raw and BYTES; every score the /v1 score.
+/// a batch, gRPC raw and BYTES, and tensors through registered shared
+/// memory; every score the /v1 score.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_triton_client_gets_the_v1_scores_over_kserve_v2() {
-    let gw = Gateway::start_with("", &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")]).await;
+    let gw = Gateway::start_with(
+        "",
+        &[
+            ("MMGATE_GRPC_LISTEN", "127.0.0.1:0"),
+            ("MMGATE_ALLOW_CLIENT_SHM", "true"),
+        ],
+    )
+    .await;
     assert!(gw.grpc_addr.is_some());
-    let text = conformance(&gw, None).await;
+    let text = conformance(&gw, None, true).await;
     assert!(text.contains("ok   gRPC BYTES jpeg"), "{text}");
+    assert!(text.contains("ok   HTTP shared-memory infer"), "{text}");
+    assert!(text.contains("ok   gRPC shared-memory infer"), "{text}");
     // The v2 requests are counted like /v1 ones.
     let v2 = gw
         .metric("mmgate_requests_total", "code=\"200\",model=\"open_nsfw\"")
@@ -123,7 +134,7 @@ async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
         &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
     )
     .await;
-    let text = conformance(&gw, Some("key-acme")).await;
+    let text = conformance(&gw, Some("key-acme"), false).await;
     assert!(
         text.contains("ok   HTTP infer without a key refused"),
         "{text}"
@@ -235,6 +246,22 @@ async fn malformed_v2_requests_get_400_with_the_protocol_error_body() {
         assert_eq!(r.status, 404, "{path}: {}", r.json);
         assert!(r.json["error"].is_string(), "{}", r.json);
     }
+    // The shared-memory extension is off unless allowed.
+    let r = common::Reply::of(
+        gw.client
+            .post(gw.url("/v2/systemsharedmemory/region/x/register"))
+            .json(&serde_json::json!({"key": "/x", "offset": 0, "byte_size": 8})),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.json);
+    assert!(
+        r.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-client-shm"),
+        "{}",
+        r.json
+    );
     // An infer for an unknown model or version: 404, the connection
     // closed, and counted like /v1's.
     for path in [

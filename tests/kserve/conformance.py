@@ -111,6 +111,9 @@ def main():
     close(s[0], [flat_scores[k] for k in order], "FP32 batch row 1")
     close(s[2], [flat_scores[k] for k in order], "FP32 batch row 3")
 
+    if os.environ.get("SHM") == "1":
+        shm_checks(http, inp["name"], shape, tensor, [flat_scores[k] for k in order], labels, hdr)
+
     grpc_url = os.environ.get("GRPC_URL", "")
     if grpc_url:
         import tritonclient.grpc as grpcclient
@@ -140,7 +143,42 @@ def main():
                                          grpcclient.InferRequestedOutput("labels")], headers=hdr())
         close(r.as_numpy("scores")[0], [jpeg_scores[k] for k in order], "gRPC BYTES jpeg")
 
+        if os.environ.get("SHM") == "1":
+            shm_checks(g, inp["name"], shape, tensor, [flat_scores[k] for k in order], labels, hdr, grpc=True)
+
     print("conformance: all checks passed")
+
+
+def shm_checks(client, name, shape, tensor, want, labels, hdr, grpc=False):
+    """The system shared-memory extension: the input tensor and the scores
+    output pass through /dev/shm regions the client registered."""
+    import tritonclient.utils.shared_memory as shm
+
+    mod = __import__("tritonclient.grpc" if grpc else "tritonclient.http", fromlist=["x"])
+    tag = "gRPC" if grpc else "HTTP"
+    nbytes = tensor.nbytes
+    out_bytes = 4 * labels
+    ip = shm.create_shared_memory_region("mmgate_in", "/mmgate_in_" + tag, nbytes)
+    op = shm.create_shared_memory_region("mmgate_out", "/mmgate_out_" + tag, out_bytes)
+    try:
+        shm.set_shared_memory_region(ip, [tensor])
+        client.register_system_shared_memory("in", "/mmgate_in_" + tag, nbytes, headers=hdr())
+        client.register_system_shared_memory("out", "/mmgate_out_" + tag, out_bytes, headers=hdr())
+        status = client.get_system_shared_memory_status(headers=hdr())
+        check("in" in str(status) and "out" in str(status), f"{tag} shared-memory status")
+        x = mod.InferInput(name, shape, "FP32")
+        x.set_shared_memory("in", nbytes)
+        o = mod.InferRequestedOutput("scores")
+        o.set_shared_memory("out", out_bytes)
+        client.infer(MODEL, [x], outputs=[o], headers=hdr())
+        got = shm.get_contents_as_numpy(op, np.float32, [1, labels])
+        close(got[0], want, f"{tag} shared-memory infer")
+        client.unregister_system_shared_memory(headers=hdr())
+        status = client.get_system_shared_memory_status(headers=hdr())
+        check("mmgate_in" not in str(status), f"{tag} shared memory unregistered")
+    finally:
+        shm.destroy_shared_memory_region(ip)
+        shm.destroy_shared_memory_region(op)
 
 
 main()

@@ -1,0 +1,256 @@
+//! The KServe v2 system shared-memory extension, off unless
+//! `--allow-client-shm` (`[grpc] allow_client_shm`): a client on the same
+//! host registers a POSIX shared-memory region (`/dev/shm/<key>`) under a
+//! name, then passes tensors by region, offset and size instead of in the
+//! request, and gets outputs written there.
+//!
+//! The gateway reads and writes a region with `pread`/`pwrite` on its file,
+//! never through a mapping, so a client that shrinks or removes its region
+//! costs only its own request (an error), not a SIGBUS. Every access is
+//! checked against the registered window.
+
+use std::collections::HashMap;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::error::{ApiError, Code};
+
+/// Regions registered at once, all clients together.
+pub const MAX_REGIONS: usize = 64;
+
+/// One registered region: a window of a file in `/dev/shm`.
+#[derive(Debug)]
+pub struct Region {
+    file: std::fs::File,
+    pub key: String,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+/// A region as status calls show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionStatus {
+    pub name: String,
+    pub key: String,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError::new(Code::BadRequest, msg)
+}
+
+impl Region {
+    /// Opens `/dev/shm/<key>` (a leading `/` is dropped) for the window
+    /// `[offset, offset + byte_size)`, which must lie inside the file.
+    pub fn open(key: &str, offset: u64, byte_size: u64) -> Result<Self, ApiError> {
+        let name = key.strip_prefix('/').unwrap_or(key);
+        if name.is_empty() || name.len() > 255 || name.contains('/') || name.starts_with('.') {
+            return Err(bad(format!(
+                "shared-memory key {:?} is not a POSIX shared-memory name",
+                crate::error::clip(key)
+            )));
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(format!("/dev/shm/{name}"))
+            .map_err(|e| bad(format!("cannot open shared-memory key {name:?}: {e}")))?;
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+        let end = offset
+            .checked_add(byte_size)
+            .ok_or_else(|| bad("offset + byte_size overflows"))?;
+        if !meta.is_file() || meta.len() < end {
+            return Err(bad(format!(
+                "shared-memory key {name:?} holds {} bytes; the region needs {end}",
+                meta.len()
+            )));
+        }
+        Ok(Self {
+            file,
+            key: key.to_string(),
+            offset,
+            byte_size,
+        })
+    }
+
+    fn window(&self, offset: u64, len: u64) -> Result<u64, ApiError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.byte_size => Ok(self.offset + offset),
+            _ => Err(bad(format!(
+                "offset {offset} + size {len} is past the region's {} bytes",
+                self.byte_size
+            ))),
+        }
+    }
+
+    /// `len` bytes at `offset` within the region.
+    pub fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, ApiError> {
+        let at = self.window(offset, len)?;
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, at)
+            .map_err(|e| bad(format!("cannot read the shared-memory region: {e}")))?;
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset` within the region.
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<(), ApiError> {
+        let at = self.window(offset, data.len() as u64)?;
+        self.file
+            .write_all_at(data, at)
+            .map_err(|e| bad(format!("cannot write the shared-memory region: {e}")))
+    }
+}
+
+/// The registered regions, by name.
+#[derive(Debug, Default)]
+pub struct Regions {
+    enabled: bool,
+    regions: Mutex<HashMap<String, Arc<Region>>>,
+}
+
+impl Regions {
+    pub fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            regions: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Region>>> {
+        self.regions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_enabled(&self) -> Result<(), ApiError> {
+        if self.enabled {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                Code::BadRequest,
+                "the system shared-memory extension is off; start mmgate with --allow-client-shm",
+            ))
+        }
+    }
+
+    pub fn register(
+        &self,
+        name: &str,
+        key: &str,
+        offset: u64,
+        byte_size: u64,
+    ) -> Result<(), ApiError> {
+        self.check_enabled()?;
+        if name.is_empty() || name.len() > 255 {
+            return Err(bad("a region's name is 1 to 255 bytes"));
+        }
+        let region = Region::open(key, offset, byte_size)?;
+        let mut all = self.lock();
+        if all.contains_key(name) {
+            return Err(bad(format!(
+                "a region named {:?} is already registered",
+                crate::error::clip(name)
+            )));
+        }
+        if all.len() >= MAX_REGIONS {
+            return Err(ApiError::new(
+                Code::BadRequest,
+                format!("{MAX_REGIONS} regions are registered; unregister one first"),
+            ));
+        }
+        all.insert(name.to_string(), Arc::new(region));
+        Ok(())
+    }
+
+    /// Unregisters `name`, or every region for `None`.
+    pub fn unregister(&self, name: Option<&str>) -> Result<(), ApiError> {
+        self.check_enabled()?;
+        let mut all = self.lock();
+        match name {
+            Some(n) => {
+                all.remove(n);
+            }
+            None => all.clear(),
+        }
+        Ok(())
+    }
+
+    pub fn status(&self, name: Option<&str>) -> Result<Vec<RegionStatus>, ApiError> {
+        self.check_enabled()?;
+        let all = self.lock();
+        let mut out: Vec<_> = all
+            .iter()
+            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
+            .map(|(n, r)| RegionStatus {
+                name: n.clone(),
+                key: r.key.clone(),
+                offset: r.offset,
+                byte_size: r.byte_size,
+            })
+            .collect();
+        if let Some(n) = name
+            && out.is_empty()
+        {
+            return Err(ApiError::new(
+                Code::NotFound,
+                format!("no region named {:?}", crate::error::clip(n)),
+            ));
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The region `name`, to read or write a tensor.
+    pub fn get(&self, name: &str) -> Result<Arc<Region>, ApiError> {
+        self.check_enabled()?;
+        self.lock().get(name).cloned().ok_or_else(|| {
+            bad(format!(
+                "no shared-memory region named {:?} is registered",
+                crate::error::clip(name)
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn regions_are_checked_windows_of_dev_shm_files() {
+        let key = format!("mmgate-test-{}", std::process::id());
+        let path = format!("/dev/shm/{key}");
+        std::fs::write(&path, [0u8; 64]).unwrap();
+        let off = Regions::new(false);
+        assert!(off.register("r", &key, 0, 8).is_err(), "off by default");
+        let on = Regions::new(true);
+        for bad_key in ["", "/", "../etc/passwd", "a/b", ".hidden"] {
+            assert!(on.register("r", bad_key, 0, 8).is_err(), "{bad_key:?}");
+        }
+        // Past the file's end, or overflowing.
+        assert!(on.register("r", &key, 60, 8).is_err());
+        assert!(on.register("r", &key, u64::MAX, 2).is_err());
+        on.register("r", &format!("/{key}"), 16, 32).unwrap();
+        assert!(
+            on.register("r", &key, 0, 8).is_err(),
+            "a name is taken once"
+        );
+        let r = on.get("r").unwrap();
+        r.write(4, b"abcd").unwrap();
+        assert_eq!(r.read(4, 4).unwrap(), b"abcd");
+        assert_eq!(&std::fs::read(&path).unwrap()[20..24], b"abcd");
+        // Outside the window: refused, before any access.
+        assert!(r.read(30, 4).is_err());
+        assert!(r.write(31, b"xy").is_err());
+        // A client that shrinks its file costs only the access.
+        std::fs::write(&path, [0u8; 8]).unwrap();
+        assert!(r.read(0, 8).is_err());
+        assert_eq!(on.status(None).unwrap().len(), 1);
+        on.unregister(None).unwrap();
+        assert!(on.get("r").is_err());
+        let _ = std::fs::remove_file(&path);
+    }
+}
