@@ -332,8 +332,14 @@ impl Auth {
     /// a cheap check before a request's body is read, with no permit or
     /// token taken ([`admit`](Self::admit) does the rest).
     pub fn knows(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.tenant_name(headers).map(|_| ())
+    }
+
+    /// The tenant `headers` authenticate as (`anonymous` when no tenants
+    /// are configured), with the same refusals as [`knows`](Self::knows).
+    pub fn tenant_name(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         if self.tenants.is_empty() {
-            return Ok(());
+            return Ok("anonymous".into());
         }
         let key = api_key(headers).ok_or_else(|| {
             ApiError::new(
@@ -342,7 +348,7 @@ impl Auth {
             )
         })?;
         self.tenant_of(key)
-            .map(|_| ())
+            .map(|i| self.tenants[i].spec.name.clone())
             .ok_or_else(|| ApiError::new(Code::InvalidApiKey, "the API key is not known"))
     }
 

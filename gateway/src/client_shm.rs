@@ -8,6 +8,12 @@
 //! never through a mapping, so a client that shrinks or removes its region
 //! costs only its own request (an error), not a SIGBUS. Every access is
 //! checked against the registered window.
+//!
+//! Trust: a region is any file in `/dev/shm` the gateway's user may open,
+//! so only clients on this host (loopback peers) may register, and each
+//! tenant sees, uses and unregisters only its own regions. Enable the
+//! extension only where every local client is trusted with the gateway
+//! user's `/dev/shm`.
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -53,12 +59,19 @@ impl Region {
                 crate::error::clip(key)
             )));
         }
+        // Non-blocking: a file lease or a FIFO must not hold a runtime thread.
+        let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .custom_flags(flags.bits())
             .open(format!("/dev/shm/{name}"))
-            .map_err(|e| bad(format!("cannot open shared-memory key {name:?}: {e}")))?;
+            .map_err(|_| {
+                bad(format!(
+                    "shared-memory key {:?} cannot be opened (missing, or not permitted)",
+                    crate::error::clip(name)
+                ))
+            })?;
         let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
         let end = offset
             .checked_add(byte_size)
@@ -77,7 +90,8 @@ impl Region {
         })
     }
 
-    fn window(&self, offset: u64, len: u64) -> Result<u64, ApiError> {
+    /// Checks that `[offset, offset + len)` lies within the region.
+    pub fn window(&self, offset: u64, len: u64) -> Result<u64, ApiError> {
         match offset.checked_add(len) {
             Some(end) if end <= self.byte_size => Ok(self.offset + offset),
             _ => Err(bad(format!(
@@ -110,7 +124,8 @@ impl Region {
 #[derive(Debug, Default)]
 pub struct Regions {
     enabled: bool,
-    regions: Mutex<HashMap<String, Arc<Region>>>,
+    /// By tenant, then name: a tenant sees only its own.
+    regions: Mutex<HashMap<(String, String), Arc<Region>>>,
 }
 
 impl Regions {
@@ -121,7 +136,7 @@ impl Regions {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Region>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Arc<Region>>> {
         self.regions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -138,6 +153,7 @@ impl Regions {
 
     pub fn register(
         &self,
+        tenant: &str,
         name: &str,
         key: &str,
         offset: u64,
@@ -149,42 +165,39 @@ impl Regions {
         }
         let region = Region::open(key, offset, byte_size)?;
         let mut all = self.lock();
-        if all.contains_key(name) {
+        let id = (tenant.to_string(), name.to_string());
+        if all.contains_key(&id) {
             return Err(bad(format!(
                 "a region named {:?} is already registered",
                 crate::error::clip(name)
             )));
         }
-        if all.len() >= MAX_REGIONS {
+        if all.keys().filter(|(t, _)| t == tenant).count() >= MAX_REGIONS {
             return Err(ApiError::new(
                 Code::BadRequest,
                 format!("{MAX_REGIONS} regions are registered; unregister one first"),
             ));
         }
-        all.insert(name.to_string(), Arc::new(region));
+        all.insert(id, Arc::new(region));
         Ok(())
     }
 
-    /// Unregisters `name`, or every region for `None`.
-    pub fn unregister(&self, name: Option<&str>) -> Result<(), ApiError> {
+    /// Unregisters the tenant's region `name`, or all its regions for
+    /// `None`.
+    pub fn unregister(&self, tenant: &str, name: Option<&str>) -> Result<(), ApiError> {
         self.check_enabled()?;
-        let mut all = self.lock();
-        match name {
-            Some(n) => {
-                all.remove(n);
-            }
-            None => all.clear(),
-        }
+        self.lock()
+            .retain(|(t, n), _| t != tenant || name.is_some_and(|want| want != n));
         Ok(())
     }
 
-    pub fn status(&self, name: Option<&str>) -> Result<Vec<RegionStatus>, ApiError> {
+    pub fn status(&self, tenant: &str, name: Option<&str>) -> Result<Vec<RegionStatus>, ApiError> {
         self.check_enabled()?;
         let all = self.lock();
         let mut out: Vec<_> = all
             .iter()
-            .filter(|(n, _)| name.is_none_or(|want| want == n.as_str()))
-            .map(|(n, r)| RegionStatus {
+            .filter(|((t, n), _)| t == tenant && name.is_none_or(|want| want == n.as_str()))
+            .map(|((_, n), r)| RegionStatus {
                 name: n.clone(),
                 key: r.key.clone(),
                 offset: r.offset,
@@ -203,10 +216,11 @@ impl Regions {
         Ok(out)
     }
 
-    /// The region `name`, to read or write a tensor.
-    pub fn get(&self, name: &str) -> Result<Arc<Region>, ApiError> {
+    /// The tenant's region `name`, to read or write a tensor.
+    pub fn get(&self, tenant: &str, name: &str) -> Result<Arc<Region>, ApiError> {
         self.check_enabled()?;
-        self.lock().get(name).cloned().ok_or_else(|| {
+        let id = (tenant.to_string(), name.to_string());
+        self.lock().get(&id).cloned().ok_or_else(|| {
             bad(format!(
                 "no shared-memory region named {:?} is registered",
                 crate::error::clip(name)
@@ -225,20 +239,27 @@ mod tests {
         let path = format!("/dev/shm/{key}");
         std::fs::write(&path, [0u8; 64]).unwrap();
         let off = Regions::new(false);
-        assert!(off.register("r", &key, 0, 8).is_err(), "off by default");
+        assert!(
+            off.register("t", "r", &key, 0, 8).is_err(),
+            "off by default"
+        );
         let on = Regions::new(true);
         for bad_key in ["", "/", "../etc/passwd", "a/b", ".hidden"] {
-            assert!(on.register("r", bad_key, 0, 8).is_err(), "{bad_key:?}");
+            assert!(on.register("t", "r", bad_key, 0, 8).is_err(), "{bad_key:?}");
         }
         // Past the file's end, or overflowing.
-        assert!(on.register("r", &key, 60, 8).is_err());
-        assert!(on.register("r", &key, u64::MAX, 2).is_err());
-        on.register("r", &format!("/{key}"), 16, 32).unwrap();
+        assert!(on.register("t", "r", &key, 60, 8).is_err());
+        assert!(on.register("t", "r", &key, u64::MAX, 2).is_err());
+        on.register("t", "r", &format!("/{key}"), 16, 32).unwrap();
         assert!(
-            on.register("r", &key, 0, 8).is_err(),
+            on.register("t", "r", &key, 0, 8).is_err(),
             "a name is taken once"
         );
-        let r = on.get("r").unwrap();
+        // Another tenant neither sees nor uses nor removes it.
+        assert!(on.get("u", "r").is_err());
+        assert!(on.status("u", None).unwrap().is_empty());
+        on.unregister("u", None).unwrap();
+        let r = on.get("t", "r").unwrap();
         r.write(4, b"abcd").unwrap();
         assert_eq!(r.read(4, 4).unwrap(), b"abcd");
         assert_eq!(&std::fs::read(&path).unwrap()[20..24], b"abcd");
@@ -248,9 +269,9 @@ mod tests {
         // A client that shrinks its file costs only the access.
         std::fs::write(&path, [0u8; 8]).unwrap();
         assert!(r.read(0, 8).is_err());
-        assert_eq!(on.status(None).unwrap().len(), 1);
-        on.unregister(None).unwrap();
-        assert!(on.get("r").is_err());
+        assert_eq!(on.status("t", None).unwrap().len(), 1);
+        on.unregister("t", None).unwrap();
+        assert!(on.get("t", "r").is_err());
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -69,6 +69,7 @@ pub enum Code {
     ChangeFailed,
     ModelNotLoaded,
     ConfigInvalid,
+    SharedMemoryNotLocal,
     Internal,
 }
 
@@ -215,6 +216,7 @@ impl Code {
                 S::UNPROCESSABLE_ENTITY,
                 None,
             ),
+            SharedMemoryNotLocal => ("shared_memory_not_local", "permission", S::FORBIDDEN, None),
             Internal => ("internal", "internal", S::INTERNAL_SERVER_ERROR, None),
         }
     }
@@ -398,6 +400,7 @@ mod tests {
             ChangeFailed,
             ModelNotLoaded,
             ConfigInvalid,
+            SharedMemoryNotLocal,
             Internal,
         ];
         let mut names: Vec<_> = all.iter().map(|c| c.as_str()).collect();

@@ -627,12 +627,12 @@ impl GrpcInferenceService for Service {
         &self,
         req: Request<pb::SystemSharedMemoryStatusRequest>,
     ) -> Answer<pb::SystemSharedMemoryStatusResponse> {
-        self.knows(req.metadata())?;
+        let tenant = self.shm_tenant(&req)?;
         let name = req.into_inner().name;
         let list = self
             .app
             .client_shm
-            .status((!name.is_empty()).then_some(name.as_str()))
+            .status(&tenant, (!name.is_empty()).then_some(name.as_str()))
             .map_err(status)?;
         let regions = list
             .into_iter()
@@ -657,11 +657,11 @@ impl GrpcInferenceService for Service {
         &self,
         req: Request<pb::SystemSharedMemoryRegisterRequest>,
     ) -> Answer<pb::SystemSharedMemoryRegisterResponse> {
-        self.knows(req.metadata())?;
+        let tenant = self.shm_tenant(&req)?;
         let r = req.into_inner();
         self.app
             .client_shm
-            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .register(&tenant, &r.name, &r.key, r.offset, r.byte_size)
             .map_err(status)?;
         Ok(Response::new(pb::SystemSharedMemoryRegisterResponse {}))
     }
@@ -670,11 +670,11 @@ impl GrpcInferenceService for Service {
         &self,
         req: Request<pb::SystemSharedMemoryUnregisterRequest>,
     ) -> Answer<pb::SystemSharedMemoryUnregisterResponse> {
-        self.knows(req.metadata())?;
+        let tenant = self.shm_tenant(&req)?;
         let name = req.into_inner().name;
         self.app
             .client_shm
-            .unregister((!name.is_empty()).then_some(name.as_str()))
+            .unregister(&tenant, (!name.is_empty()).then_some(name.as_str()))
             .map_err(status)?;
         Ok(Response::new(pb::SystemSharedMemoryUnregisterResponse {}))
     }
@@ -716,13 +716,9 @@ impl GrpcInferenceService for Service {
 }
 
 impl Service {
-    /// The shared-memory calls take a tenant's key when tenants are set.
-    fn knows(&self, meta: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        self.app
-            .auth
-            .current()
-            .knows(&headers_of(meta))
-            .map_err(status)
+    /// The tenant making a shared-memory call, from a peer on this host.
+    fn shm_tenant<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        v2::shm_caller(&self.app, &headers_of(req.metadata()), req.remote_addr()).map_err(status)
     }
 }
 
@@ -814,6 +810,7 @@ mod tests {
             &spec,
             8,
             &crate::client_shm::Regions::new(false),
+            "t",
         )
         .unwrap();
         assert_eq!(parsed.id.as_deref(), Some("x"));
@@ -839,6 +836,7 @@ mod tests {
             &spec,
             8,
             &crate::client_shm::Regions::new(false),
+            "t",
         )
         .unwrap();
         assert_eq!(

@@ -261,18 +261,36 @@ struct RegisterBody {
     byte_size: u64,
 }
 
-/// The shared-memory calls take a tenant's key when tenants are configured.
-fn shm_caller(app: &AppState, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    app.auth.current().knows(headers)
+/// The tenant making a shared-memory call (its key, when tenants are
+/// configured), from a peer on this host: a region is a file of this host.
+pub fn shm_caller(
+    app: &AppState,
+    headers: &axum::http::HeaderMap,
+    peer: Option<std::net::SocketAddr>,
+) -> Result<String, ApiError> {
+    if !peer.is_some_and(|p| p.ip().is_loopback()) {
+        return Err(ApiError::new(
+            Code::SharedMemoryNotLocal,
+            "shared-memory regions are for clients on this host (a loopback address)",
+        ));
+    }
+    app.auth.current().tenant_name(headers)
+}
+
+type Peer = axum::extract::ConnectInfo<std::net::SocketAddr>;
+
+fn peer_of(p: Peer) -> Option<std::net::SocketAddr> {
+    Some(p.0)
 }
 
 async fn shm_status(
     State(app): State<AppState>,
+    peer: Peer,
     headers: axum::http::HeaderMap,
     region: Option<Path<String>>,
 ) -> Response {
-    let r = shm_caller(&app, &headers)
-        .and_then(|()| app.client_shm.status(region_of(region).as_deref()));
+    let r = shm_caller(&app, &headers, peer_of(peer))
+        .and_then(|t| app.client_shm.status(&t, region_of(region).as_deref()));
     match r {
         Ok(list) => Json(list).into_response(),
         Err(e) => error_response(e),
@@ -281,16 +299,17 @@ async fn shm_status(
 
 async fn shm_register(
     State(app): State<AppState>,
+    peer: Peer,
     headers: axum::http::HeaderMap,
     Path(region): Path<String>,
     // JSON whatever its Content-Type (Triton's client sends none).
     body: Bytes,
 ) -> Response {
-    let r = shm_caller(&app, &headers).and_then(|()| {
+    let r = shm_caller(&app, &headers, peer_of(peer)).and_then(|t| {
         let b: RegisterBody =
             serde_json::from_slice(&body).map_err(|e| bad(format!("bad register body: {e}")))?;
         app.client_shm
-            .register(&region, &b.key, b.offset, b.byte_size)
+            .register(&t, &region, &b.key, b.offset, b.byte_size)
     });
     match r {
         Ok(()) => StatusCode::OK.into_response(),
@@ -300,11 +319,12 @@ async fn shm_register(
 
 async fn shm_unregister(
     State(app): State<AppState>,
+    peer: Peer,
     headers: axum::http::HeaderMap,
     region: Option<Path<String>>,
 ) -> Response {
-    let r = shm_caller(&app, &headers)
-        .and_then(|()| app.client_shm.unregister(region_of(region).as_deref()));
+    let r = shm_caller(&app, &headers, peer_of(peer))
+        .and_then(|t| app.client_shm.unregister(&t, region_of(region).as_deref()));
     match r {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => error_response(e),
@@ -470,6 +490,7 @@ pub fn parse(
     spec: &config::ModelSpec,
     max_samples: usize,
     regions: &crate::client_shm::Regions,
+    tenant: &str,
 ) -> Result<InferRequest, ApiError> {
     let json_len = header_len.unwrap_or(body.len());
     if json_len > body.len() {
@@ -495,15 +516,24 @@ pub fn parse(
         let data = match (size.transpose()?, i.data) {
             (None, None) if shm.is_some() => {
                 let (region, offset, size) = shm.expect("checked");
-                // Bounded like a body.
+                // Raw tensors only: no region's bytes are ever echoed.
+                if i.datatype != "FP32" {
+                    return Err(bad(format!(
+                        "input {:?}: only FP32 tensors are read from shared memory",
+                        i.name
+                    )));
+                }
+                // At most what the request may hold.
                 let max = spec.input.sample_bytes().saturating_mul(max_samples);
-                if size as usize > max.max(body.len()) {
+                if size as usize > max {
                     return Err(bad(format!(
                         "input {:?}: shared_memory_byte_size {size} is over {max}",
                         i.name
                     )));
                 }
-                Data::Binary(Bytes::from(regions.get(&region)?.read(offset, size)?))
+                Data::Binary(Bytes::from(
+                    regions.get(tenant, &region)?.read(offset, size)?,
+                ))
             }
             _ if shm.is_some() => {
                 return Err(bad(format!(
@@ -590,9 +620,12 @@ pub fn parse(
         if let Some((region_name, offset, byte_size)) =
             shm_params(&o.parameters, &format!("output {:?}", o.name))?
         {
+            let region = regions.get(tenant, &region_name)?;
+            // Checked now, before any work: the window lies in the region.
+            region.window(offset, byte_size)?;
             shm_outputs.push(ShmOutput {
                 name: o.name.clone(),
-                region: regions.get(&region_name)?,
+                region,
                 region_name,
                 offset,
                 byte_size,
@@ -790,7 +823,14 @@ pub async fn run(
     let started = Instant::now();
     let spec = &app.core.cfg.models[model as usize];
     let max = app.core.cfg.limits.max_images_per_request;
-    let req = parse(&body, header_len, spec, max, &app.client_shm)?;
+    let req = parse(
+        &body,
+        header_len,
+        spec,
+        max,
+        &app.client_shm,
+        &caller.tenant,
+    )?;
     drop(body);
     let (rows, mut timings) = match req.input {
         Tensor::Bytes(images) => {
@@ -1029,6 +1069,7 @@ mod tests {
             &s,
             8,
             &crate::client_shm::Regions::new(false),
+            "t",
         )
         .unwrap();
         assert_eq!(r.id.as_deref(), Some("7"));
@@ -1052,6 +1093,7 @@ mod tests {
             &s,
             8,
             &crate::client_shm::Regions::new(false),
+            "t",
         )
         .unwrap();
         match r.input {
@@ -1141,7 +1183,15 @@ mod tests {
             },
         ];
         for (body, len, want) in cases {
-            let e = parse(&body, len, &s, 8, &crate::client_shm::Regions::new(false)).unwrap_err();
+            let e = parse(
+                &body,
+                len,
+                &s,
+                8,
+                &crate::client_shm::Regions::new(false),
+                "t",
+            )
+            .unwrap_err();
             assert_eq!(e.code, Code::BadRequest, "{}", e.message);
             assert!(e.message.contains(want), "{want:?} not in {:?}", e.message);
         }
