@@ -1044,6 +1044,23 @@ mod tests {
         config::ModelSpec::load(&path).unwrap()
     }
 
+    /// `parse` with the shared-memory extension off, as tenant `t`, at
+    /// most 8 samples.
+    fn parse_off(
+        body: &Bytes,
+        len: Option<usize>,
+        s: &config::ModelSpec,
+    ) -> Result<InferRequest, ApiError> {
+        parse(
+            body,
+            len,
+            s,
+            8,
+            &crate::client_shm::Regions::new(false),
+            "t",
+        )
+    }
+
     fn binary(head: Value, data: &[u8]) -> (Bytes, usize) {
         let mut b = serde_json::to_vec(&head).unwrap();
         let len = b.len();
@@ -1063,15 +1080,7 @@ mod tests {
             "parameters": {"binary_data_size": elems.len()}}],
             "outputs": [{"name": "scores", "parameters": {"binary_data": true}}, {"name": "labels"}]});
         let (body, len) = binary(head, &elems);
-        let r = parse(
-            &body,
-            Some(len),
-            &s,
-            8,
-            &crate::client_shm::Regions::new(false),
-            "t",
-        )
-        .unwrap();
+        let r = parse_off(&body, Some(len), &s).unwrap();
         assert_eq!(r.id.as_deref(), Some("7"));
         assert_eq!(
             r.input,
@@ -1087,15 +1096,7 @@ mod tests {
         let head = json!({"inputs": [{"name": "input:0", "shape": [1, 224, 224, 3], "datatype": "FP32",
             "parameters": {"binary_data_size": raw.len()}}], "parameters": {"binary_data_output": true}});
         let (body, len) = binary(head, &raw);
-        let r = parse(
-            &body,
-            Some(len),
-            &s,
-            8,
-            &crate::client_shm::Regions::new(false),
-            "t",
-        )
-        .unwrap();
+        let r = parse_off(&body, Some(len), &s).unwrap();
         match r.input {
             Tensor::Fp32 { n: 1, values } => assert_eq!(values[5], 5.0),
             other => panic!("{other:?}"),
@@ -1183,15 +1184,7 @@ mod tests {
             },
         ];
         for (body, len, want) in cases {
-            let e = parse(
-                &body,
-                len,
-                &s,
-                8,
-                &crate::client_shm::Regions::new(false),
-                "t",
-            )
-            .unwrap_err();
+            let e = parse_off(&body, len, &s).unwrap_err();
             assert_eq!(e.code, Code::BadRequest, "{}", e.message);
             assert!(e.message.contains(want), "{want:?} not in {:?}", e.message);
         }
