@@ -16,9 +16,7 @@ fn grpc() {
     println!("cargo:rerun-if-env-changed=MMGATE_PROTO_FDS");
     let path = std::env::var_os("MMGATE_PROTO_FDS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps/proto/kserve_v2.fds")
-        });
+        .unwrap_or_else(|| manifest_dir().join("../.deps/proto/kserve_v2.fds"));
     println!("cargo:rerun-if-changed={}", path.display());
     let bytes = std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
@@ -38,7 +36,7 @@ fn uplot() {
     println!("cargo:rerun-if-env-changed=MMGATE_UPLOT_DIR");
     let dir = std::env::var_os("MMGATE_UPLOT_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.deps/npm/uplot"));
+        .unwrap_or_else(|| manifest_dir().join("../.deps/npm/uplot"));
     for file in ["dist/uPlot.iife.min.js", "dist/uPlot.min.css", "LICENSE"] {
         let path = dir.join(file);
         if !path.is_file() {
@@ -51,4 +49,11 @@ fn uplot() {
     }
     let dir = dir.canonicalize().expect("the uPlot folder");
     println!("cargo:rustc-env=MMGATE_UPLOT_DIR={}", dir.display());
+}
+
+/// The package's directory, read when the script runs: `env!` would bake in
+/// the path of whichever checkout first compiled this script, and cargo reuses
+/// a compiled build script from a shared target dir in another checkout.
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
 }
