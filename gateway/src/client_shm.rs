@@ -216,6 +216,33 @@ impl Regions {
         Ok(out)
     }
 
+    /// Triton's CUDA shared-memory extension, served as Triton serves it
+    /// without a GPU: no region can be registered, so a status lists none
+    /// and an unregister has nothing to do. perf_analyzer unregisters CUDA
+    /// regions along with system ones when it finishes.
+    pub fn cuda_register(&self) -> Result<(), ApiError> {
+        self.check_enabled()?;
+        Err(bad(
+            "CUDA shared memory needs a GPU executor; use system shared memory",
+        ))
+    }
+
+    /// The tenant's CUDA regions (always none); a named one is not found.
+    pub fn cuda_status(&self, name: Option<&str>) -> Result<(), ApiError> {
+        self.check_enabled()?;
+        match name {
+            Some(n) => Err(ApiError::new(
+                Code::NotFound,
+                format!("no CUDA region named {:?}", crate::error::clip(n)),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    pub fn cuda_unregister(&self) -> Result<(), ApiError> {
+        self.check_enabled()
+    }
+
     /// The tenant's region `name`, to read or write a tensor.
     pub fn get(&self, tenant: &str, name: &str) -> Result<Arc<Region>, ApiError> {
         self.check_enabled()?;

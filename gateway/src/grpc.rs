@@ -386,25 +386,7 @@ fn grpc_answer(body: Bytes, header_len: usize) -> Result<pb::ModelInferResponse,
                 .as_array()
                 .map(|a| a.iter().filter_map(Value::as_i64).collect())
                 .unwrap_or_default(),
-            parameters: o["parameters"]
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, _)| k.starts_with("shared_memory_"))
-                .filter_map(|(k, v)| {
-                    use pb::infer_parameter::ParameterChoice as P;
-                    let choice = match v {
-                        Value::String(s) => P::StringParam(s.clone()),
-                        v => P::Int64Param(v.as_i64()?),
-                    };
-                    Some((
-                        k.clone(),
-                        pb::InferParameter {
-                            parameter_choice: Some(choice),
-                        },
-                    ))
-                })
-                .collect(),
+            parameters: HashMap::new(),
             contents: None,
         });
     }
@@ -681,23 +663,33 @@ impl GrpcInferenceService for Service {
 
     async fn cuda_shared_memory_status(
         &self,
-        _: Request<pb::CudaSharedMemoryStatusRequest>,
+        req: Request<pb::CudaSharedMemoryStatusRequest>,
     ) -> Answer<pb::CudaSharedMemoryStatusResponse> {
-        Err(unserved("CUDA shared memory"))
+        self.shm_tenant(&req)?;
+        let name = req.into_inner().name;
+        self.app
+            .client_shm
+            .cuda_status((!name.is_empty()).then_some(name.as_str()))
+            .map_err(status)?;
+        Ok(Response::new(pb::CudaSharedMemoryStatusResponse::default()))
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _: Request<pb::CudaSharedMemoryRegisterRequest>,
+        req: Request<pb::CudaSharedMemoryRegisterRequest>,
     ) -> Answer<pb::CudaSharedMemoryRegisterResponse> {
-        Err(unserved("CUDA shared memory"))
+        self.shm_tenant(&req)?;
+        self.app.client_shm.cuda_register().map_err(status)?;
+        Ok(Response::new(pb::CudaSharedMemoryRegisterResponse {}))
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
-        _: Request<pb::CudaSharedMemoryUnregisterRequest>,
+        req: Request<pb::CudaSharedMemoryUnregisterRequest>,
     ) -> Answer<pb::CudaSharedMemoryUnregisterResponse> {
-        Err(unserved("CUDA shared memory"))
+        self.shm_tenant(&req)?;
+        self.app.client_shm.cuda_unregister().map_err(status)?;
+        Ok(Response::new(pb::CudaSharedMemoryUnregisterResponse {}))
     }
 
     async fn trace_setting(

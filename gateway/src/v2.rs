@@ -74,6 +74,20 @@ pub fn routes() -> Router<AppState> {
             post(shm_unregister),
         )
         .route("/v2/systemsharedmemory/unregister", post(shm_unregister))
+        .route("/v2/cudasharedmemory/status", get(cuda_status))
+        .route(
+            "/v2/cudasharedmemory/region/{region}/status",
+            get(cuda_status),
+        )
+        .route(
+            "/v2/cudasharedmemory/region/{region}/register",
+            post(cuda_register),
+        )
+        .route(
+            "/v2/cudasharedmemory/region/{region}/unregister",
+            post(cuda_unregister),
+        )
+        .route("/v2/cudasharedmemory/unregister", post(cuda_unregister))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
 }
 
@@ -326,6 +340,45 @@ async fn shm_unregister(
     let r = shm_caller(&app, &headers, peer_of(peer))
         .and_then(|t| app.client_shm.unregister(&t, region_of(region).as_deref()));
     match r {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+/// The CUDA shared-memory extension without a GPU (see
+/// [`crate::client_shm::Regions::cuda_status`]): the same access rules as system
+/// shared memory, and never a region.
+async fn cuda_status(
+    State(app): State<AppState>,
+    peer: Peer,
+    headers: axum::http::HeaderMap,
+    region: Option<Path<String>>,
+) -> Response {
+    let r = shm_caller(&app, &headers, peer_of(peer))
+        .and_then(|_| app.client_shm.cuda_status(region_of(region).as_deref()));
+    match r {
+        Ok(()) => Json(json!([])).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn cuda_register(
+    State(app): State<AppState>,
+    peer: Peer,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match shm_caller(&app, &headers, peer_of(peer)).and_then(|_| app.client_shm.cuda_register()) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn cuda_unregister(
+    State(app): State<AppState>,
+    peer: Peer,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    match shm_caller(&app, &headers, peer_of(peer)).and_then(|_| app.client_shm.cuda_unregister()) {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => error_response(e),
     }
@@ -970,11 +1023,9 @@ impl InferResponse {
                 if let Err(e) = to.region.write(to.offset, &raw) {
                     return error_response(e);
                 }
-                o["parameters"] = json!({
-                    "shared_memory_region": to.region_name,
-                    "shared_memory_offset": to.offset,
-                    "shared_memory_byte_size": raw.len(),
-                });
+                // As Triton answers: name, datatype and shape only. Its C++
+                // client (perf_analyzer's) reads any output `parameters` as
+                // binary data and fails without `binary_data_size`.
             } else if *as_binary {
                 o["parameters"] = json!({"binary_data_size": raw.len()});
                 binary.extend_from_slice(&raw);

@@ -147,6 +147,92 @@ async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
     assert!(acme >= 8.0, "{acme}");
 }
 
+/// Triton's load tool, `perf_analyzer` (from the official client's package,
+/// unpacked by `setup.sh test`), runs unchanged against mmgate: the README's
+/// commands over HTTP and gRPC, with tensors in the body and in system
+/// shared memory, as a tenant (`-H x-api-key:…`, sent as gRPC metadata too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perf_analyzer_runs_unchanged_against_mmgate() {
+    let pa = repo().join(".deps/perf-analyzer/perf_analyzer");
+    assert!(
+        pa.is_file(),
+        "{} is missing: run `bash scripts/setup.sh test` (or `make test`)",
+        pa.display()
+    );
+    let gw = Gateway::start_with(
+        &common::tenant("acme", ""),
+        &[
+            ("MMGATE_GRPC_LISTEN", "127.0.0.1:0"),
+            ("MMGATE_ALLOW_CLIENT_SHM", "true"),
+        ],
+    )
+    .await;
+    let grpc = gw.grpc_addr.clone().unwrap();
+    let runs = [
+        ("HTTP", gw.addr.as_str(), "http", "none"),
+        ("gRPC", grpc.as_str(), "grpc", "none"),
+        ("HTTP shared memory", gw.addr.as_str(), "http", "system"),
+        ("gRPC shared memory", grpc.as_str(), "grpc", "system"),
+    ];
+    let dir = std::env::temp_dir().join(format!("mmgate-perf-analyzer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut sent = 0.0;
+    for (what, url, protocol, shm) in runs {
+        let csv = dir.join(format!("{protocol}-{shm}.csv"));
+        let out = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new(&pa)
+                .args(["-m", "open_nsfw", "-u", url, "-i", protocol])
+                .args(["-H", "x-api-key:key-acme", "--shared-memory", shm])
+                .args(["--output-shared-memory-size", "64"])
+                .args(["--concurrency-range", "1:4:3"])
+                .args(["--measurement-mode", "count_windows"])
+                .args(["--measurement-request-count", "20"])
+                .arg("-f")
+                .arg(&csv)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("perf_analyzer ({what}) took over 120 s"))
+        .expect("perf_analyzer runs");
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "perf_analyzer ({what}) failed:\n{text}"
+        );
+        // No failed call, and its clean-up (unregistering all system and
+        // CUDA regions) succeeded.
+        let lower = text.to_lowercase();
+        for bad in ["error", "unable", "failed"] {
+            assert!(!lower.contains(bad), "perf_analyzer ({what}):\n{text}");
+        }
+        // One row per concurrency level, each with a throughput.
+        let table = std::fs::read_to_string(&csv).unwrap();
+        let rates: Vec<f64> = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(rates.len(), 2, "{what}: {table}");
+        assert!(rates.iter().all(|&r| r > 0.0), "{what}: {table}");
+        // Every call was a tenant's scored request.
+        let now = gw
+            .metric(
+                "mmgate_requests_total",
+                "code=\"200\",model=\"open_nsfw\",tenant=\"acme\"",
+            )
+            .await;
+        assert!(now >= sent + 40.0, "{what}: {now} requests after {sent}");
+        sent = now;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Malformed requests: a 400 with `{"error": "…"}`, nothing crashes, and
 /// the gateway serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
