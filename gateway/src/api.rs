@@ -262,15 +262,19 @@ pub(crate) async fn score(
 pub(crate) async fn serve_scoring(
     app: AppState,
     model: String,
-    req: Request,
+    mut req: Request,
     front: Front,
 ) -> Response {
     let started = Instant::now();
     let rid = request_id(req.headers());
     let mut body_read = false;
     // The upload reserves its bytes of the shared budget as they arrive;
-    // the answer's bytes take their place until the answer is written.
-    let reservation = app.body_budget.reserve();
+    // the answer's bytes take their place until the answer is written. A
+    // gRPC call brings the reservation its message made as it arrived.
+    let reservation = req
+        .extensions_mut()
+        .remove::<Arc<Reservation>>()
+        .unwrap_or_else(|| app.body_budget.reserve());
     // Every log line of this request, here and in the children, carries
     // its id.
     let span = tracing::debug_span!("request", request_id = %rid);

@@ -326,21 +326,31 @@ impl Auth {
 }
 
 impl Auth {
-    /// The tenant whose key this is: its SHA-256 compared with every stored
-    /// hash, each in constant time, with no early exit.
-    /// Whether `headers` carry a known key (or no tenants are configured):
-    /// a cheap check before a request's body is read, with no permit or
-    /// token taken ([`admit`](Self::admit) does the rest).
-    pub fn knows(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        self.tenant_name(headers).map(|_| ())
+    /// Whether `headers` carry a known key (or no tenants are configured),
+    /// and if so the buffer-budget share of their tenant (`None` without
+    /// tenants): a cheap check before a message is read, with no permit or
+    /// token taken ([`admit`](Self::admit) does the rest), and the share
+    /// the message is charged to as it arrives.
+    pub fn share_of(&self, headers: &HeaderMap) -> Result<Option<Budget>, ApiError> {
+        if self.tenants.is_empty() {
+            return Ok(None);
+        }
+        let i = self.tenant_index(headers)?;
+        Ok(Some(self.tenants[i].budget.clone()))
     }
 
     /// The tenant `headers` authenticate as (`anonymous` when no tenants
-    /// are configured), with the same refusals as [`knows`](Self::knows).
+    /// are configured), with the same refusals as [`share_of`](Self::share_of).
     pub fn tenant_name(&self, headers: &HeaderMap) -> Result<String, ApiError> {
         if self.tenants.is_empty() {
             return Ok("anonymous".into());
         }
+        let i = self.tenant_index(headers)?;
+        Ok(self.tenants[i].spec.name.clone())
+    }
+
+    /// The configured tenant whose key `headers` present.
+    fn tenant_index(&self, headers: &HeaderMap) -> Result<usize, ApiError> {
         let key = api_key(headers).ok_or_else(|| {
             ApiError::new(
                 Code::MissingApiKey,
@@ -348,10 +358,11 @@ impl Auth {
             )
         })?;
         self.tenant_of(key)
-            .map(|i| self.tenants[i].spec.name.clone())
             .ok_or_else(|| ApiError::new(Code::InvalidApiKey, "the API key is not known"))
     }
 
+    /// The tenant whose key this is: its SHA-256 compared with every stored
+    /// hash, each in constant time, with no early exit.
     fn tenant_of(&self, key: &str) -> Option<usize> {
         let h = config::key_digest(key);
         let mut found = None;

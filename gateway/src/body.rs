@@ -4,11 +4,13 @@
 //! slow chunked uploads reserve nothing they have not sent. An upload that
 //! sends nothing for `http.body_idle_timeout_ms` while we wait for it, or
 //! that averages under `http.min_body_rate_bytes_per_s` once that long has
-//! passed, ends with 408: a trickle cannot hold a connection, a tenant's
-//! slot or the budget. Once the answer is built the reservation is settled
-//! to the answer's size and travels with the answer (a response extension),
-//! which `http.rs` holds until hyper has flushed it to the socket or the
-//! connection is gone: answers nobody reads count too.
+//! passed, ends with 408 (a gRPC message with `DEADLINE_EXCEEDED`): a
+//! trickle cannot hold a connection, a tenant's slot or the budget. Once
+//! the answer is built the reservation is settled to the answer's size and
+//! travels with the answer (a response extension), which `http.rs` holds
+//! until hyper has flushed it to the socket or the connection is gone:
+//! answers nobody reads count too. (A gRPC answer is released once built;
+//! it is a few hundred bytes of scores.)
 
 use std::future::Future as _;
 use std::pin::Pin;
@@ -156,10 +158,15 @@ impl Holding {
 }
 
 impl Reservation {
-    /// Charges this request to `tenant`'s share too, from now on (it is
-    /// called before the body is read, when nothing is held yet).
+    /// Charges this request to `tenant`'s share too, from now on, with what
+    /// it already holds. Once charged, it stays charged to that share: a
+    /// gRPC message is charged as it arrives, and again (a no-op) when it
+    /// is scored.
     pub fn charge_tenant(&self, tenant: Budget) -> Result<(), BodyError> {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if self.tenant.get().is_some() {
+            return Ok(());
+        }
         if held.kib > 0 {
             let p = tenant.take(held.kib)?;
             Holding::add(&mut held.tenant, p);
@@ -279,7 +286,12 @@ where
                 Poll::Ready(Some(Err(Box::new(BodyError::Idle(ms)))))
             }
             Poll::Ready(Some(Ok(frame))) => {
-                this.waiting = false;
+                // Only bytes count as progress: HTTP/2 lets a client send
+                // empty DATA frames for free, which must not keep a stalled
+                // upload alive.
+                if frame.data_ref().is_none_or(|d| !d.is_empty()) {
+                    this.waiting = false;
+                }
                 if let Some(data) = frame.data_ref() {
                     this.read += data.len();
                     let checked = this
@@ -308,6 +320,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt as _;
     use http_body_util::{BodyExt, StreamBody};
 
     use super::*;
@@ -428,6 +441,32 @@ mod tests {
         let e = BodyError::find(err.as_ref()).unwrap();
         assert!(matches!(e, BodyError::Idle(500)), "{e}");
         assert_eq!(r.reserved_bytes(), 0, "nothing sent, nothing reserved");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn empty_frames_do_not_keep_a_stalled_body_alive() {
+        let r = Budget::new(1000 * 1024).reserve();
+        // 100 KB at once, then an empty DATA frame every 100 ms (free in
+        // HTTP/2): the average rate stays high, but no byte arrives.
+        let first = futures::stream::once(async {
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![1u8; 100_000])))
+        });
+        let empty = futures::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Some((Ok::<_, std::io::Error>(Frame::data(Bytes::new())), ()))
+        });
+        let body = Metered::new(
+            StreamBody::new(Box::pin(first.chain(empty))),
+            r,
+            Duration::from_millis(500),
+            1,
+        );
+        let err = tokio::time::timeout(Duration::from_secs(60), body.collect())
+            .await
+            .expect("the stalled body was cut off")
+            .unwrap_err();
+        let e = BodyError::find(err.as_ref()).unwrap();
+        assert!(matches!(e, BodyError::Idle(500)), "{e}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,39 +43,39 @@ pub struct Service {
 /// (and a little for the message's framing), and inference calls without
 /// a known key refused before their message is read (health and metadata
 /// need no key, as over HTTP).
-pub fn service(app: AppState) -> KeyChecked {
+pub fn service(app: AppState) -> Metered {
     let limit = app.core.cfg.limits.max_body_bytes + (64 << 10);
-    let auth = app.auth.clone();
-    let inner = GrpcInferenceServiceServer::new(Service { app })
+    let inner = GrpcInferenceServiceServer::new(Service { app: app.clone() })
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    KeyChecked { inner, auth }
+    Metered { inner, app }
 }
 
-/// [`GrpcInferenceServiceServer`] behind the API-key check of inference
-/// calls.
+/// [`GrpcInferenceServiceServer`] behind what `/v1` uploads get before
+/// their body is read: every call's message reserves its bytes of the
+/// buffer budget as they arrive, under the same idle timeout and minimum
+/// rate; an inference call needs a known key and is charged to its
+/// tenant's share too, and other calls' messages are small. tonic holds a
+/// whole message before the handler runs, so without this a client could
+/// hold up to `grpc.max_connections` × 64 streams × the largest body
+/// uncounted. An inference call's reservation travels with it to
+/// [`crate::api::serve_scoring`].
 #[derive(Debug, Clone)]
-pub struct KeyChecked {
+pub struct Metered {
     inner: GrpcInferenceServiceServer<Service>,
-    auth: std::sync::Arc<crate::auth::Tenants>,
+    app: AppState,
 }
 
-impl tonic::server::NamedService for KeyChecked {
+impl tonic::server::NamedService for Metered {
     const NAME: &'static str =
         <GrpcInferenceServiceServer<Service> as tonic::server::NamedService>::NAME;
 }
 
-impl<B> tower::Service<axum::http::Request<B>> for KeyChecked
-where
-    GrpcInferenceServiceServer<Service>: tower::Service<
-            axum::http::Request<B>,
-            Response = axum::http::Response<tonic::body::Body>,
-            Error = std::convert::Infallible,
-        >,
-    <GrpcInferenceServiceServer<Service> as tower::Service<axum::http::Request<B>>>::Future:
-        Send + 'static,
-{
-    type Response = axum::http::Response<tonic::body::Body>;
+type GrpcRequest = axum::http::Request<tonic::body::Body>;
+type GrpcResponse = axum::http::Response<tonic::body::Body>;
+
+impl tower::Service<GrpcRequest> for Metered {
+    type Response = GrpcResponse;
     type Error = std::convert::Infallible;
     type Future = std::pin::Pin<
         Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
@@ -85,18 +85,66 @@ where
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        <GrpcInferenceServiceServer<Service> as tower::Service<GrpcRequest>>::poll_ready(
+            &mut self.inner,
+            cx,
+        )
     }
 
-    fn call(&mut self, req: axum::http::Request<B>) -> Self::Future {
-        if req.uri().path().ends_with("/ModelInfer") {
+    fn call(&mut self, req: GrpcRequest) -> Self::Future {
+        match self.metered(req) {
+            Ok(req) => Box::pin(self.inner.call(req)),
+            Err(e) => Box::pin(std::future::ready(Ok(status(e).into_http()))),
+        }
+    }
+}
+
+/// The largest message of a call other than `ModelInfer` (metadata,
+/// readiness, shared-memory registration: all a few hundred bytes).
+const SMALL_MESSAGE_BYTES: usize = 64 << 10;
+
+impl Metered {
+    /// `req` with its body counted as it arrives; a `ModelInfer` also has
+    /// its key checked and is charged to its tenant's share, and any other
+    /// call may send at most [`SMALL_MESSAGE_BYTES`].
+    fn metered(&self, req: GrpcRequest) -> Result<GrpcRequest, ApiError> {
+        use http_body_util::BodyExt as _;
+        let infer = req.uri().path() == "/inference.GRPCInferenceService/ModelInfer";
+        let reservation = self.app.body_budget.reserve();
+        if infer {
             let meta = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
-            if let Err(e) = self.auth.current().knows(&headers_of(&meta)) {
-                let answer = status(e).into_http();
-                return Box::pin(std::future::ready(Ok(answer)));
+            if let Some(share) = self.app.auth.current().share_of(&headers_of(&meta))? {
+                reservation.charge_tenant(share).map_err(|e| e.to_api())?;
             }
         }
-        Box::pin(self.inner.call(req))
+        let http = &self.app.core.cfg.http;
+        let (mut parts, body) = req.into_parts();
+        parts.extensions.insert(reservation.clone());
+        let body = crate::body::Metered::new(
+            body,
+            reservation,
+            Duration::from_millis(http.body_idle_timeout_ms),
+            http.min_body_rate_bytes_per_s,
+        )
+        .map_err(|e| match crate::body::BodyError::find(&*e) {
+            Some(b) => status(b.to_api()),
+            None => Status::from_error(e),
+        });
+        let body = if infer {
+            tonic::body::Body::new(body)
+        } else {
+            tonic::body::Body::new(
+                http_body_util::Limited::new(body, SMALL_MESSAGE_BYTES).map_err(|e| {
+                    match e.downcast::<Status>() {
+                        Ok(s) => *s,
+                        Err(_) => Status::invalid_argument(format!(
+                            "this call's message is over {SMALL_MESSAGE_BYTES} bytes"
+                        )),
+                    }
+                }),
+            )
+        };
+        Ok(axum::http::Request::from_parts(parts, body))
     }
 }
 
@@ -301,7 +349,8 @@ fn http_body(req: &pb::ModelInferRequest) -> Result<(Vec<u8>, usize), Status> {
         let data: Vec<u8> = if raw {
             Vec::new()
         } else {
-            let c = input.contents.clone().unwrap_or_default();
+            let empty = pb::InferTensorContents::default();
+            let c = input.contents.as_ref().unwrap_or(&empty);
             match input.datatype.as_str() {
                 "FP32" => c
                     .fp32_contents
@@ -475,7 +524,7 @@ impl GrpcInferenceService for Service {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Answer<pb::ModelInferResponse> {
-        let (meta, _, r) = req.into_parts();
+        let (meta, mut extensions, r) = req.into_parts();
         let (_, spec) = v2::model(&self.app, &r.model_name, &r.model_version).map_err(status)?;
         let (body, header_len) = http_body(&r)?;
         drop(r);
@@ -485,6 +534,11 @@ impl GrpcInferenceService for Service {
             .body(axum::body::Body::from(body))
             .map_err(|e| Status::internal(e.to_string()))?;
         http.headers_mut().extend(headers_of(&meta));
+        // What the message reserved as it arrived (see [`Metered`]) holds
+        // its copy as an HTTP body too.
+        if let Some(r) = extensions.remove::<std::sync::Arc<crate::body::Reservation>>() {
+            http.extensions_mut().insert(r);
+        }
         let resp = crate::api::serve_scoring(self.app.clone(), spec.name, http, Front::V2).await;
         let (parts, body) = resp.into_parts();
         let limit = crate::api::body_limit(&self.app.core.cfg) + (1 << 20);

@@ -468,6 +468,129 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
     }
 }
 
+/// gRPC messages count in the buffer budget as they arrive, as uploads
+/// do: a tenant's calls that stall mid-message hold what they sent, within
+/// the tenant's share (past it a call gets RESOURCE_EXHAUSTED), another
+/// tenant is served meanwhile, and the stalled calls end with
+/// DEADLINE_EXCEEDED at the body idle timeout, releasing their bytes. A
+/// call that needs no key (metadata, readiness) may send only a small
+/// message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
+    use axum::http;
+    // A 6 MiB budget: the flooding tenant's five calls would take it all
+    // without its 3 MiB share.
+    let gw = Gateway::start_with(
+        &format!(
+            "[http]\nbody_idle_timeout_ms = 3000\n[server]\nmax_inflight_body_bytes = 6291456\n\
+             [limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n{}{}",
+            tenant("flood", ""),
+            tenant("calm", ""),
+        ),
+        &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let addr = gw.grpc_addr.clone().unwrap();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    // A call on `method` whose message declares `declared` bytes and sends
+    // `sent` of them, then stalls.
+    let stall = |method: &str, key: Option<&str>, declared: u32, sent: usize| {
+        let client = client.clone();
+        let uri = format!("http://{addr}/inference.GRPCInferenceService/{method}");
+        let key = key.map(str::to_string);
+        async move {
+            let mut client = client.ready().await.unwrap();
+            let mut req = http::Request::post(uri)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers");
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            let (answer, mut stream) = client.send_request(req.body(()).unwrap(), false).unwrap();
+            let mut message = vec![0u8; sent];
+            message[1..5].copy_from_slice(&declared.to_be_bytes());
+            stream
+                .send_data(bytes::Bytes::from(message), false)
+                .unwrap();
+            (answer, stream)
+        }
+    };
+    let grpc_status = |r: &http::Response<h2::RecvStream>| {
+        let h = r.headers();
+        format!(
+            "{} {}",
+            h.get("grpc-status").map_or("-", |v| v.to_str().unwrap()),
+            h.get("grpc-message").map_or("", |v| v.to_str().unwrap())
+        )
+    };
+    // Five calls each declare a 2,000,000-byte message, send 1.5 MB of it
+    // and stall: two fit in the tenant's 3 MiB share, three not.
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        calls.push(stall("ModelInfer", Some("key-flood"), 2_000_000, 1_500_000).await);
+    }
+    // The calls' bytes arrive and are counted.
+    const TWO: f64 = 2.0 * 1_400_000.0;
+    let t = Instant::now();
+    let mut held = 0.0;
+    while t.elapsed() < Duration::from_secs(5) {
+        held = gw.metric("mmgate_buffered_bytes", "").await;
+        if held >= TWO {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        (TWO..=3_145_728.0).contains(&held),
+        "the stalled calls hold {held} bytes (two of 1.5 MB expected, within the 3 MiB share)"
+    );
+    // Another tenant is served meanwhile.
+    let r = gw
+        .client
+        .post(gw.url("/v1/models/open_nsfw/score"))
+        .header("x-api-key", "key-calm")
+        .body(fixture("images/coffee.jpg"))
+        .send()
+        .await
+        .unwrap();
+    let r = Reply::read(r).await;
+    assert_eq!(r.status, 200, "the calm tenant was blocked: {}", r.json);
+    // A call that needs no key cannot park a large message.
+    let (answer, _stream) = stall("ServerLive", None, 1_000_000, 100_000).await;
+    let r = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("a large ServerLive message is refused at once")
+        .unwrap();
+    assert!(grpc_status(&r).starts_with("3 "), "{}", grpc_status(&r));
+    // Each call is answered: three refused at once, two at the idle
+    // timeout.
+    let mut codes = Vec::new();
+    for (answer, _stream) in calls {
+        let r = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("a stalled call is answered within the idle timeout")
+            .unwrap();
+        codes.push(grpc_status(&r));
+    }
+    codes.sort();
+    let timed_out = codes
+        .iter()
+        .filter(|c| c.starts_with("4 body_timeout"))
+        .count();
+    let refused = codes
+        .iter()
+        .filter(|c| c.starts_with("8 tenant_upload_budget_exhausted"))
+        .count();
+    assert_eq!((timed_out, refused), (2, 3), "{codes:?}");
+    let t = Instant::now();
+    while gw.metric("mmgate_buffered_bytes", "").await > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "bytes still held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// One tenant's uploads cannot take the whole buffer budget: each tenant
 /// holds at most its share (by default half of it), past which its own
 /// uploads get 429, and another tenant's upload still fits.

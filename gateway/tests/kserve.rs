@@ -126,11 +126,17 @@ async fn the_triton_client_gets_the_v1_scores_over_kserve_v2() {
 
 /// Tenancy applies to the protocol: the key comes from the `x-api-key`
 /// header or the gRPC metadata of that name, a call without one is
-/// refused, and requests count under the tenant.
+/// refused, and requests count under the tenant. A gRPC message is charged
+/// to the tenant's buffer share once, though it is counted as it arrives
+/// and again as it is scored (a batch of two raw tensors, 1.2 MB, fits a
+/// 2 MiB share only once), and every byte is released afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
     let gw = Gateway::start_with(
-        &common::tenant("acme", ""),
+        &format!(
+            "[limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n{}",
+            common::tenant("acme", "max_inflight_body_bytes = 2097152")
+        ),
         &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
     )
     .await;
@@ -145,6 +151,11 @@ async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
     );
     let acme = gw.metric("mmgate_requests_total", "tenant=\"acme\"").await;
     assert!(acme >= 8.0, "{acme}");
+    let t = std::time::Instant::now();
+    while gw.metric("mmgate_buffered_bytes", "").await > 0.0 {
+        assert!(t.elapsed() < Duration::from_secs(5), "bytes still held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Triton's load tool, `perf_analyzer` (from the official client's package,

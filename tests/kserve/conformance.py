@@ -137,6 +137,13 @@ def main():
         r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores")], request_id="g-1", headers=hdr())
         close(r.as_numpy("scores")[0], [flat_scores[k] for k in order], "gRPC FP32 raw")
         check(r.get_response().id == "g-1", "gRPC id echoed")
+        pair = np.concatenate([tensor, tensor])
+        x = grpcclient.InferInput(inp["name"], list(pair.shape), "FP32")
+        x.set_data_from_numpy(pair)
+        r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores")], headers=hdr())
+        s = r.as_numpy("scores")
+        check(s.shape == (2, labels), f"gRPC FP32 raw batch shape {s.shape}")
+        close(s[1], [flat_scores[k] for k in order], "gRPC FP32 raw batch row 2")
         x = grpcclient.InferInput(inp["name"], [1], "BYTES")
         x.set_data_from_numpy(np.array([jpeg], dtype=np.object_))
         r = g.infer(MODEL, [x], outputs=[grpcclient.InferRequestedOutput("scores"),
