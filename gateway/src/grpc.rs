@@ -525,10 +525,14 @@ impl GrpcInferenceService for Service {
         req: Request<pb::ModelInferRequest>,
     ) -> Answer<pb::ModelInferResponse> {
         let (meta, mut extensions, r) = req.into_parts();
-        let (_, spec) = v2::model(&self.app, &r.model_name, &r.model_version).map_err(status)?;
+        // As over HTTP: a version is checked here, and the name (a model,
+        // or a tenant's route alias) is resolved by the request path.
+        if !r.model_version.is_empty() {
+            v2::model(&self.app, &r.model_name, &r.model_version).map_err(status)?;
+        }
         let (body, header_len) = http_body(&r)?;
-        drop(r);
-        let mut http = axum::http::Request::post(format!("/v2/models/{}/infer", spec.name))
+        let name = r.model_name;
+        let mut http = axum::http::Request::post("/v2/grpc/ModelInfer")
             .header(v2::HEADER_LENGTH, header_len.to_string())
             .header(axum::http::header::CONTENT_LENGTH, body.len().to_string())
             .body(axum::body::Body::from(body))
@@ -539,7 +543,7 @@ impl GrpcInferenceService for Service {
         if let Some(r) = extensions.remove::<std::sync::Arc<crate::body::Reservation>>() {
             http.extensions_mut().insert(r);
         }
-        let resp = crate::api::serve_scoring(self.app.clone(), spec.name, http, Front::V2).await;
+        let resp = crate::api::serve_scoring(self.app.clone(), name, http, Front::V2).await;
         let (parts, body) = resp.into_parts();
         let limit = crate::api::body_limit(&self.app.core.cfg) + (1 << 20);
         let body = axum::body::to_bytes(body, limit)

@@ -72,6 +72,7 @@ async fn conformance(gw: &Gateway, key: Option<&str>, shm: bool) -> String {
             .env("GRPC_URL", gw.grpc_addr.clone().unwrap_or_default())
             .env("KEY", key.unwrap_or_default())
             .env("SHM", if shm { "1" } else { "0" })
+            .env("ALIAS", if key.is_some() { "moderation" } else { "" })
             .env("MODEL", "open_nsfw")
             .env("JPEG", &jpeg)
             .env("JPEG_SCORES", jpeg_scores.to_string())
@@ -135,7 +136,11 @@ async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
     let gw = Gateway::start_with(
         &format!(
             "[limits]\nmax_body_bytes = 2097152\n[video]\nmax_body_bytes = 2097152\n{}",
-            common::tenant("acme", "max_inflight_body_bytes = 2097152")
+            common::tenant(
+                "acme",
+                "max_inflight_body_bytes = 2097152\n\
+                 routes = { moderation = [{ model = \"open_nsfw\", weight = 1 }] }"
+            )
         ),
         &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
     )
@@ -149,6 +154,7 @@ async fn kserve_v2_calls_are_admitted_by_tenant_key_over_http_and_grpc() {
         text.contains("ok   gRPC infer without a key refused"),
         "{text}"
     );
+    assert!(text.contains("ok   gRPC alias infer"), "{text}");
     let acme = gw.metric("mmgate_requests_total", "tenant=\"acme\"").await;
     assert!(acme >= 8.0, "{acme}");
     let t = std::time::Instant::now();

@@ -4,6 +4,7 @@ Run by gateway/tests/kserve.rs with:
   HTTP_URL   host:port of the public listener
   GRPC_URL   host:port of the gRPC listener (empty: gRPC not checked)
   MODEL      the model's name
+  ALIAS      a route alias of the tenant KEY that MODEL serves (optional)
   JPEG       path of a JPEG; JPEG_SCORES its /v1 scores as JSON {label: value}
   FLAT       path of a solid-colour PNG whose preprocessed tensor is constant;
              FLAT_SCORES its /v1 scores; FLAT_PIXEL the tensor's per-channel
@@ -152,6 +153,22 @@ def main():
 
         if os.environ.get("SHM") == "1":
             shm_checks(g, inp["name"], shape, tensor, [flat_scores[k] for k in order], labels, hdr, grpc=True)
+
+    # A tenant's route alias is called like a model; the answer names the
+    # model that served.
+    alias = os.environ.get("ALIAS", "")
+    if alias:
+        x = httpclient.InferInput(inp["name"], shape, "FP32")
+        x.set_data_from_numpy(tensor, binary_data=True)
+        r = http.infer(alias, [x], headers=hdr())
+        check(r.get_response()["model_name"] == MODEL, f"HTTP alias {alias} served by {MODEL}")
+        close(r.as_numpy("scores")[0], [flat_scores[k] for k in order], "HTTP alias infer")
+        if grpc_url:
+            x = grpcclient.InferInput(inp["name"], shape, "FP32")
+            x.set_data_from_numpy(tensor)
+            r = g.infer(alias, [x], headers=hdr())
+            check(r.get_response().model_name == MODEL, f"gRPC alias {alias} served by {MODEL}")
+            close(r.as_numpy("scores")[0], [flat_scores[k] for k in order], "gRPC alias infer")
 
     print("conformance: all checks passed")
 
