@@ -325,10 +325,7 @@ async fn shm_register(
         app.client_shm
             .register(&t, &region, &b.key, b.offset, b.byte_size)
     });
-    match r {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => error_response(e),
-    }
+    done(r)
 }
 
 async fn shm_unregister(
@@ -339,10 +336,7 @@ async fn shm_unregister(
 ) -> Response {
     let r = shm_caller(&app, &headers, peer_of(peer))
         .and_then(|t| app.client_shm.unregister(&t, region_of(region).as_deref()));
-    match r {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => error_response(e),
-    }
+    done(r)
 }
 
 /// The CUDA shared-memory extension without a GPU (see
@@ -367,10 +361,7 @@ async fn cuda_register(
     peer: Peer,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    match shm_caller(&app, &headers, peer_of(peer)).and_then(|_| app.client_shm.cuda_register()) {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => error_response(e),
-    }
+    done(shm_caller(&app, &headers, peer_of(peer)).and_then(|_| app.client_shm.cuda_register()))
 }
 
 async fn cuda_unregister(
@@ -378,7 +369,13 @@ async fn cuda_unregister(
     peer: Peer,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    match shm_caller(&app, &headers, peer_of(peer)).and_then(|_| app.client_shm.cuda_unregister()) {
+    done(shm_caller(&app, &headers, peer_of(peer)).and_then(|_| app.client_shm.cuda_unregister()))
+}
+
+/// A call that answers nothing on success: 200 with no body, or the
+/// protocol's error.
+fn done(r: Result<(), ApiError>) -> Response {
+    match r {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => error_response(e),
     }

@@ -364,22 +364,10 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
         tenant("good", ""),
     ))
     .await;
-    let good_image = || async {
-        let r = gw
-            .client
-            .post(gw.url("/v1/models/open_nsfw/score"))
-            .header("x-api-key", "key-good")
-            .header("content-type", "image/jpeg")
-            .body(fixture("images/coffee.jpg"))
-            .send()
-            .await
-            .unwrap();
-        Reply::read(r).await
-    };
     let pid = gw.pid();
     // Warm up: the first requests size the allocator's pools.
     for _ in 0..3 {
-        let r = good_image().await;
+        let r = gw.good_image_as("key-good").await;
         assert_eq!(r.status, 200, "{}", r.json);
     }
     let before = status_kb(pid, "VmRSS") * 1024;
@@ -427,7 +415,7 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
     let mut peak_buffered = 0.0f64;
     let t = Instant::now();
     while t.elapsed() < Duration::from_secs(8) {
-        let r = good_image().await;
+        let r = gw.good_image_as("key-good").await;
         assert_eq!(r.status, 200, "{}", r.json);
         peak_rss = peak_rss.max(status_kb(pid, "VmRSS") * 1024);
         peak_buffered = peak_buffered.max(gw.metric("mmgate_buffered_bytes", "").await);
@@ -547,15 +535,7 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
         "the stalled calls hold {held} bytes (two of 1.5 MB expected, within the 3 MiB share)"
     );
     // Another tenant is served meanwhile.
-    let r = gw
-        .client
-        .post(gw.url("/v1/models/open_nsfw/score"))
-        .header("x-api-key", "key-calm")
-        .body(fixture("images/coffee.jpg"))
-        .send()
-        .await
-        .unwrap();
-    let r = Reply::read(r).await;
+    let r = gw.good_image_as("key-calm").await;
     assert_eq!(r.status, 200, "the calm tenant was blocked: {}", r.json);
     // A call that needs no key cannot park a large message.
     let (answer, _stream) = stall("ServerLive", None, 1_000_000, 100_000).await;
@@ -669,15 +649,7 @@ async fn one_tenant_cannot_take_the_whole_upload_budget() {
         (1.0..=2.0).contains(&kept) && held <= 4_194_304.0,
         "the flooding tenant holds {held} bytes; its share is 4 MiB"
     );
-    let r = gw
-        .client
-        .post(gw.url("/v1/models/open_nsfw/score"))
-        .header("x-api-key", "key-calm")
-        .body(fixture("images/coffee.jpg"))
-        .send()
-        .await
-        .unwrap();
-    let r = Reply::read(r).await;
+    let r = gw.good_image_as("key-calm").await;
     assert_eq!(r.status, 200, "the calm tenant was blocked: {}", r.json);
 }
 

@@ -262,6 +262,20 @@ impl Gateway {
             .await
     }
 
+    /// [`good_image`](Self::good_image) as the tenant whose key is `key`.
+    pub async fn good_image_as(&self, key: &str) -> Reply {
+        let r = self
+            .client
+            .post(self.url("/v1/models/open_nsfw/score"))
+            .header("x-api-key", key)
+            .header("content-type", "image/jpeg")
+            .body(fixture("images/coffee.jpg"))
+            .send()
+            .await
+            .expect("request");
+        Reply::read(r).await
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         Reply::read(
             self.client
