@@ -840,6 +840,12 @@ mod tests {
         )
         .unwrap();
         let n = spec.input.elements();
+        // The HTTP body `req` becomes, as the HTTP side parses it.
+        let parse_back = |req: &pb::ModelInferRequest| {
+            let (body, len) = http_body(req).unwrap();
+            let regions = crate::client_shm::Regions::new(false);
+            v2::parse(&body.into(), Some(len), &spec, 8, &regions, "t").unwrap()
+        };
         let req = pb::ModelInferRequest {
             model_name: "open_nsfw".into(),
             id: "x".into(),
@@ -853,16 +859,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let (body, len) = http_body(&req).unwrap();
-        let parsed = v2::parse(
-            &body.into(),
-            Some(len),
-            &spec,
-            8,
-            &crate::client_shm::Regions::new(false),
-            "t",
-        )
-        .unwrap();
+        let parsed = parse_back(&req);
         assert_eq!(parsed.id.as_deref(), Some("x"));
         match parsed.input {
             v2::Tensor::Fp32 { n: 1, values } => assert_eq!(values[7], 7.0),
@@ -879,16 +876,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let (body, len) = http_body(&req).unwrap();
-        let parsed = v2::parse(
-            &body.into(),
-            Some(len),
-            &spec,
-            8,
-            &crate::client_shm::Regions::new(false),
-            "t",
-        )
-        .unwrap();
+        let parsed = parse_back(&req);
         assert_eq!(
             parsed.input,
             v2::Tensor::Bytes(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")])

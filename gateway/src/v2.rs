@@ -21,7 +21,7 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use axum::{Json, Router};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
@@ -60,35 +60,38 @@ pub fn routes() -> Router<AppState> {
             get(model_config),
         )
         .route("/v2/models/{model}/infer", post(infer))
-        .route("/v2/systemsharedmemory/status", get(shm_status))
-        .route(
-            "/v2/systemsharedmemory/region/{region}/status",
-            get(shm_status),
-        )
-        .route(
-            "/v2/systemsharedmemory/region/{region}/register",
-            post(shm_register),
-        )
-        .route(
-            "/v2/systemsharedmemory/region/{region}/unregister",
-            post(shm_unregister),
-        )
-        .route("/v2/systemsharedmemory/unregister", post(shm_unregister))
-        .route("/v2/cudasharedmemory/status", get(cuda_status))
-        .route(
-            "/v2/cudasharedmemory/region/{region}/status",
-            get(cuda_status),
-        )
-        .route(
-            "/v2/cudasharedmemory/region/{region}/register",
-            post(cuda_register),
-        )
-        .route(
-            "/v2/cudasharedmemory/region/{region}/unregister",
-            post(cuda_unregister),
-        )
-        .route("/v2/cudasharedmemory/unregister", post(cuda_unregister))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer))
+        .merge(shared_memory_routes(
+            "systemsharedmemory",
+            get(shm_status),
+            post(shm_register),
+            post(shm_unregister),
+        ))
+        .merge(shared_memory_routes(
+            "cudasharedmemory",
+            get(cuda_status),
+            post(cuda_register),
+            post(cuda_unregister),
+        ))
+}
+
+/// A shared-memory extension's routes under `/v2/{kind}`: status of all
+/// regions or one, register one, unregister one or all.
+fn shared_memory_routes(
+    kind: &str,
+    status: MethodRouter<AppState>,
+    register: MethodRouter<AppState>,
+    unregister: MethodRouter<AppState>,
+) -> Router<AppState> {
+    Router::new()
+        .route(&format!("/v2/{kind}/status"), status.clone())
+        .route(&format!("/v2/{kind}/region/{{region}}/status"), status)
+        .route(&format!("/v2/{kind}/region/{{region}}/register"), register)
+        .route(
+            &format!("/v2/{kind}/region/{{region}}/unregister"),
+            unregister.clone(),
+        )
+        .route(&format!("/v2/{kind}/unregister"), unregister)
 }
 
 /// An error as the protocol writes it: `{"error": "<code>: <message>"}`.
