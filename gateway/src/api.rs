@@ -415,11 +415,9 @@ async fn score_inner(
             ));
         }
         // The upload times out when idle.
-        let cfg = &app.core.cfg;
-        let idle = Duration::from_millis(cfg.http.body_idle_timeout_ms);
-        let rate = cfg.http.min_body_rate_bytes_per_s;
+        let http = &app.core.cfg.http;
         let req =
-            req.map(|b| axum::body::Body::new(Metered::new(b, reservation.clone(), idle, rate)));
+            req.map(|b| axum::body::Body::new(Metered::with_limits(b, reservation.clone(), http)));
         let query: HashMap<String, String> = req
             .uri()
             .query()

@@ -232,7 +232,23 @@ pub struct Metered<B> {
     waiting: bool,
 }
 
+/// The largest body of a control call (a shared-memory registration, a
+/// gRPC call other than `ModelInfer`): a few hundred bytes of JSON or
+/// protobuf in practice.
+pub const SMALL_BODY_BYTES: usize = 64 << 10;
+
 impl<B> Metered<B> {
+    /// `inner` under `[http] body_idle_timeout_ms` and
+    /// `min_body_rate_bytes_per_s`.
+    pub fn with_limits(inner: B, reservation: Arc<Reservation>, http: &config::HttpLimits) -> Self {
+        Self::new(
+            inner,
+            reservation,
+            Duration::from_millis(http.body_idle_timeout_ms),
+            http.min_body_rate_bytes_per_s,
+        )
+    }
+
     pub fn new(inner: B, reservation: Arc<Reservation>, idle: Duration, min_rate: u64) -> Self {
         Self {
             inner,

@@ -140,7 +140,8 @@ impl Regions {
         self.regions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn check_enabled(&self) -> Result<(), ApiError> {
+    /// Refuses every call while the extension is off.
+    pub fn check_enabled(&self) -> Result<(), ApiError> {
         if self.enabled {
             Ok(())
         } else {

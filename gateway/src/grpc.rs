@@ -99,14 +99,10 @@ impl tower::Service<GrpcRequest> for Metered {
     }
 }
 
-/// The largest message of a call other than `ModelInfer` (metadata,
-/// readiness, shared-memory registration: all a few hundred bytes).
-const SMALL_MESSAGE_BYTES: usize = 64 << 10;
-
 impl Metered {
     /// `req` with its body counted as it arrives; a `ModelInfer` also has
     /// its key checked and is charged to its tenant's share, and any other
-    /// call may send at most [`SMALL_MESSAGE_BYTES`].
+    /// call may send at most [`crate::body::SMALL_BODY_BYTES`].
     fn metered(&self, req: GrpcRequest) -> Result<GrpcRequest, ApiError> {
         use http_body_util::BodyExt as _;
         let infer = req.uri().path() == "/inference.GRPCInferenceService/ModelInfer";
@@ -117,28 +113,23 @@ impl Metered {
                 reservation.charge_tenant(share).map_err(|e| e.to_api())?;
             }
         }
-        let http = &self.app.core.cfg.http;
         let (mut parts, body) = req.into_parts();
         parts.extensions.insert(reservation.clone());
-        let body = crate::body::Metered::new(
-            body,
-            reservation,
-            Duration::from_millis(http.body_idle_timeout_ms),
-            http.min_body_rate_bytes_per_s,
-        )
-        .map_err(|e| match crate::body::BodyError::find(&*e) {
-            Some(b) => status(b.to_api()),
-            None => Status::from_error(e),
-        });
+        let body = crate::body::Metered::with_limits(body, reservation, &self.app.core.cfg.http)
+            .map_err(|e| match crate::body::BodyError::find(&*e) {
+                Some(b) => status(b.to_api()),
+                None => Status::from_error(e),
+            });
         let body = if infer {
             tonic::body::Body::new(body)
         } else {
             tonic::body::Body::new(
-                http_body_util::Limited::new(body, SMALL_MESSAGE_BYTES).map_err(|e| {
+                http_body_util::Limited::new(body, crate::body::SMALL_BODY_BYTES).map_err(|e| {
                     match e.downcast::<Status>() {
                         Ok(s) => *s,
                         Err(_) => Status::invalid_argument(format!(
-                            "this call's message is over {SMALL_MESSAGE_BYTES} bytes"
+                            "this call's message is over {} bytes",
+                            crate::body::SMALL_BODY_BYTES
                         )),
                     }
                 }),

@@ -186,7 +186,18 @@ pub async fn read_body(
         0 => server,
         t => server.min(t),
     };
-    let capped = limit < server;
+    read_within(req, limit, limit < server).await
+}
+
+/// The body of `req`, at most `limit` bytes (413 past it, before reading
+/// when its `Content-Length` says so); `tenant_capped` when the limit is
+/// the tenant's.
+pub async fn read_within(
+    req: Request,
+    limit: usize,
+    tenant_capped: bool,
+) -> Result<Bytes, ApiError> {
+    let capped = tenant_capped;
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -285,6 +285,7 @@ pub fn shm_caller(
     headers: &axum::http::HeaderMap,
     peer: Option<std::net::SocketAddr>,
 ) -> Result<String, ApiError> {
+    app.client_shm.check_enabled()?;
     if !peer.is_some_and(|p| p.ip().is_loopback()) {
         return Err(ApiError::new(
             Code::SharedMemoryNotLocal,
@@ -317,17 +318,33 @@ async fn shm_status(
 async fn shm_register(
     State(app): State<AppState>,
     peer: Peer,
-    headers: axum::http::HeaderMap,
     Path(region): Path<String>,
-    // JSON whatever its Content-Type (Triton's client sends none).
-    body: Bytes,
+    req: Request,
 ) -> Response {
-    let r = shm_caller(&app, &headers, peer_of(peer)).and_then(|t| {
-        let b: RegisterBody =
-            serde_json::from_slice(&body).map_err(|e| bad(format!("bad register body: {e}")))?;
-        app.client_shm
-            .register(&t, &region, &b.key, b.offset, b.byte_size)
+    // Refused before the body is read, when it is.
+    let tenant = match shm_caller(&app, req.headers(), peer_of(peer)) {
+        Ok(t) => t,
+        Err(e) => return closing(e),
+    };
+    // A small body, counted and timed as an upload; JSON whatever its
+    // Content-Type (Triton's client sends none).
+    let reservation = app.body_budget.reserve();
+    let req = req.map(|b| {
+        axum::body::Body::new(crate::body::Metered::with_limits(
+            b,
+            reservation.clone(),
+            &app.core.cfg.http,
+        ))
     });
+    let r = match crate::score::read_within(req, crate::body::SMALL_BODY_BYTES, false).await {
+        Ok(body) => serde_json::from_slice::<RegisterBody>(&body)
+            .map_err(|e| bad(format!("bad register body: {e}")))
+            .and_then(|b| {
+                app.client_shm
+                    .register(&tenant, &region, &b.key, b.offset, b.byte_size)
+            }),
+        Err(e) => Err(e),
+    };
     done(r)
 }
 

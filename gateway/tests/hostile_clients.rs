@@ -482,6 +482,24 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
     let tcp = TcpStream::connect(&addr).await.unwrap();
     let (client, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
+    // One whole call first: the connection's settings are exchanged (its
+    // 4 MiB windows in force) before the calls that stall.
+    {
+        let mut c = client.clone().ready().await.unwrap();
+        let req = http::Request::post(format!(
+            "http://{addr}/inference.GRPCInferenceService/ServerLive"
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+        let (answer, mut stream) = c.send_request(req, false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from_static(&[0; 5]), true)
+            .unwrap();
+        let r = answer.await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
     // A call on `method` whose message declares `declared` bytes and sends
     // `sent` of them, then stalls.
     let stall = |method: &str, key: Option<&str>, declared: u32, sent: usize| {
@@ -568,6 +586,33 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
     while gw.metric("mmgate_buffered_bytes", "").await > 0.0 {
         assert!(t.elapsed() < Duration::from_secs(5), "bytes still held");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A shared-memory registration that stalls mid-body holds nothing for
+/// long: with the extension off it is refused before its body is read,
+/// and with it on the body is read under the upload idle timeout (408).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_shared_memory_registration_is_cut_off() {
+    for allowed in ["false", "true"] {
+        let gw = Gateway::start_with(FAST_HTTP, &[("MMGATE_ALLOW_CLIENT_SHM", allowed)]).await;
+        let mut s = connect(&gw).await;
+        s.write_all(
+            b"POST /v2/systemsharedmemory/region/r/register HTTP/1.1\r\nHost: x\r\n\
+              Content-Length: 1000\r\n\r\n{\"key\": ",
+        )
+        .await
+        .unwrap();
+        // The answer, then the close after a lingering read (2 s).
+        let (answer, ended) = read_to_end(&mut s, Duration::from_secs(8)).await;
+        let ended = ended.unwrap_or_else(|| panic!("allowed={allowed}: held 8 s: {answer:?}"));
+        let want = if allowed == "true" {
+            "HTTP/1.1 408"
+        } else {
+            "HTTP/1.1 400"
+        };
+        assert!(answer.starts_with(want), "allowed={allowed}: {answer}");
+        assert!(ended < Duration::from_secs(4), "ended after {ended:?}");
     }
 }
 
