@@ -522,7 +522,10 @@ impl GrpcInferenceService for Service {
             v2::model(&self.app, &r.model_name, &r.model_version).map_err(status)?;
         }
         let (body, header_len) = http_body(&r)?;
-        let name = r.model_name;
+        // The decoded message goes now: only its HTTP body is held while
+        // the request is scored.
+        let name = r.model_name.clone();
+        drop(r);
         let mut http = axum::http::Request::post("/v2/grpc/ModelInfer")
             .header(v2::HEADER_LENGTH, header_len.to_string())
             .header(axum::http::header::CONTENT_LENGTH, body.len().to_string())
