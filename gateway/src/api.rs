@@ -427,9 +427,13 @@ async fn score_inner(
             .unwrap_or_default();
         if front == Front::V2 {
             let header_len = crate::v2::header_len(req.headers())?;
+            let peer = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0);
             let body = score::read_body(req, &app.core.cfg, caller.max_body_bytes).await?;
             *body_read = true;
-            return crate::v2::run(app, ctx, &caller, idx, body, header_len)
+            return crate::v2::run(app, ctx, &caller, idx, body, header_len, peer)
                 .await
                 .map(|r| Scored::V2(Box::new(r)));
         }

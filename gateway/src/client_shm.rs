@@ -244,8 +244,18 @@ impl Regions {
         self.check_enabled()
     }
 
+    /// What a request from `peer`, as `tenant`, may reach: its tenant's
+    /// regions, and only from this host.
+    pub fn scope<'a>(&'a self, tenant: &'a str, peer: Option<std::net::SocketAddr>) -> Scope<'a> {
+        Scope {
+            regions: self,
+            tenant,
+            peer,
+        }
+    }
+
     /// The tenant's region `name`, to read or write a tensor.
-    pub fn get(&self, tenant: &str, name: &str) -> Result<Arc<Region>, ApiError> {
+    fn get(&self, tenant: &str, name: &str) -> Result<Arc<Region>, ApiError> {
         self.check_enabled()?;
         let id = (tenant.to_string(), name.to_string());
         self.lock().get(&id).cloned().ok_or_else(|| {
@@ -254,6 +264,36 @@ impl Regions {
                 crate::error::clip(name)
             ))
         })
+    }
+}
+
+/// The regions one request may use: every use of a region by an infer goes
+/// through [`Scope::get`], which checks, as registration does, that the
+/// client is on this host (a region names a file of this host, which a
+/// remote client must not read or write through the gateway).
+pub struct Scope<'a> {
+    regions: &'a Regions,
+    tenant: &'a str,
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl Scope<'_> {
+    pub fn get(&self, name: &str) -> Result<Arc<Region>, ApiError> {
+        self.regions.check_enabled()?;
+        check_local(self.peer)?;
+        self.regions.get(self.tenant, name)
+    }
+}
+
+/// Refuses a peer that is not on this host (a loopback address).
+pub fn check_local(peer: Option<std::net::SocketAddr>) -> Result<(), ApiError> {
+    if peer.is_some_and(|p| p.ip().to_canonical().is_loopback()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            Code::SharedMemoryNotLocal,
+            "shared-memory regions are for clients on this host (a loopback address)",
+        ))
     }
 }
 

@@ -515,6 +515,7 @@ impl GrpcInferenceService for Service {
         &self,
         req: Request<pb::ModelInferRequest>,
     ) -> Answer<pb::ModelInferResponse> {
+        let peer = req.remote_addr();
         let (meta, mut extensions, r) = req.into_parts();
         // As over HTTP: a version is checked here, and the name (a model,
         // or a tenant's route alias) is resolved by the request path.
@@ -536,6 +537,11 @@ impl GrpcInferenceService for Service {
         // its copy as an HTTP body too.
         if let Some(r) = extensions.remove::<std::sync::Arc<crate::body::Reservation>>() {
             http.extensions_mut().insert(r);
+        }
+        // The client's address, as the HTTP listener gives it: shared
+        // memory is for clients on this host.
+        if let Some(p) = peer {
+            http.extensions_mut().insert(axum::extract::ConnectInfo(p));
         }
         let resp = crate::api::serve_scoring(self.app.clone(), name, http, Front::V2).await;
         let (parts, body) = resp.into_parts();
@@ -837,8 +843,7 @@ mod tests {
         // The HTTP body `req` becomes, as the HTTP side parses it.
         let parse_back = |req: &pb::ModelInferRequest| {
             let (body, len) = http_body(req).unwrap();
-            let regions = crate::client_shm::Regions::new(false);
-            v2::parse(&body.into(), Some(len), &spec, 8, &regions, "t").unwrap()
+            v2::tests::parse_off(&body.into(), Some(len), &spec).unwrap()
         };
         let req = pb::ModelInferRequest {
             model_name: "open_nsfw".into(),

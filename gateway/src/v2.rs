@@ -286,12 +286,7 @@ pub fn shm_caller(
     peer: Option<std::net::SocketAddr>,
 ) -> Result<String, ApiError> {
     app.client_shm.check_enabled()?;
-    if !peer.is_some_and(|p| p.ip().is_loopback()) {
-        return Err(ApiError::new(
-            Code::SharedMemoryNotLocal,
-            "shared-memory regions are for clients on this host (a loopback address)",
-        ));
-    }
+    crate::client_shm::check_local(peer)?;
     app.auth.current().tenant_name(headers)
 }
 
@@ -559,8 +554,7 @@ pub fn parse(
     header_len: Option<usize>,
     spec: &config::ModelSpec,
     max_samples: usize,
-    regions: &crate::client_shm::Regions,
-    tenant: &str,
+    regions: &crate::client_shm::Scope<'_>,
 ) -> Result<InferRequest, ApiError> {
     let json_len = header_len.unwrap_or(body.len());
     if json_len > body.len() {
@@ -601,9 +595,7 @@ pub fn parse(
                         i.name
                     )));
                 }
-                Data::Binary(Bytes::from(
-                    regions.get(tenant, &region)?.read(offset, size)?,
-                ))
+                Data::Binary(Bytes::from(regions.get(&region)?.read(offset, size)?))
             }
             _ if shm.is_some() => {
                 return Err(bad(format!(
@@ -690,7 +682,7 @@ pub fn parse(
         if let Some((region_name, offset, byte_size)) =
             shm_params(&o.parameters, &format!("output {:?}", o.name))?
         {
-            let region = regions.get(tenant, &region_name)?;
+            let region = regions.get(&region_name)?;
             // Checked now, before any work: the window lies in the region.
             region.window(offset, byte_size)?;
             shm_outputs.push(ShmOutput {
@@ -889,18 +881,13 @@ pub async fn run(
     model: u16,
     body: Bytes,
     header_len: Option<usize>,
+    peer: Option<std::net::SocketAddr>,
 ) -> Result<InferResponse, ApiError> {
     let started = Instant::now();
     let spec = &app.core.cfg.models[model as usize];
     let max = app.core.cfg.limits.max_images_per_request;
-    let req = parse(
-        &body,
-        header_len,
-        spec,
-        max,
-        &app.client_shm,
-        &caller.tenant,
-    )?;
+    let regions = app.client_shm.scope(&caller.tenant, peer);
+    let req = parse(&body, header_len, spec, max, &regions)?;
     drop(body);
     let (rows, mut timings) = match req.input {
         Tensor::Bytes(images) => {
@@ -1103,7 +1090,7 @@ pub fn header_len(headers: &axum::http::HeaderMap) -> Result<Option<usize>, ApiE
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn spec() -> config::ModelSpec {
@@ -1114,19 +1101,13 @@ mod tests {
 
     /// `parse` with the shared-memory extension off, as tenant `t`, at
     /// most 8 samples.
-    fn parse_off(
+    pub(crate) fn parse_off(
         body: &Bytes,
         len: Option<usize>,
         s: &config::ModelSpec,
     ) -> Result<InferRequest, ApiError> {
-        parse(
-            body,
-            len,
-            s,
-            8,
-            &crate::client_shm::Regions::new(false),
-            "t",
-        )
+        let off = crate::client_shm::Regions::new(false);
+        parse(body, len, s, 8, &off.scope("t", None))
     }
 
     fn binary(head: Value, data: &[u8]) -> (Bytes, usize) {

@@ -250,6 +250,80 @@ async fn perf_analyzer_runs_unchanged_against_mmgate() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// This host's address on a non-loopback interface (the route a packet to
+/// a private address would take; nothing is sent).
+fn non_loopback_ip() -> std::net::IpAddr {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("10.255.255.255:9").unwrap();
+    let ip = s.local_addr().unwrap().ip();
+    assert!(!ip.is_loopback(), "no non-loopback interface to test from");
+    ip
+}
+
+/// A region registered by a client on this host cannot be read or written
+/// by a remote client's infer that names it (here with no tenants, where
+/// every client is the same anonymous tenant): 403, as a remote
+/// registration is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_client_cannot_use_a_local_clients_region() {
+    let gw = Gateway::start_with(
+        "",
+        &[
+            ("MMGATE_ALLOW_CLIENT_SHM", "true"),
+            ("MMGATE_LISTEN", "0.0.0.0:0"),
+        ],
+    )
+    .await;
+    let port = gw.addr.rsplit(':').next().unwrap().to_string();
+    let spec = config::ModelSpec::load(&repo().join("configs/models/open_nsfw.toml")).unwrap();
+    let n = spec.input.sample_bytes();
+    let key = format!("mmgate-remote-{}", std::process::id());
+    let path = format!("/dev/shm/{key}");
+    std::fs::write(&path, vec![0u8; n + 64]).unwrap();
+    // The local client registers its region.
+    let local = format!("http://127.0.0.1:{port}");
+    let r = common::Reply::of(
+        gw.client
+            .post(format!(
+                "{local}/v2/systemsharedmemory/region/mine/register"
+            ))
+            .json(&serde_json::json!({"key": key, "offset": 0, "byte_size": n + 64})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let shape = spec.input.batch_shape(1);
+    let as_input = serde_json::json!({"inputs": [{"name": spec.input.name, "shape": shape,
+        "datatype": "FP32", "parameters": {"shared_memory_region": "mine",
+        "shared_memory_byte_size": n}}]});
+    let as_output = serde_json::json!({"inputs": [{"name": spec.input.name, "shape": [1],
+        "datatype": "BYTES", "data": ["x"]}], "outputs": [{"name": "scores",
+        "parameters": {"shared_memory_region": "mine", "shared_memory_byte_size": 64,
+        "shared_memory_offset": n}}]});
+    // Locally, the region serves as an input.
+    let infer = |base: &str, body: &serde_json::Value| {
+        gw.client
+            .post(format!("{base}/v2/models/open_nsfw/infer"))
+            .json(body)
+    };
+    let r = common::Reply::of(infer(&local, &as_input)).await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    // Remotely, neither as an input nor as an output.
+    let remote = format!("http://{}:{port}", non_loopback_ip());
+    for body in [&as_input, &as_output] {
+        let r = common::Reply::of(infer(&remote, body)).await;
+        assert_eq!(r.status, 403, "{}", r.json);
+        assert!(
+            r.json["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("shared_memory_not_local"),
+            "{}",
+            r.json
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// Malformed requests: a 400 with `{"error": "…"}`, nothing crashes, and
 /// the gateway serves on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
