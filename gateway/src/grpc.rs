@@ -194,6 +194,7 @@ pub async fn serve(
 ) {
     let cfg = &app.core.cfg;
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(cfg.grpc.max_connections));
+    let preface_within = Duration::from_millis(cfg.http.header_read_timeout_ms);
     let call_limit = Duration::from_millis(
         cfg.server.queue_timeout_ms + cfg.limits.decode_deadline_ms + cfg.executor.infer_timeout_ms,
     );
@@ -206,6 +207,7 @@ pub async fn serve(
                         let conn = Capped {
                             stream,
                             _permit: permit,
+                            first_bytes: Some(Box::pin(tokio::time::sleep(preface_within))),
                         };
                         return Some((Ok::<_, std::io::Error>(conn), (listener, slots)));
                     }
@@ -238,10 +240,15 @@ pub async fn serve(
     }
 }
 
-/// A gRPC connection holding one of the listener's connection slots.
+/// A gRPC connection holding one of the listener's connection slots. Its
+/// first bytes (the HTTP/2 preface) must come within
+/// `http.header_read_timeout_ms`, or the connection ends: hyper waits for
+/// a preface without a timer, and keep-alive pings start only after it.
 struct Capped {
     stream: tokio::net::TcpStream,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// Until the first bytes arrive.
+    first_bytes: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl tonic::transport::server::Connected for Capped {
@@ -257,7 +264,22 @@ impl tokio::io::AsyncRead for Capped {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let read = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if let Some(deadline) = self.first_bytes.as_mut() {
+            match read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_bytes = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within http.header_read_timeout_ms",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 

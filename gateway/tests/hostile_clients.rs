@@ -589,6 +589,53 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
     }
 }
 
+/// Connections to the gRPC listener that never send a byte are closed at
+/// the header timeout, so they cannot hold its few connection slots: with
+/// `grpc.max_connections = 2` taken by two silent sockets, a real client
+/// is served once they are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_grpc_connections_are_closed_at_the_header_timeout() {
+    use axum::http;
+    let gw = Gateway::start_with(
+        &format!("{FAST_HTTP}[grpc]\nmax_connections = 2\n"),
+        &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
+    )
+    .await;
+    let addr = gw.grpc_addr.clone().unwrap();
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(TcpStream::connect(&addr).await.unwrap());
+    }
+    for s in &mut silent {
+        let (_, ended) = read_to_end(s, Duration::from_secs(5)).await;
+        let ended = ended.expect("a silent gRPC connection was held 5 s");
+        assert!(
+            ended < Duration::from_millis(2500),
+            "closed after {ended:?}"
+        );
+    }
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut c = client.ready().await.unwrap();
+    let req = http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/ServerLive"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (answer, mut stream) = c.send_request(req, false).unwrap();
+    stream
+        .send_data(bytes::Bytes::from_static(&[0; 5]), true)
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("served")
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
 /// A shared-memory registration that stalls mid-body holds nothing for
 /// long: with the extension off it is refused before its body is read,
 /// and with it on the body is read under the upload idle timeout (408).
