@@ -28,6 +28,8 @@ fn grpc() {
         .unwrap_or_else(|e| panic!("{}: not a FileDescriptorSet: {e}", path.display()));
     tonic_prost_build::configure()
         .build_client(false)
+        // Requests are checked on the wire before prost decodes them.
+        .codec_path("crate::grpc::wire::BoundedCodec")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating the gRPC server: {e}"));
 }

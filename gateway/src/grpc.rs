@@ -31,6 +31,8 @@ pub mod pb {
     tonic::include_proto!("inference");
 }
 
+pub mod wire;
+
 use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
 
 /// The service over the gateway's state.

@@ -589,6 +589,51 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
     }
 }
 
+/// A `ModelInfer` message made of many empty repeated entries (2 wire
+/// bytes each, hundreds of bytes each once decoded) is refused on the wire,
+/// before prost decodes it: 4 MB of empty `inputs` would decode to about
+/// 600 MB. The gateway's peak memory stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_that_decodes_to_far_more_than_its_size_is_refused() {
+    use axum::http;
+    let gw = Gateway::start_with("", &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")]).await;
+    let pid = gw.pid();
+    let before = status_kb(pid, "VmHWM");
+    let addr = gw.grpc_addr.clone().unwrap();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut c = client.ready().await.unwrap();
+    // Field 5 (`inputs`), an empty message, two million times.
+    let entries = 2_000_000usize;
+    let mut message = vec![0u8; 5];
+    message[1..5].copy_from_slice(&((2 * entries) as u32).to_be_bytes());
+    message.extend(std::iter::repeat_n([0x2Au8, 0x00], entries).flatten());
+    let req = http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/ModelInfer"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (answer, mut stream) = c.send_request(req, false).unwrap();
+    stream.send_data(bytes::Bytes::from(message), true).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), answer)
+        .await
+        .expect("answered")
+        .unwrap();
+    let code = r
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    let grown_mb = status_kb(pid, "VmHWM").saturating_sub(before) / 1024;
+    assert_eq!(code.as_deref(), Some("3"), "{:?}", r.headers());
+    assert!(
+        grown_mb < 64,
+        "the gateway's peak memory grew by {grown_mb} MB"
+    );
+}
+
 /// Connections to the gRPC listener that never send a byte are closed at
 /// the header timeout, so they cannot hold its few connection slots: with
 /// `grpc.max_connections = 2` taken by two silent sockets, a real client
