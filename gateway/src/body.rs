@@ -235,7 +235,7 @@ pub struct Metered<B> {
 /// The largest body of a control call (a shared-memory registration, a
 /// gRPC call other than `ModelInfer`): a few hundred bytes of JSON or
 /// protobuf in practice.
-pub const SMALL_BODY_BYTES: usize = 64 << 10;
+pub const SMALL_BODY_BYTES: usize = 4 << 10;
 
 impl<B> Metered<B> {
     /// `inner` under `[http] body_idle_timeout_ms` and
@@ -315,6 +315,10 @@ where
                         .cover(this.read)
                         .and_then(|()| this.check_rate());
                     if let Err(e) = checked {
+                        // The upload ends here: what it held is free now,
+                        // not when the request is dropped, so uploads
+                        // arriving meanwhile are not refused for it.
+                        this.reservation.settle(0);
                         return Poll::Ready(Some(Err(Box::new(e))));
                     }
                 }
@@ -444,6 +448,20 @@ mod tests {
         assert_eq!((server.held_bytes(), share.held_bytes()), (81 * 1024, 1024));
         drop((a1, b));
         assert_eq!((server.held_bytes(), share.held_bytes()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_refused_body_frees_what_it_held_at_once() {
+        let budget = Budget::new(10 * 1024);
+        let r = budget.reserve();
+        let body = Metered::new(chunks(3, 4096), r.clone(), Duration::from_secs(5), 1);
+        let err = body.collect().await.unwrap_err();
+        assert!(matches!(
+            BodyError::find(err.as_ref()),
+            Some(BodyError::Budget(_))
+        ));
+        // The request (and its reservation) is still alive, its bytes are not.
+        assert_eq!((r.reserved_bytes(), budget.held_bytes()), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
