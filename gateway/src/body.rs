@@ -307,6 +307,12 @@ where
                 // upload alive.
                 if frame.data_ref().is_none_or(|d| !d.is_empty()) {
                     this.waiting = false;
+                } else if this.timer.deadline() <= Instant::now() {
+                    // Empty frames that are always ready never leave the
+                    // timer a chance to fire.
+                    let ms = this.idle.as_millis() as u64;
+                    this.reservation.settle(0);
+                    return Poll::Ready(Some(Err(Box::new(BodyError::Idle(ms)))));
                 }
                 if let Some(data) = frame.data_ref() {
                     this.read += data.len();
@@ -448,6 +454,36 @@ mod tests {
         assert_eq!((server.held_bytes(), share.held_bytes()), (81 * 1024, 1024));
         drop((a1, b));
         assert_eq!((server.held_bytes(), share.held_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn empty_frames_always_ready_still_time_out() {
+        // On a thread of its own: a body that never ends never yields, so
+        // nothing on its runtime could time it out.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let err = rt.block_on(async {
+                let r = Budget::new(100 * 1024).reserve();
+                let empty = futures::stream::repeat_with(|| {
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::new()))
+                });
+                // No minimum rate: only the idle clock can end it.
+                let body = Metered::new(StreamBody::new(empty), r, Duration::from_millis(50), 0);
+                body.collect().await.unwrap_err()
+            });
+            let _ = tx.send(matches!(
+                BodyError::find(err.as_ref()),
+                Some(BodyError::Idle(50))
+            ));
+        });
+        let idle = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("empty frames kept the body alive for 5 s");
+        assert!(idle);
     }
 
     #[tokio::test]
