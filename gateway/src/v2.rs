@@ -488,6 +488,29 @@ struct OutputHeader {
     parameters: Map<String, Value>,
 }
 
+/// Longest tensor name or datatype, and highest rank, a request may have:
+/// errors echo them, so an answer stays short whatever the request.
+const MAX_NAME_BYTES: usize = 256;
+const MAX_RANK: usize = 8;
+
+/// Refuses, without echoing them, names, datatypes and shapes past
+/// [`MAX_NAME_BYTES`] and [`MAX_RANK`], before anything else is checked.
+fn check_echoed(head: &RequestHeader) -> Result<(), ApiError> {
+    let names = head.inputs.iter().flat_map(|i| [&i.name, &i.datatype]);
+    if names
+        .chain(head.outputs.iter().map(|o| &o.name))
+        .any(|n| n.len() > MAX_NAME_BYTES)
+    {
+        return Err(bad(format!(
+            "a tensor name or datatype is over {MAX_NAME_BYTES} bytes"
+        )));
+    }
+    if head.inputs.iter().any(|i| i.shape.len() > MAX_RANK) {
+        return Err(bad(format!("a shape has more than {MAX_RANK} dimensions")));
+    }
+    Ok(())
+}
+
 /// The one input, decoded.
 #[derive(Debug, PartialEq)]
 pub enum Tensor {
@@ -565,6 +588,7 @@ pub fn parse(
     }
     let head: RequestHeader = serde_json::from_slice(&body[..json_len])
         .map_err(|e| bad(format!("the request is not a valid inference request: {e}")))?;
+    check_echoed(&head)?;
     let mut binary = body.slice(json_len..);
     let mut input = None;
     for i in head.inputs {
@@ -751,7 +775,7 @@ fn tensor(
                 Data::Json(v) => {
                     let out: Vec<f32> = limited_array(v.get(), count).map_err(|e| {
                         bad(format!(
-                            "input {name:?}: FP32 data must be a flat (row-major) array of {count} numbers: {e}"
+                            "input {name:?}: FP32 data must be an array (flat or nested, row-major) of {count} numbers: {e}"
                         ))
                     })?;
                     if out.len() != count {
@@ -778,7 +802,7 @@ fn tensor(
                 Data::Json(v) => limited_array::<String>(v.get(), n)
                     .map_err(|e| {
                         bad(format!(
-                            "input {name:?}: BYTES data must be a flat array of {n} strings: {e}"
+                            "input {name:?}: BYTES data must be an array of {n} strings: {e}"
                         ))
                     })?
                     .into_iter()
@@ -800,37 +824,87 @@ fn tensor(
     }
 }
 
-/// The elements of a flat JSON array, refused past `max` before more are
-/// built.
+/// The elements of a JSON array, flat or nested (row-major, as the
+/// protocol allows either), refused past `max` before more are built.
 fn limited_array<T: serde::de::DeserializeOwned>(raw: &str, max: usize) -> Result<Vec<T>, String> {
-    use serde::de::{DeserializeSeed, Error, SeqAccess, Visitor};
-    struct Limited<T>(usize, std::marker::PhantomData<T>);
-    impl<'de, T: serde::de::DeserializeOwned> Visitor<'de> for Limited<T> {
-        type Value = Vec<T>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "a flat array of at most {} elements", self.0)
-        }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
-            let mut out = Vec::with_capacity(self.0.min(1 << 20));
-            while let Some(x) = seq.next_element()? {
-                if out.len() == self.0 {
-                    return Err(A::Error::custom(format!("more than {} elements", self.0)));
-                }
-                out.push(x);
+    use serde::de::{DeserializeSeed, Error, IntoDeserializer, SeqAccess, Visitor};
+    /// Nesting deeper than any tensor's rank.
+    const MAX_DEPTH: usize = 8;
+    /// One element, or a nested array of them, appended to `out`.
+    struct Into<'a, T> {
+        out: &'a mut Vec<T>,
+        max: usize,
+        depth: usize,
+    }
+    impl<T: serde::de::DeserializeOwned> Into<'_, T> {
+        fn push<E: Error>(self, x: T) -> Result<(), E> {
+            if self.out.len() == self.max {
+                return Err(E::custom(format!("more than {} elements", self.max)));
             }
-            Ok(out)
+            self.out.push(x);
+            Ok(())
+        }
+        fn scalar<'de, E: Error, D: serde::Deserializer<'de, Error = E>>(
+            self,
+            d: D,
+        ) -> Result<(), E> {
+            let x = T::deserialize(d)?;
+            self.push(x)
         }
     }
-    impl<'de, T: serde::de::DeserializeOwned> DeserializeSeed<'de> for Limited<T> {
-        type Value = Vec<T>;
-        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<T>, D::Error> {
-            d.deserialize_seq(self)
+    impl<'de, T: serde::de::DeserializeOwned> Visitor<'de> for Into<'_, T> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "an array of at most {} elements", self.max)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+            if self.depth == MAX_DEPTH {
+                return Err(A::Error::custom("arrays nested too deep"));
+            }
+            let (out, max, depth) = (self.out, self.max, self.depth + 1);
+            while seq
+                .next_element_seed(Into {
+                    out: &mut *out,
+                    max,
+                    depth,
+                })?
+                .is_some()
+            {}
+            Ok(())
+        }
+        fn visit_f64<E: Error>(self, v: f64) -> Result<(), E> {
+            self.scalar(v.into_deserializer())
+        }
+        fn visit_i64<E: Error>(self, v: i64) -> Result<(), E> {
+            self.scalar(v.into_deserializer())
+        }
+        fn visit_u64<E: Error>(self, v: u64) -> Result<(), E> {
+            self.scalar(v.into_deserializer())
+        }
+        fn visit_str<E: Error>(self, v: &str) -> Result<(), E> {
+            self.scalar(v.into_deserializer())
+        }
+        fn visit_bool<E: Error>(self, v: bool) -> Result<(), E> {
+            self.scalar(v.into_deserializer())
         }
     }
+    impl<'de, T: serde::de::DeserializeOwned> DeserializeSeed<'de> for Into<'_, T> {
+        type Value = ();
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+    let mut out = Vec::new();
     let mut de = serde_json::Deserializer::from_str(raw);
-    Limited(max, std::marker::PhantomData)
-        .deserialize(&mut de)
-        .map_err(|e| e.to_string())
+    let top = Into {
+        out: &mut out,
+        max,
+        depth: 0,
+    };
+    // The top level is an array, not a lone element.
+    serde::Deserializer::deserialize_seq(&mut de, top).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// BYTES elements in the binary extension: each a 4-byte little-endian
@@ -1115,6 +1189,41 @@ pub(crate) mod tests {
         let len = b.len();
         b.extend_from_slice(data);
         (b.into(), len)
+    }
+
+    #[test]
+    fn json_data_may_be_nested_as_the_protocol_allows() {
+        let s = spec();
+        let flat = json!({"inputs": [{"name": "input:0", "shape": [2], "datatype": "BYTES",
+            "data": ["a", "b"]}]});
+        let nested = json!({"inputs": [{"name": "input:0", "shape": [2, 1], "datatype": "BYTES",
+            "data": [["a"], ["b"]]}]});
+        let parse = |v: &Value| parse_off(&serde_json::to_vec(v).unwrap().into(), None, &s);
+        assert_eq!(parse(&flat).unwrap().input, parse(&nested).unwrap().input);
+        // Still bounded: one element past the shape, or nested too deep.
+        let over = json!({"inputs": [{"name": "input:0", "shape": [2, 1], "datatype": "BYTES",
+            "data": [["a"], ["b", "c"]]}]});
+        assert!(parse(&over).is_err());
+        let deep = json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "BYTES",
+            "data": [[[[[[[[[["a"]]]]]]]]]]}]});
+        assert!(parse(&deep).is_err());
+    }
+
+    #[test]
+    fn errors_echo_no_long_name_or_shape() {
+        let s = spec();
+        let long = "x".repeat(100_000);
+        let dims = vec![1; 100_000];
+        for head in [
+            json!({"inputs": [{"name": long, "shape": [1], "datatype": "FP32", "data": [1]}]}),
+            json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": long, "data": [1]}]}),
+            json!({"inputs": [{"name": "input:0", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "outputs": [{"name": long}]}),
+            json!({"inputs": [{"name": "input:0", "shape": dims, "datatype": "FP32", "data": [1]}]}),
+        ] {
+            let e = parse_off(&serde_json::to_vec(&head).unwrap().into(), None, &s).unwrap_err();
+            assert!(e.message.len() < 1000, "{} bytes echoed", e.message.len());
+        }
     }
 
     #[test]
