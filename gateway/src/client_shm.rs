@@ -1,5 +1,5 @@
 //! The KServe v2 system shared-memory extension, off unless
-//! `--allow-client-shm` (`[grpc] allow_client_shm`): a client on the same
+//! `--allow-client-shm` (`[server] allow_client_shm`): a client on the same
 //! host registers a POSIX shared-memory region (`/dev/shm/<key>`) under a
 //! name, then passes tensors by region, offset and size instead of in the
 //! request, and gets outputs written there.
@@ -10,8 +10,10 @@
 //! checked against the registered window.
 //!
 //! Trust: a region is any file in `/dev/shm` the gateway's user may open,
-//! so only clients on this host (loopback peers) may register, and each
-//! tenant sees, uses and unregisters only its own regions. Enable the
+//! so only clients on this host (loopback peers) may register or use one
+//! (every use goes through a [`Scope`]), and each tenant sees, uses and
+//! unregisters only the regions it named; two tenants may still name the
+//! same file. Enable the
 //! extension only where every local client is trusted with the gateway
 //! user's `/dev/shm`.
 
@@ -23,7 +25,7 @@ use serde::Serialize;
 
 use crate::error::{ApiError, Code};
 
-/// Regions registered at once, all clients together.
+/// Regions one tenant may have registered at once (each holds an open file).
 pub const MAX_REGIONS: usize = 64;
 
 /// One registered region: a window of a file in `/dev/shm`.
