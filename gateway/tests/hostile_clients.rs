@@ -456,6 +456,42 @@ async fn thirty_clients_that_never_read_keep_the_gateway_within_its_budget() {
     }
 }
 
+/// A raw HTTP/2 connection to the gRPC listener at `addr`, to play
+/// clients no gRPC library would.
+async fn h2_connect(addr: &str) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    client
+}
+
+type GrpcCall = (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>);
+
+/// Starts a call of `method` (as the tenant with `key`, if any) and sends
+/// `message` (a gRPC frame, or the start of one), ending the stream if
+/// `end`.
+async fn grpc_send(
+    client: &h2::client::SendRequest<bytes::Bytes>,
+    addr: &str,
+    method: &str,
+    key: Option<&str>,
+    message: Vec<u8>,
+    end: bool,
+) -> GrpcCall {
+    let mut client = client.clone().ready().await.unwrap();
+    let mut req = axum::http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if let Some(k) = key {
+        req = req.header("x-api-key", k);
+    }
+    let (answer, mut stream) = client.send_request(req.body(()).unwrap(), false).unwrap();
+    stream.send_data(message.into(), end).unwrap();
+    (answer, stream)
+}
+
 /// gRPC messages count in the buffer budget as they arrive, as uploads
 /// do: a tenant's calls that stall mid-message hold what they sent, within
 /// the tenant's share (past it a call gets RESOURCE_EXHAUSTED), another
@@ -479,49 +515,17 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
     )
     .await;
     let addr = gw.grpc_addr.clone().unwrap();
-    let tcp = TcpStream::connect(&addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
+    let client = h2_connect(&addr).await;
     // One whole call first: the connection's settings are exchanged (its
     // 4 MiB windows in force) before the calls that stall.
-    {
-        let mut c = client.clone().ready().await.unwrap();
-        let req = http::Request::post(format!(
-            "http://{addr}/inference.GRPCInferenceService/ServerLive"
-        ))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())
-        .unwrap();
-        let (answer, mut stream) = c.send_request(req, false).unwrap();
-        stream
-            .send_data(bytes::Bytes::from_static(&[0; 5]), true)
-            .unwrap();
-        let r = answer.await.unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    let (answer, _stream) = grpc_send(&client, &addr, "ServerLive", None, vec![0; 5], true).await;
+    assert_eq!(answer.await.unwrap().status(), 200);
     // A call on `method` whose message declares `declared` bytes and sends
     // `sent` of them, then stalls.
-    let stall = |method: &str, key: Option<&str>, declared: u32, sent: usize| {
-        let client = client.clone();
-        let uri = format!("http://{addr}/inference.GRPCInferenceService/{method}");
-        let key = key.map(str::to_string);
-        async move {
-            let mut client = client.ready().await.unwrap();
-            let mut req = http::Request::post(uri)
-                .header("content-type", "application/grpc")
-                .header("te", "trailers");
-            if let Some(k) = key {
-                req = req.header("x-api-key", k);
-            }
-            let (answer, mut stream) = client.send_request(req.body(()).unwrap(), false).unwrap();
-            let mut message = vec![0u8; sent];
-            message[1..5].copy_from_slice(&declared.to_be_bytes());
-            stream
-                .send_data(bytes::Bytes::from(message), false)
-                .unwrap();
-            (answer, stream)
-        }
+    let stall = |method: &'static str, key: Option<&'static str>, declared: u32, sent: usize| {
+        let mut message = vec![0u8; sent];
+        message[1..5].copy_from_slice(&declared.to_be_bytes());
+        grpc_send(&client, &addr, method, key, message, false)
     };
     let grpc_status = |r: &http::Response<h2::RecvStream>| {
         let h = r.headers();
@@ -595,29 +599,17 @@ async fn stalled_grpc_messages_count_in_the_budget_and_time_out() {
 /// 600 MB. The gateway's peak memory stays flat.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_message_that_decodes_to_far_more_than_its_size_is_refused() {
-    use axum::http;
     let gw = Gateway::start_with("", &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")]).await;
     let pid = gw.pid();
     let before = status_kb(pid, "VmHWM");
     let addr = gw.grpc_addr.clone().unwrap();
-    let tcp = TcpStream::connect(&addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut c = client.ready().await.unwrap();
+    let client = h2_connect(&addr).await;
     // Field 5 (`inputs`), an empty message, two million times.
     let entries = 2_000_000usize;
     let mut message = vec![0u8; 5];
     message[1..5].copy_from_slice(&((2 * entries) as u32).to_be_bytes());
     message.extend(std::iter::repeat_n([0x2Au8, 0x00], entries).flatten());
-    let req = http::Request::post(format!(
-        "http://{addr}/inference.GRPCInferenceService/ModelInfer"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let (answer, mut stream) = c.send_request(req, false).unwrap();
-    stream.send_data(bytes::Bytes::from(message), true).unwrap();
+    let (answer, _stream) = grpc_send(&client, &addr, "ModelInfer", None, message, true).await;
     let r = tokio::time::timeout(Duration::from_secs(30), answer)
         .await
         .expect("answered")
@@ -640,7 +632,6 @@ async fn a_grpc_message_that_decodes_to_far_more_than_its_size_is_refused() {
 /// is served once they are gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_grpc_connections_are_closed_at_the_header_timeout() {
-    use axum::http;
     let gw = Gateway::start_with(
         &format!("{FAST_HTTP}[grpc]\nmax_connections = 2\n"),
         &[("MMGATE_GRPC_LISTEN", "127.0.0.1:0")],
@@ -659,21 +650,8 @@ async fn silent_grpc_connections_are_closed_at_the_header_timeout() {
             "closed after {ended:?}"
         );
     }
-    let tcp = TcpStream::connect(&addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    tokio::spawn(conn);
-    let mut c = client.ready().await.unwrap();
-    let req = http::Request::post(format!(
-        "http://{addr}/inference.GRPCInferenceService/ServerLive"
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
-    let (answer, mut stream) = c.send_request(req, false).unwrap();
-    stream
-        .send_data(bytes::Bytes::from_static(&[0; 5]), true)
-        .unwrap();
+    let client = h2_connect(&addr).await;
+    let (answer, _stream) = grpc_send(&client, &addr, "ServerLive", None, vec![0; 5], true).await;
     let r = tokio::time::timeout(Duration::from_secs(5), answer)
         .await
         .expect("served")
