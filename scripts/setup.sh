@@ -79,7 +79,7 @@ unpack_wheels() {
   # manylinux1 name, and not at all when given several, so all are named.
   "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps \
     --only-binary=:all: --require-hashes --platform manylinux_2_28_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux1_x86_64 --python-version 311 --implementation cp --abi cp311 \
+    --platform manylinux_2_17_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux1_x86_64 --python-version 311 --implementation cp --abi cp311 \
     -r "$reqs" -d .deps/wheels
   "$PYTHON" - "${stale[@]}" <<'EOF'
 import glob, os, shutil, sys, zipfile
@@ -164,6 +164,21 @@ EOF
 chmod +x "$PA/perf_analyzer.part"
 if cmp -s "$PA/perf_analyzer.part" "$PA/perf_analyzer"; then rm "$PA/perf_analyzer.part"
 else mv "$PA/perf_analyzer.part" "$PA/perf_analyzer"; fi
+
+# --- NVRTC, for the GPU executor's kernels in the device tests ----------------
+# CUDA 13.0's (driver 580 loads no newer PTX). Use it with
+# LD_LIBRARY_PATH=.deps/nvrtc: cudarc dlopens it by name (libnvrtc.so first,
+# then libnvrtc.so.13), and libnvrtc.so.13 dlopens libnvrtc-builtins.so.13.0
+# by name too, not from its own folder. The wheel's *.alt.* variants are not
+# needed.
+NV="nvidia_cuda_nvrtc-13.0.88-*.whl"
+unpack_wheels scripts/requirements-nvrtc.txt "nvrtc" \
+  "$NV|nvidia/cu13/lib/libnvrtc.so.13|.deps/nvrtc/libnvrtc.so.13|a49e67e8e74590f1e98de55c39c6287efd3f59e3c3797464d7bbe0fe01349b11" \
+  "$NV|nvidia/cu13/lib/libnvrtc-builtins.so.13.0|.deps/nvrtc/libnvrtc-builtins.so.13.0|91dcd944d01da9c0f08fff5d779db136a47f6d62bdb63bae900d2f481e92c3a2" \
+  "$NV|nvidia_cuda_nvrtc-13.0.88.dist-info/licenses/License.txt|.deps/nvrtc/License.txt|ad6f5853fba0ca0d159d0f58d49ae49830c2f8c93f7a92648b9ce90adb4c6ccd"
+# cudarc tries libnvrtc.so before libnvrtc.so.13; without this link a
+# toolkit's libnvrtc.so from the loader cache (maybe newer) would win.
+ln -sfn libnvrtc.so.13 .deps/nvrtc/libnvrtc.so
 
 # --- Python environments (hash-pinned) --------------------------------------
 # pinned_venv DIR REQUIREMENTS WHAT: a venv with exactly those wheels, made

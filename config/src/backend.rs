@@ -12,6 +12,11 @@ pub enum Backend {
     /// ONNX Runtime, CPU execution provider (FP32).
     #[default]
     OnnxruntimeCpu,
+    /// ONNX Runtime, CUDA execution provider: one CUDA stream per instance.
+    OnnxruntimeCuda,
+    /// ONNX Runtime, TensorRT execution provider (CUDA for the nodes
+    /// TensorRT does not take), engines cached on disk.
+    OnnxruntimeTensorrt,
     /// Intel OpenVINO on the CPU: BF16 on CPUs with AMX or AVX-512 BF16.
     Openvino,
 }
@@ -20,7 +25,60 @@ impl Backend {
     pub fn as_str(self) -> &'static str {
         match self {
             Backend::OnnxruntimeCpu => "onnxruntime-cpu",
+            Backend::OnnxruntimeCuda => "onnxruntime-cuda",
+            Backend::OnnxruntimeTensorrt => "onnxruntime-tensorrt",
             Backend::Openvino => "openvino",
+        }
+    }
+
+    /// Runs on an NVIDIA GPU (configured by `[gpu]`).
+    pub fn is_gpu(self) -> bool {
+        matches!(
+            self,
+            Backend::OnnxruntimeCuda | Backend::OnnxruntimeTensorrt
+        )
+    }
+}
+
+/// What start-up does when a GPU backend cannot run (no driver, no device,
+/// an ONNX Runtime library without the provider, a provider that fails to
+/// load): logged once with the reason either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GpuFallback {
+    /// Serve on `onnxruntime-cpu`; `/v1/models` and `/readyz` say so.
+    #[default]
+    Cpu,
+    /// Refuse to start: the executor exits with the reason.
+    Fail,
+}
+
+/// `[gpu]`: where and how a GPU backend runs a model. The TensorRT batch
+/// profile is taken from `[batching]` (min 1, opt and max `max_batch`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuSpec {
+    /// CUDA device ordinal.
+    pub device: u32,
+    /// TensorRT only: build FP16 engines (FP32 otherwise).
+    pub fp16: bool,
+    /// TensorRT engine cache; empty = `<executor.cache_dir>/onnxruntime-tensorrt`.
+    /// Engines are kept per model file sha256 and batch profile, so
+    /// retrained weights never reuse a stale engine.
+    pub engine_cache_dir: String,
+    /// Device memory each instance's arena may take, MiB; 0 = no limit.
+    pub memory_limit_mb: u64,
+    pub fallback: GpuFallback,
+}
+
+impl Default for GpuSpec {
+    fn default() -> Self {
+        Self {
+            device: 0,
+            fp16: false,
+            engine_cache_dir: String::new(),
+            memory_limit_mb: 0,
+            fallback: GpuFallback::Cpu,
         }
     }
 }
@@ -31,6 +89,8 @@ impl Backend {
 pub enum Precision {
     F32,
     Bf16,
+    /// TensorRT engines built with `gpu.fp16`.
+    F16,
 }
 
 impl Precision {
@@ -38,6 +98,7 @@ impl Precision {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Backend, OpenvinoSpec, PrecisionCheck, SpecError, invalid};
+use crate::{Backend, GpuSpec, OpenvinoSpec, PrecisionCheck, SpecError, invalid};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,6 +25,14 @@ pub struct ModelSpec {
     /// How the `openvino` backend compiles and runs the model.
     #[serde(default)]
     pub openvino: OpenvinoSpec,
+    /// Where and how the GPU backends run the model.
+    #[serde(default)]
+    pub gpu: GpuSpec,
+    /// What a tensor slot in shared memory holds: the model-ready `float32`
+    /// input, or (`uint8`) the resized, cropped pixels, a quarter of the
+    /// bytes, which the executor normalises while it assembles a batch.
+    #[serde(default)]
+    pub slot_dtype: SlotDtype,
     /// The check a reduced precision (bf16) must pass before it serves.
     #[serde(default)]
     pub precision: Option<PrecisionCheck>,
@@ -56,6 +64,19 @@ impl DType {
             DType::Float32 => 4,
         }
     }
+}
+
+/// What one tensor slot holds (see [`ModelSpec::slot_dtype`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotDtype {
+    /// The model input, normalised, in its layout: `elements()` f32s.
+    #[default]
+    Float32,
+    /// The kept window's pixels, height × width × RGB, one byte each
+    /// (letterbox padding included); the executor applies `scale`, `mean`,
+    /// `std`, `color_order` and the layout.
+    Uint8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +258,14 @@ impl Default for InstanceSpec {
 }
 
 impl ModelSpec {
+    /// Bytes of one tensor slot: the model input (f32) or its pixels (u8).
+    pub fn slot_bytes(&self) -> usize {
+        match self.slot_dtype {
+            SlotDtype::Float32 => self.input.sample_bytes(),
+            SlotDtype::Uint8 => self.input.elements(),
+        }
+    }
+
     /// Parses and validates one spec file; `file` is resolved against its folder.
     pub fn load(path: &std::path::Path) -> Result<Self, SpecError> {
         let mut spec: ModelSpec = crate::config::read_toml(path)?;
@@ -317,6 +346,12 @@ impl ModelSpec {
         }
         if let Some(check) = &self.precision {
             check.validate()?;
+        }
+        if self.gpu.fp16 && self.backend != Backend::OnnxruntimeTensorrt {
+            return Err(invalid(format!(
+                "gpu.fp16 applies to backend \"onnxruntime-tensorrt\" only; this model's backend is {:?}",
+                self.backend.as_str()
+            )));
         }
         Ok(())
     }

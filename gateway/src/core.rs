@@ -29,7 +29,7 @@ impl Core {
         let sizes: Vec<(u32, usize)> = cfg
             .models
             .iter()
-            .map(|m| (cfg.slots_for(m), m.input.sample_bytes()))
+            .map(|m| (cfg.slots_for(m), m.slot_bytes()))
             .collect();
         let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&sizes))?);
         let pending = cfg.models.iter().map(|_| AtomicU32::new(0)).collect();

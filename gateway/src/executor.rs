@@ -50,6 +50,10 @@ pub struct Executor {
     handover_rx: tokio::sync::Mutex<mpsc::Receiver<Handover>>,
     /// Replaced executors finishing their last samples.
     retiring: Mutex<Vec<JoinHandle<Exit>>>,
+    /// Set when the first executor refused its config (`Fatal`: a model
+    /// that cannot load, a GPU backend with `fallback = "fail"` and no
+    /// GPU): the gateway then stops with that reason instead of retrying.
+    refused: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// A started, ready executor process and the gateway's end of its socket.
@@ -118,6 +122,7 @@ impl Executor {
             handover_tx,
             handover_rx: tokio::sync::Mutex::new(handover_rx),
             retiring: Mutex::new(Vec::new()),
+            refused: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -441,9 +446,13 @@ impl Executor {
     /// replaced ones to finish.
     pub async fn supervise(self: Arc<Self>, core: Arc<Core>) {
         let never = CancellationToken::new();
-        children::keep_running(&core, "executor", "gpu-executor", &never, || {
-            self.incarnations.fetch_add(1, Ordering::Relaxed);
-            self.run_once(&core)
+        children::keep_running(&core, "executor", "gpu-executor", &never, || async {
+            let first = self.incarnations.fetch_add(1, Ordering::Relaxed) == 0;
+            let result = self.run_once(&core).await;
+            if let (true, Err(StartError::Fatal(m))) = (first, &result) {
+                self.refused.send_replace(Some(m.clone()));
+            }
+            result
         })
         .await;
         let retiring =
@@ -452,6 +461,16 @@ impl Executor {
         // A change started but never put in service.
         if let Ok(mut h) = self.handover_rx.lock().await.try_recv() {
             children::reap(&mut h.started.child).await;
+        }
+    }
+
+    /// Resolves with the reason if the first executor refused its config;
+    /// pending forever otherwise.
+    pub async fn refused_at_start(&self) -> String {
+        let mut rx = self.refused.subscribe();
+        match rx.wait_for(Option::is_some).await {
+            Ok(m) => m.clone().unwrap_or_default(),
+            Err(_) => std::future::pending().await,
         }
     }
 

@@ -156,6 +156,7 @@ pub async fn run(
             let _ = stop.wait_for(|s| *s).await;
         }))
     });
+    let executor = state.executor.clone();
     let drain_core = core.clone();
     let mut drain = signal.clone();
     let cap = core.cfg.http.max_connections;
@@ -165,15 +166,26 @@ pub async fn run(
         drain_core.start_draining();
     });
     let mut late = signal.clone();
+    let mut refused = None;
     tokio::select! {
         () = server => {},
         _ = async move {
             let _ = late.wait_for(|s| *s).await;
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "shutdown grace period over; abandoning in-flight requests"),
+        // A config the executor cannot serve is refused at start, like any
+        // other config error, rather than retried forever behind a 503.
+        m = executor.refused_at_start() => {
+            tracing::error!(reason = %m, "the executor refused the config; stopping");
+            refused = Some(m);
+        }
     }
     if let Some(g) = grpc_server {
-        let _ = tokio::time::timeout(grace, g).await;
+        if refused.is_some() {
+            g.abort();
+        } else {
+            let _ = tokio::time::timeout(grace, g).await;
+        }
     }
     core.shutdown();
     let all = futures::future::join_all(supervisors);
@@ -182,6 +194,9 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("children did not stop within 10 s");
+    }
+    if let Some(m) = refused {
+        anyhow::bail!("the executor cannot start: {m}");
     }
     tracing::info!("stopped");
     Ok(())

@@ -150,7 +150,9 @@ impl ServeArgs {
 
 fn parse_backend(s: &str) -> Result<config::Backend, String> {
     serde_json::from_value(serde_json::Value::String(s.into()))
-        .map_err(|_| format!("{s:?} is not a backend; use openvino or onnxruntime-cpu"))
+        .map_err(|_| format!(
+            "{s:?} is not a backend; use openvino, onnxruntime-cpu, onnxruntime-cuda or onnxruntime-tensorrt"
+        ))
 }
 
 fn parse_precision(s: &str) -> Result<config::PrecisionRequest, String> {

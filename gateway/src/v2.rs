@@ -1007,9 +1007,18 @@ async fn raw(
     values: Vec<f32>,
 ) -> Result<(Vec<Vec<f32>>, Timings), ApiError> {
     let core = &app.core;
+    let spec = &core.cfg.models[model as usize];
+    // Its slots hold pixels, which a normalised tensor cannot be turned
+    // back into: such a model takes encoded images (BYTES) only.
+    if spec.slot_dtype == config::SlotDtype::Uint8 {
+        return Err(bad(format!(
+            "model {:?} takes encoded images only (BYTES): its slots hold uint8 pixels (slot_dtype = \"uint8\"), so FP32 tensors cannot be served",
+            spec.name
+        )));
+    }
     let samples = u32::try_from(n).unwrap_or(u32::MAX);
     caller.take_samples(samples)?;
-    let per = core.cfg.models[model as usize].input.elements();
+    let per = spec.input.elements();
     let critical = ctx.class == config::Class::Critical;
     let wait = Duration::from_millis(core.cfg.server.queue_timeout_ms);
     // Samples still to be sent tell the batcher to wait for them.

@@ -75,6 +75,7 @@ pub(crate) fn instances(
             layout: loaded.layout.describe(),
             fallbacks: Vec::new(),
             calibration,
+            gpu: None,
         },
         engines: loaded.engines,
     })

@@ -96,12 +96,7 @@ impl Batcher {
         lost: mpsc::UnboundedSender<ExecError>,
         scheduling: &config::Scheduling,
     ) -> Result<Self, ExecError> {
-        let model = Arc::new(ModelInfo {
-            name: spec.name.clone(),
-            elements: spec.input.elements(),
-            max_batch: (spec.batching.max_batch as usize).max(1),
-            postprocess: spec.output.postprocess,
-        });
+        let model = Arc::new(ModelInfo::of(spec));
         let (free_tx, free_rx) = mpsc::unbounded_channel();
         let instances = engines
             .into_iter()

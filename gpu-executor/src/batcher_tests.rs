@@ -1,5 +1,5 @@
 //! Batching-policy tests on paused tokio time, with a tiny in-test engine
-//! (these test the batcher; `tests/ort_cpu.rs` tests real inference).
+//! (these test the batcher; `tests/onnxruntime.rs` tests real inference).
 
 use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
@@ -78,6 +78,8 @@ pub(crate) fn spec(max_batch: u32, delay_us: u64, preferred: &[u32]) -> ModelSpe
         file: "m.onnx".into(),
         backend: Backend::OnnxruntimeCpu,
         openvino: OpenvinoSpec::default(),
+        gpu: GpuSpec::default(),
+        slot_dtype: SlotDtype::Float32,
         precision: None,
         input: InputSpec {
             name: "x".into(),

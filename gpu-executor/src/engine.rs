@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use config::{Backend, ExecutorSection, ModelSpec, Precision, PrecisionRequest};
+use config::{Backend, ExecutorSection, GpuFallback, ModelSpec, Precision, PrecisionRequest};
 use shm::ModelRuntime;
 
 use crate::ExecError;
@@ -28,6 +28,27 @@ pub trait Engine: Send {
 
     /// Values per sample (equals `output.labels.len()`, checked at load).
     fn outputs(&self) -> usize;
+
+    /// Whether the engine takes a batch straight from its shared-memory
+    /// slots ([`Engine::run_slots`]: a GPU instance copying them to the
+    /// device itself) rather than gathered into one host buffer.
+    fn reads_slots(&self) -> bool {
+        false
+    }
+
+    /// Runs a batch of samples still in their slots (float or uint8, as the
+    /// model's `slot_dtype`). Called only when [`Engine::reads_slots`]; the
+    /// slots stay leased until this returns, so the engine must be done
+    /// reading them (its copies complete) by then.
+    fn run_slots(
+        &mut self,
+        samples: &[crate::cuda::HostSample<'_>],
+    ) -> Result<Vec<f32>, ExecError> {
+        let _ = samples;
+        Err(ExecError::Protocol(
+            "this engine reads gathered host input, not slots".into(),
+        ))
+    }
 }
 
 /// What backends share across all models and instances of this process:
@@ -37,6 +58,9 @@ pub struct Backends {
     ort_library: PathBuf,
     openvino_library: PathBuf,
     cache_dir: Option<PathBuf>,
+    /// The tensor pool's mapping (address, length), which a GPU backend
+    /// registers with the driver so slot copies are asynchronous DMA.
+    pool: Option<(usize, usize)>,
 }
 
 impl Backends {
@@ -62,6 +86,16 @@ impl Backends {
         self
     }
 
+    /// The tensor pool a GPU backend registers with the driver.
+    pub fn with_pool(mut self, range: (*const u8, usize)) -> Self {
+        self.pool = Some((range.0 as usize, range.1));
+        self
+    }
+
+    pub(crate) fn pool(&self) -> Option<(*const u8, usize)> {
+        self.pool.map(|(p, l)| (p as *const u8, l))
+    }
+
     pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
         self.cache_dir = dir;
         self
@@ -78,14 +112,7 @@ impl Backends {
     /// The compiled-model cache of `spec` on `backend`: a folder per model
     /// file sha256, so retrained weights never meet a stale compilation.
     pub(crate) fn cache_for(&self, spec: &ModelSpec, backend: Backend) -> Option<PathBuf> {
-        let root = self.cache_dir.as_ref()?;
-        let sha = match file_sha256(Path::new(&spec.file)) {
-            Ok(sha) => sha,
-            Err(e) => {
-                tracing::warn!(model = %spec.name, "no compiled-model cache: reading {}: {e}", spec.file);
-                return None;
-            }
-        };
+        let (root, sha) = model_cache(self, spec, "")?;
         let dir = root.join(backend.as_str()).join(sha);
         match std::fs::create_dir_all(&dir) {
             Ok(()) => Some(dir),
@@ -116,6 +143,27 @@ pub(crate) fn library_path(
     })
 }
 
+/// A model's cache root (`root` when set, else `executor.cache_dir`) and
+/// its file's sha256; `None`, logged, when there is no cache.
+pub(crate) fn model_cache(
+    backends: &Backends,
+    spec: &ModelSpec,
+    root: &str,
+) -> Option<(PathBuf, String)> {
+    let root = if root.is_empty() {
+        backends.cache_dir.clone()?
+    } else {
+        PathBuf::from(root)
+    };
+    match file_sha256(Path::new(&spec.file)) {
+        Ok(sha) => Some((root, sha)),
+        Err(e) => {
+            tracing::warn!(model = %spec.name, "no compiled-model cache: reading {}: {e}", spec.file);
+            None
+        }
+    }
+}
+
 fn file_sha256(path: &Path) -> std::io::Result<String> {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
@@ -125,8 +173,8 @@ fn file_sha256(path: &Path) -> std::io::Result<String> {
 
 /// Loads one ONNX Runtime instance of `spec`.
 pub fn load(spec: &ModelSpec, backends: &Backends) -> Result<Box<dyn Engine>, ExecError> {
-    let env = crate::ort_cpu::environment(backends.ort_library())?;
-    Ok(Box::new(crate::ort_cpu::OrtCpu::load(env, spec)?))
+    let env = crate::onnxruntime::environment(backends.ort_library())?;
+    Ok(Box::new(crate::onnxruntime::OrtSession::load(env, spec)?))
 }
 
 /// A model's engine instances, warmed up, and what actually runs them.
@@ -156,6 +204,18 @@ pub fn load_model(
     let mut fallbacks = Vec::new();
     let mut loaded = match spec.backend {
         Backend::OnnxruntimeCpu => ort_instances(spec, backends)?,
+        Backend::OnnxruntimeCuda | Backend::OnnxruntimeTensorrt => {
+            match crate::gpu::instances(spec, backends) {
+                Ok(loaded) => loaded,
+                Err(e) if spec.gpu.fallback == GpuFallback::Cpu => {
+                    let line = crate::gpu::fallback_line(&e);
+                    tracing::warn!(model = %spec.name, "{line}");
+                    fallbacks.push(line);
+                    ort_instances(spec, backends)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
         Backend::Openvino => match crate::openvino_cpu::library(backends.openvino_library())
             .and_then(|()| crate::backend_openvino::instances(spec, backends, &mut fallbacks))
         {
@@ -178,7 +238,15 @@ pub fn load_model(
         },
     };
     loaded.runtime.fallbacks = fallbacks;
-    warm_up_all(spec, &mut loaded.engines, warmup_batch)?;
+    // A GPU runs every batch size once: TensorRT builds (or loads) an
+    // engine per shape it has no profile for, and cuDNN picks kernels per
+    // shape, so no request pays for that later.
+    let sizes: Vec<usize> = if loaded.runtime.backend.is_gpu() {
+        (1..=spec.batching.max_batch as usize).collect()
+    } else {
+        vec![warmup_batch]
+    };
+    warm_up_all(spec, &mut loaded.engines, &sizes)?;
     Ok(loaded)
 }
 
@@ -206,11 +274,12 @@ fn ort_instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
             ),
             fallbacks: Vec::new(),
             calibration: None,
+            gpu: None,
         },
     })
 }
 
-fn joined<T>(
+pub(crate) fn joined<T>(
     spec: &ModelSpec,
     r: std::thread::Result<Result<T, ExecError>>,
 ) -> Result<T, ExecError> {
@@ -239,12 +308,13 @@ pub fn cpu_name() -> String {
 fn warm_up_all(
     spec: &ModelSpec,
     engines: &mut [Box<dyn Engine>],
-    batch: usize,
+    sizes: &[usize],
 ) -> Result<(), ExecError> {
+    let batch = sizes.iter().copied().max().unwrap_or(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = engines
             .iter_mut()
-            .map(|e| s.spawn(move || warm_up(spec, e.as_mut(), batch)))
+            .map(|e| s.spawn(move || sizes.iter().try_for_each(|&n| warm_up(spec, e.as_mut(), n))))
             .collect();
         handles.into_iter().try_for_each(|h| joined(spec, h.join()))
     })?;

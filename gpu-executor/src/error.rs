@@ -116,6 +116,15 @@ pub enum ExecError {
     #[error("model {model}: backend {backend} is not built into this executor")]
     BackendUnavailable { model: String, backend: String },
 
+    #[error(
+        "model {model}: backend {backend} cannot run: {reason}; gpu.fallback is \"fail\", so the executor does not start"
+    )]
+    GpuUnavailable {
+        model: String,
+        backend: &'static str,
+        reason: String,
+    },
+
     #[error("model {model}: instance thread: {message}")]
     Instance { model: String, message: String },
 

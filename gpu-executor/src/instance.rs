@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
-use config::Postprocess;
+use config::{InputSpec, Postprocess, PreprocessSpec};
 use shm::{FromExecutor, InferJob, Scores, SharedTensors};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::cuda::HostSample;
 use crate::{Engine, postprocess};
 
 /// What every instance of one model needs to know.
@@ -23,6 +24,22 @@ pub(crate) struct ModelInfo {
     pub elements: usize,
     pub max_batch: usize,
     pub postprocess: Postprocess,
+    /// Set for a model whose slots hold uint8 pixels: how to turn them into
+    /// its input while the batch is assembled.
+    pub pixels: Option<Arc<(InputSpec, PreprocessSpec)>>,
+}
+
+impl ModelInfo {
+    pub fn of(spec: &config::ModelSpec) -> Self {
+        Self {
+            name: spec.name.clone(),
+            elements: spec.input.elements(),
+            max_batch: (spec.batching.max_batch as usize).max(1),
+            postprocess: spec.output.postprocess,
+            pixels: (spec.slot_dtype == config::SlotDtype::Uint8)
+                .then(|| Arc::new((spec.input.clone(), spec.preprocess.clone()))),
+        }
+    }
 }
 
 /// A job handed to an instance, with the time it spent in the queue.
@@ -184,7 +201,10 @@ impl Worker {
         if jobs.is_empty() {
             return;
         }
-        if jobs.len() == 1 {
+        if self.engine.reads_slots() {
+            return self.run_from_slots(jobs);
+        }
+        if jobs.len() == 1 && self.model.pixels.is_none() {
             let q = jobs.pop().expect("one job");
             return self.run_in_place(q);
         }
@@ -197,6 +217,76 @@ impl Worker {
         let outcome = self.infer(&input, n);
         self.input = input;
         self.finish(outcome, n);
+    }
+
+    /// An engine that copies the samples to its device itself gets them
+    /// where the workers wrote them; a slot that is stale, unfilled or of
+    /// the wrong size is answered `Failed` and left out.
+    fn run_from_slots(&mut self, jobs: Vec<Queued>) {
+        let tensors = self.tensors.clone();
+        let refs: Vec<_> = jobs.iter().map(|q| q.job.slot).collect();
+        let elements = self.model.elements;
+        let model = self.model.clone();
+        let engine = &mut self.engine;
+        let mut run = |samples: Vec<Result<HostSample<'_>, String>>| {
+            let errors: Vec<Option<String>> =
+                samples.iter().map(|s| s.as_ref().err().cloned()).collect();
+            let good: Vec<HostSample<'_>> = samples.into_iter().filter_map(Result::ok).collect();
+            if good.is_empty() {
+                return (errors, None);
+            }
+            let start = Instant::now();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| engine.run_slots(&good)));
+            let infer_us = start.elapsed().as_micros() as u64;
+            let result = match result {
+                Ok(Ok(values)) => Ok(values),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("the engine panicked".to_string()),
+            };
+            (errors, Some((result, infer_us)))
+        };
+        let sized = |i: usize, len: usize| {
+            (len == elements).then_some(()).ok_or_else(|| {
+                format!(
+                    "model {}: slot {} holds {len} values; the model's input needs {elements}",
+                    model.name, refs[i].slot
+                )
+            })
+        };
+        let (errors, outcome) = if self.model.pixels.is_some() {
+            tensors.read_many_u8(&refs, |all| {
+                run(all
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let d = r.map_err(|e| e.to_string())?;
+                        sized(i, d.len()).map(|()| HostSample::U8(d))
+                    })
+                    .collect())
+            })
+        } else {
+            tensors.read_many_f32(&refs, |all| {
+                run(all
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let d = r.map_err(|e| e.to_string())?;
+                        sized(i, d.len()).map(|()| HostSample::F32(d))
+                    })
+                    .collect())
+            })
+        };
+        self.batch.clear();
+        for (q, error) in jobs.into_iter().zip(errors) {
+            match error {
+                Some(message) => self.skip(&q, message),
+                None => self.batch.push(q),
+            }
+        }
+        if let Some(outcome) = outcome {
+            let n = self.batch.len();
+            self.finish(outcome, n);
+        }
     }
 
     /// A batch of one runs on its sample where the worker wrote it: no copy
@@ -279,7 +369,8 @@ impl Worker {
         self.batch = batch;
     }
 
-    /// Copies each job's sample into `input` (one memcpy each); a job whose
+    /// Copies each job's sample into `input` (one memcpy each, or the
+    /// normalisation of its pixels for a uint8-slot model); a job whose
     /// slot is stale, unfilled or of the wrong size is answered `Failed` and
     /// left out of the batch.
     fn gather(&mut self, jobs: Vec<Queued>) {
@@ -289,14 +380,27 @@ impl Worker {
         self.batch.clear();
         for q in jobs {
             let input = &mut self.input;
-            let read = self.tensors.read_f32(q.job.slot, |sample| {
-                if sample.len() == elements {
-                    input.extend_from_slice(sample);
-                    Ok(())
-                } else {
-                    Err(sample.len())
-                }
-            });
+            let read = match &self.model.pixels {
+                None => self.tensors.read_f32(q.job.slot, |sample| {
+                    if sample.len() == elements {
+                        input.extend_from_slice(sample);
+                        Ok(())
+                    } else {
+                        Err(sample.len())
+                    }
+                }),
+                Some(pixels) => self.tensors.read_u8(q.job.slot, |sample| {
+                    if sample.len() == elements {
+                        let at = input.len();
+                        input.resize(at + elements, 0.0);
+                        let (spec, pre) = &**pixels;
+                        preprocess_worker::normalize_rgb8(sample, spec, pre, &mut input[at..]);
+                        Ok(())
+                    } else {
+                        Err(sample.len())
+                    }
+                }),
+            };
             match read {
                 Ok(Ok(())) => self.batch.push(q),
                 Ok(Err(len)) => self.skip(&q, wrong_size(&self.model, &q, len)),
@@ -349,6 +453,7 @@ mod tests {
             elements: 2,
             max_batch: 4,
             postprocess: Postprocess::None,
+            pixels: None,
         });
         Worker {
             model,
@@ -422,6 +527,83 @@ mod tests {
         assert!(message.contains("holds 2 values"), "{message}");
     }
 
+    /// An engine that takes its samples from the slots, as a GPU instance
+    /// does: each sample's sum, and what kind of slot it read.
+    struct SlotSums(Vec<&'static str>);
+
+    impl Engine for SlotSums {
+        fn run(&mut self, _: &[f32], _: usize) -> Result<Vec<f32>, ExecError> {
+            panic!("a slot-reading engine is never given gathered input");
+        }
+        fn outputs(&self) -> usize {
+            1
+        }
+        fn reads_slots(&self) -> bool {
+            true
+        }
+        fn run_slots(&mut self, samples: &[HostSample<'_>]) -> Result<Vec<f32>, ExecError> {
+            Ok(samples
+                .iter()
+                .map(|s| match s {
+                    HostSample::F32(d) => {
+                        self.0.push("f32");
+                        d.iter().sum()
+                    }
+                    HostSample::U8(d) => {
+                        self.0.push("u8");
+                        d.iter().map(|&b| f32::from(b)).sum()
+                    }
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn a_slot_reading_engine_gets_the_batch_in_place_and_bad_slots_fail_alone() {
+        let (tensors, mut w, mut rx) = summing_worker();
+        w.engine = Box::new(SlotSums(Vec::new()));
+        let mut stale = job(&tensors, 1);
+        stale.job.slot.generation = 9;
+        w.guarded(vec![job(&tensors, 0), stale, job(&tensors, 2)], Worker::run);
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(match m {
+                FromExecutor::Scores(s) => format!("{} {:?} batch {}", s.job_id, s.values, s.batch),
+                FromExecutor::Failed { job_id, .. } => format!("{job_id} failed"),
+                other => panic!("{other:?}"),
+            });
+        }
+        got.sort();
+        assert_eq!(got, ["0 [2.0] batch 2", "1 failed", "2 [2.0] batch 2"]);
+        assert!(w.input.is_empty(), "nothing gathered on the host");
+
+        // uint8 slots are handed over as bytes, not normalised on the host.
+        let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(2, 2)])).unwrap());
+        let (tx, mut rx) = unbounded_channel();
+        let mut w = worker(tensors.clone(), tx);
+        w.engine = Box::new(SlotSums(Vec::new()));
+        let spec = crate::batcher::tests::spec(4, 1000, &[]);
+        w.model = Arc::new(ModelInfo {
+            elements: 2,
+            pixels: Some(Arc::new((spec.input.clone(), spec.preprocess.clone()))),
+            ..(*w.model).clone()
+        });
+        let slot = SlotRef {
+            model: 0,
+            slot: 0,
+            generation: 1,
+        };
+        tensors.stamp(slot).unwrap();
+        tensors
+            .write_u8(slot, |b| b.copy_from_slice(&[200, 55]))
+            .unwrap();
+        w.guarded(vec![job_at(slot, 7)], Worker::run);
+        match rx.try_recv() {
+            Ok(FromExecutor::Scores(s)) => assert_eq!((s.job_id, s.values), (7, vec![255.0])),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn jobs_past_their_deadline_are_answered_expired_and_not_run() {
         let (tensors, mut w, mut rx) = summing_worker();
@@ -450,6 +632,10 @@ mod tests {
         };
         tensors.stamp(slot).unwrap();
         tensors.write_f32(slot, |s| s.fill(1.0)).unwrap();
+        job_at(slot, job_id)
+    }
+
+    fn job_at(slot: SlotRef, job_id: u64) -> Queued {
         let job = InferJob {
             job_id,
             ctx: shm::RequestContext {

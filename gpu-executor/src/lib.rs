@@ -7,11 +7,13 @@ mod backend_openvino;
 mod batcher;
 pub mod calibration;
 pub mod check_model;
+pub mod cuda;
 mod engine;
 mod error;
+pub mod gpu;
 mod instance;
+pub mod onnxruntime;
 pub mod openvino_cpu;
-pub mod ort_cpu;
 pub mod postprocess;
 pub mod serve;
 

@@ -141,17 +141,17 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
         )));
     }
     for (spec, region) in init.models.iter().zip(&init.layout.regions) {
-        if region.sample_bytes != spec.input.sample_bytes() {
+        if region.sample_bytes != spec.slot_bytes() {
             return Err(ExecError::Protocol(format!(
-                "model {}: pool slots hold {} bytes, the input needs {}",
+                "model {}: pool slots hold {} bytes, the model's slots need {}",
                 spec.name,
                 region.sample_bytes,
-                spec.input.sample_bytes()
+                spec.slot_bytes()
             )));
         }
     }
     let tensors = Arc::new(SharedTensors::open(tensor_fd, init.layout)?);
-    let backends = Backends::from_section(&init.executor);
+    let backends = Backends::from_section(&init.executor).with_pool(tensors.mapped_range());
     let mut models = Vec::with_capacity(init.models.len());
     for spec in init.models {
         if init.unloaded.contains(&spec.name) {

@@ -46,6 +46,7 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
                     layout: "one doomed engine".into(),
                     fallbacks: vec![],
                     calibration: None,
+                    gpu: None,
                 },
             }),
         )],

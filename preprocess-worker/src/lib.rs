@@ -25,6 +25,49 @@ use std::time::Instant;
 use config::{Limits, ModelSpec};
 
 pub use error::PreprocessError;
+pub use normalize::normalize_rgb8;
+
+/// Where a sample goes: the model-ready input (`elements()` f32s), or the
+/// kept window's RGB bytes (`elements()` u8s) for a model whose slots hold
+/// uint8 pixels, which the executor normalises with [`normalize_rgb8`].
+#[derive(Debug)]
+pub enum SampleOut<'a> {
+    F32(&'a mut [f32]),
+    Rgb8(&'a mut [u8]),
+}
+
+impl SampleOut<'_> {
+    fn len(&self) -> usize {
+        match self {
+            SampleOut::F32(b) => b.len(),
+            SampleOut::Rgb8(b) => b.len(),
+        }
+    }
+}
+
+impl<'a> From<&'a mut [f32]> for SampleOut<'a> {
+    fn from(b: &'a mut [f32]) -> Self {
+        SampleOut::F32(b)
+    }
+}
+
+impl<'a> From<&'a mut Vec<f32>> for SampleOut<'a> {
+    fn from(b: &'a mut Vec<f32>) -> Self {
+        SampleOut::F32(b)
+    }
+}
+
+impl<'a> From<&'a mut [u8]> for SampleOut<'a> {
+    fn from(b: &'a mut [u8]) -> Self {
+        SampleOut::Rgb8(b)
+    }
+}
+
+impl<'a> From<&'a mut Vec<u8>> for SampleOut<'a> {
+    fn from(b: &'a mut Vec<u8>) -> Self {
+        SampleOut::Rgb8(b)
+    }
+}
 
 /// What was decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,15 +81,16 @@ pub struct ImageInfo {
 
 /// Decodes `data` and writes `model`'s input tensor for it into `out`
 /// (`model.input.elements()` floats, in the model's layout and channel
-/// order). Size limits are checked from the header before decoding; the
-/// deadline is checked between stages.
-pub fn preprocess(
+/// order, or as many RGB bytes; see [`SampleOut`]). Size limits are checked
+/// from the header before decoding; the deadline is checked between stages.
+pub fn preprocess<'a>(
     data: &[u8],
     model: &ModelSpec,
     limits: &Limits,
     deadline: Instant,
-    out: &mut [f32],
+    out: impl Into<SampleOut<'a>>,
 ) -> Result<ImageInfo, PreprocessError> {
+    let out = out.into();
     let expected = model.input.elements();
     if out.len() != expected {
         return Err(PreprocessError::OutputSize {
@@ -73,13 +117,14 @@ pub fn preprocess(
 /// Writes `model`'s input tensor for an RGB24 raster (`width`×`height`,
 /// tightly packed, as displayed) into `out`: the resize, crop and normalise
 /// stages of [`preprocess`], shared with the video path.
-pub fn preprocess_rgb(
+pub fn preprocess_rgb<'a>(
     rgb: Vec<u8>,
     width: u32,
     height: u32,
     model: &ModelSpec,
-    out: &mut [f32],
+    out: impl Into<SampleOut<'a>>,
 ) -> Result<(), PreprocessError> {
+    let out = out.into();
     let expected = model.input.elements();
     if out.len() != expected {
         return Err(PreprocessError::OutputSize {
@@ -106,13 +151,16 @@ pub(crate) fn to_tensor(
     height: u32,
     model: &ModelSpec,
     deadline: Instant,
-    out: &mut [f32],
+    out: SampleOut<'_>,
 ) -> Result<(), PreprocessError> {
     let p = &model.preprocess;
     let plan = geometry::plan(p, width, height);
     let resized = resize::resize(pixels, &plan, p.filter)?;
     check_deadline(deadline, "resize")?;
-    normalize::write(&resized, &plan, &model.input, p, out);
+    match out {
+        SampleOut::F32(out) => normalize::write(&resized, &plan, &model.input, p, out),
+        SampleOut::Rgb8(out) => normalize::window_rgb8(&resized, &plan, p.pad_value, out),
+    }
     Ok(())
 }
 

@@ -1,26 +1,18 @@
-//! The last stage: the kept window of the resized image, in the model's
-//! layout and channel order, as `(pixel * scale - mean[c]) / std[c]`, written
-//! straight into the output slot. Padding uses `pad_value`.
+//! The last stage, in two steps that images and video frames share:
+//! [`window_rgb8`] cuts the kept window of the resized image out as 8-bit
+//! RGB (grey expanded, `pad_value` outside the image), and
+//! [`normalize_rgb8`] turns such a window into the model's input, in its
+//! layout and channel order, as `(pixel * scale - mean[c]) / std[c]`.
+//!
+//! A model with float slots gets both steps here, straight into its slot.
+//! A model with `slot_dtype = "uint8"` gets only the first: the executor
+//! runs the second (the same function) while it assembles the batch, so
+//! both paths give bit-identical inputs.
 
 use config::{ColorOrder, InputSpec, Layout, PreprocessSpec};
 
 use crate::geometry::Plan;
 use crate::pixels::Pixels;
-
-/// Value of every 8-bit level for each output channel (output order).
-struct Lut([[f32; 256]; 3]);
-
-impl Lut {
-    fn new(p: &PreprocessSpec) -> Self {
-        let mut t = [[0f32; 256]; 3];
-        for (c, row) in t.iter_mut().enumerate() {
-            for (v, x) in row.iter_mut().enumerate() {
-                *x = (v as f32 * p.scale - p.mean[c]) / p.std[c];
-            }
-        }
-        Self(t)
-    }
-}
 
 /// Writes the model input into `out` (`out.len()` = `input.elements()`).
 pub(crate) fn write(
@@ -30,32 +22,90 @@ pub(crate) fn write(
     p: &PreprocessSpec,
     out: &mut [f32],
 ) {
-    let lut = Lut::new(p);
-    // Which source channel feeds output channel c.
-    let pick: [usize; 3] = match (img.channels, p.color_order) {
-        (1, _) => [0, 0, 0],
-        (_, ColorOrder::Rgb) => [0, 1, 2],
-        (_, ColorOrder::Bgr) => [2, 1, 0],
-    };
+    let mut window = vec![0u8; out.len()];
+    window_rgb8(img, plan, p.pad_value, &mut window);
+    normalize_rgb8(&window, input, p, out);
+}
+
+/// Writes the kept window (`plan.out`, height × width × RGB bytes, in the
+/// source's channel order) into `out`; outside the image, `pad`.
+pub(crate) fn window_rgb8(img: &Pixels, plan: &Plan, pad: u8, out: &mut [u8]) {
     let (ow, oh) = (plan.out.0 as usize, plan.out.1 as usize);
-    let pad: [f32; 3] = std::array::from_fn(|c| lut.0[c][usize::from(p.pad_value)]);
-    let plane = ow * oh;
-    for y in 0..oh {
+    debug_assert_eq!(out.len(), ow * oh * 3);
+    for (y, row_out) in out.chunks_exact_mut(ow * 3).enumerate().take(oh) {
         let row = source_row(img, plan, y);
-        for x in 0..ow {
-            let px = row.and_then(|r| source_pixel(img, plan, r, x));
-            for c in 0..3 {
-                let v = match px {
-                    Some(s) => lut.0[c][usize::from(img.data[s + pick[c]])],
-                    None => pad[c],
-                };
-                let i = match input.layout {
-                    Layout::Nhwc => (y * ow + x) * 3 + c,
-                    Layout::Nchw => c * plane + y * ow + x,
-                };
-                out[i] = v;
+        for (x, px_out) in row_out.chunks_exact_mut(3).enumerate() {
+            match row.and_then(|r| source_pixel(img, plan, r, x)) {
+                Some(s) if img.channels == 1 => px_out.fill(img.data[s]),
+                Some(s) => px_out.copy_from_slice(&img.data[s..s + 3]),
+                None => px_out.fill(pad),
             }
         }
+    }
+}
+
+/// The model input for one window of RGB bytes (`src`: height × width × 3,
+/// as [`window_rgb8`] writes it) into `out` (`input.elements()` floats):
+/// channels picked for `color_order`, each value `(v * scale - mean[c]) /
+/// std[c]` in f32, in the model's layout. Row by row: a scalar shuffle into
+/// output order, then one straight-line pass per row that the compiler
+/// vectorises (byte to float, subtract, divide).
+pub fn normalize_rgb8(src: &[u8], input: &InputSpec, p: &PreprocessSpec, out: &mut [f32]) {
+    let (w, h) = (input.width as usize, input.height as usize);
+    assert_eq!(src.len(), w * h * 3, "window size");
+    assert_eq!(out.len(), w * h * 3, "tensor size");
+    // Which source channel feeds output channel c.
+    let pick: [usize; 3] = match p.color_order {
+        ColorOrder::Rgb => [0, 1, 2],
+        ColorOrder::Bgr => [2, 1, 0],
+    };
+    let mut lane = vec![0u8; w * 3];
+    match input.layout {
+        Layout::Nhwc => {
+            // Per element of a row: its channel's mean and std.
+            let mean: Vec<f32> = (0..w * 3).map(|i| p.mean[i % 3]).collect();
+            let std: Vec<f32> = (0..w * 3).map(|i| p.std[i % 3]).collect();
+            for (row, out_row) in src.chunks_exact(w * 3).zip(out.chunks_exact_mut(w * 3)) {
+                for (px, l) in row.chunks_exact(3).zip(lane.chunks_exact_mut(3)) {
+                    l.copy_from_slice(&[px[pick[0]], px[pick[1]], px[pick[2]]]);
+                }
+                affine(&lane, p.scale, &mean, &std, out_row);
+            }
+        }
+        Layout::Nchw => {
+            let plane = w * h;
+            for (y, row) in src.chunks_exact(w * 3).enumerate() {
+                for (c, &k) in pick.iter().enumerate() {
+                    for (x, l) in lane[..w].iter_mut().enumerate() {
+                        *l = row[x * 3 + k];
+                    }
+                    let at = c * plane + y * w;
+                    affine_scalar(
+                        &lane[..w],
+                        p.scale,
+                        p.mean[c],
+                        p.std[c],
+                        &mut out[at..at + w],
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `out[i] = (src[i] * scale - mean[i]) / std[i]`, all f32.
+#[inline]
+fn affine(src: &[u8], scale: f32, mean: &[f32], std: &[f32], out: &mut [f32]) {
+    for (((o, &v), &m), &d) in out.iter_mut().zip(src).zip(mean).zip(std) {
+        *o = (f32::from(v) * scale - m) / d;
+    }
+}
+
+/// [`affine`] with one mean and std for the whole slice.
+#[inline]
+fn affine_scalar(src: &[u8], scale: f32, mean: f32, std: f32, out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(src) {
+        *o = (f32::from(v) * scale - mean) / std;
     }
 }
 

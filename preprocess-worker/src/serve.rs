@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use config::{Limits, ModelSpec};
+use config::{Limits, ModelSpec, SlotDtype};
 use crossbeam_channel::{Receiver, Sender};
 use shm::{
     FromWorker, Hello, Input, InputRegion, Job, JobDone, JobError, JobErrorKind, PROTO_VERSION,
@@ -234,9 +234,15 @@ fn run_job(ctx: &Ctx, job: &Job) -> Result<JobDone, JobError> {
             ctx.models.len()
         ))
     })?;
-    let info = match ctx.tensors.write_f32(job.slot, |buf| {
-        preprocess(data, model, &ctx.limits, deadline, buf)
-    }) {
+    let written = match model.slot_dtype {
+        SlotDtype::Float32 => ctx.tensors.write_f32(job.slot, |buf| {
+            preprocess(data, model, &ctx.limits, deadline, buf)
+        }),
+        SlotDtype::Uint8 => ctx.tensors.write_u8(job.slot, |buf| {
+            preprocess(data, model, &ctx.limits, deadline, buf)
+        }),
+    };
+    let info = match written {
         Ok(Ok(info)) => info,
         Ok(Err(e)) => return Err(job_error(&e)),
         Err(e @ ShmError::StaleSlot { .. }) => {

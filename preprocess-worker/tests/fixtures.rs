@@ -277,3 +277,57 @@ fn a_progressive_jpeg_is_charged_for_its_coefficient_buffer() {
     let err = run(&progressive, raster + coefficients - 1).unwrap_err();
     assert_eq!(err.kind(), JobErrorKind::TooLarge, "{err}");
 }
+
+/// A model with `slot_dtype = "uint8"` gets the window's pixels from the
+/// worker and the executor normalises them with `normalize_rgb8`: on every
+/// photo, in both layouts and channel orders, and with letterbox padding,
+/// that gives the float path's tensor bit for bit.
+#[test]
+fn uint8_pixels_normalised_later_equal_the_float_tensor_bit_for_bit() {
+    let dir = root().join("tests/fixtures/images");
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let base = open_nsfw();
+    let mut nchw_rgb_letterbox = base.clone();
+    nchw_rgb_letterbox.input.layout = Layout::Nchw;
+    nchw_rgb_letterbox.preprocess.color_order = config::ColorOrder::Rgb;
+    nchw_rgb_letterbox.preprocess.resize_mode = ResizeMode::Letterbox;
+    nchw_rgb_letterbox.preprocess.crop = None;
+    nchw_rgb_letterbox.preprocess.resize = Size {
+        width: 224,
+        height: 224,
+    };
+    nchw_rgb_letterbox.preprocess.pad_value = 114;
+    nchw_rgb_letterbox.preprocess.scale = 1.0 / 255.0;
+    nchw_rgb_letterbox.preprocess.mean = [0.485, 0.456, 0.406];
+    nchw_rgb_letterbox.preprocess.std = [0.229, 0.224, 0.225];
+    let mut compared = 0;
+    for model in [&base, &nchw_rgb_letterbox] {
+        model.validate().unwrap();
+        for name in &names {
+            let data = std::fs::read(dir.join(name)).unwrap();
+            let Ok((_, want)) = run(&data, model) else {
+                continue;
+            };
+            let mut pixels = vec![0u8; model.input.elements()];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            preprocess(&data, model, &Limits::default(), deadline, &mut pixels).unwrap();
+            let mut got = vec![f32::NAN; model.input.elements()];
+            preprocess_worker::normalize_rgb8(&pixels, &model.input, &model.preprocess, &mut got);
+            let same = want
+                .iter()
+                .zip(&got)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{name} ({:?}): the two paths differ",
+                model.input.layout
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared >= 12, "only {compared} photos compared");
+}

@@ -335,6 +335,27 @@ pub struct ModelRuntime {
     /// The start-up precision check, when the spec has `[precision]` and a
     /// reduced precision was tried.
     pub calibration: Option<Calibration>,
+    /// The GPU's state, when a GPU backend runs the model.
+    #[serde(default)]
+    pub gpu: Option<GpuState>,
+}
+
+/// What a GPU backend reports at load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuState {
+    /// CUDA device ordinal.
+    pub ordinal: u32,
+    /// Device memory in use after the model loaded (the whole device).
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+    /// TensorRT engine cache: `off`, `built` (empty before this start) or
+    /// `loaded` (engines found); `none` for the CUDA provider.
+    pub engine_cache: String,
+    /// The cache folder, when there is one.
+    pub engine_cache_dir: Option<String>,
+    /// The tensor pool is registered with the driver (page-locked), so
+    /// copies from the slots are asynchronous DMA.
+    pub pinned_slots: bool,
 }
 
 /// Result of checking a reduced precision against f32 on calibration images.

@@ -163,17 +163,36 @@ impl SharedTensors {
         s: SlotRef,
         fill: impl FnOnce(&mut [f32]) -> R,
     ) -> Result<R, ShmError> {
+        self.write(s, fill)
+    }
+
+    /// Worker: [`SharedTensors::write_f32`] for a model whose slots hold
+    /// uint8 pixels.
+    pub fn write_u8<R>(
+        &self,
+        s: SlotRef,
+        fill: impl FnOnce(&mut [u8]) -> R,
+    ) -> Result<R, ShmError> {
+        self.write(s, fill)
+    }
+
+    fn write<T: Element, R>(
+        &self,
+        s: SlotRef,
+        fill: impl FnOnce(&mut [T]) -> R,
+    ) -> Result<R, ShmError> {
         let h = self.check(s, false)?;
         let (off, r) = self.locate(s.model, s.slot)?;
         // SAFETY: the sample lies inside the mapping (`locate`) and is 64-byte
-        // aligned, so valid for f32 of any bit pattern. The gateway's ledger
-        // hands a slot generation to exactly one worker job at a time and does
-        // not re-lease it until that job is answered or its process is dead, so
-        // no other live `&mut` or `&` to these bytes exists in any process.
+        // aligned, so valid for `T` (f32 or u8: any bit pattern is a value).
+        // The gateway's ledger hands a slot generation to exactly one worker
+        // job at a time and does not re-lease it until that job is answered
+        // or its process is dead, so no other live `&mut` or `&` to these
+        // bytes exists in any process.
         let buf = unsafe {
             std::slice::from_raw_parts_mut(
-                self.seg.ptr().add(off + SLOT_HEADER_BYTES) as *mut f32,
-                r.sample_bytes / 4,
+                self.seg.ptr().add(off + SLOT_HEADER_BYTES) as *mut T,
+                r.sample_bytes / std::mem::size_of::<T>(),
             )
         };
         let out = fill(buf);
@@ -185,20 +204,69 @@ impl SharedTensors {
     /// Executor: reads a filled sample. Fails if the handle is stale or the
     /// worker never finished writing it.
     pub fn read_f32<R>(&self, s: SlotRef, read: impl FnOnce(&[f32]) -> R) -> Result<R, ShmError> {
+        self.read(s, read)
+    }
+
+    /// Executor: [`SharedTensors::read_f32`] for uint8-pixel slots.
+    pub fn read_u8<R>(&self, s: SlotRef, read: impl FnOnce(&[u8]) -> R) -> Result<R, ShmError> {
+        self.read(s, read)
+    }
+
+    fn read<T: Element, R>(&self, s: SlotRef, read: impl FnOnce(&[T]) -> R) -> Result<R, ShmError> {
+        Ok(read(self.view(s)?))
+    }
+
+    /// Executor: reads several filled samples at once (a batch a GPU engine
+    /// copies to the device itself), each as `f32`s or its error; the
+    /// borrows end with `read`.
+    pub fn read_many_f32<R>(
+        &self,
+        slots: &[SlotRef],
+        read: impl FnOnce(Vec<Result<&[f32], ShmError>>) -> R,
+    ) -> R {
+        read(slots.iter().map(|&s| self.view(s)).collect())
+    }
+
+    /// Executor: [`SharedTensors::read_many_f32`] for uint8-pixel slots.
+    pub fn read_many_u8<R>(
+        &self,
+        slots: &[SlotRef],
+        read: impl FnOnce(Vec<Result<&[u8], ShmError>>) -> R,
+    ) -> R {
+        read(slots.iter().map(|&s| self.view(s)).collect())
+    }
+
+    /// A filled sample, borrowed for as long as `self` — private, so every
+    /// public borrow is scoped by a closure that ends before the job can be
+    /// answered (and the slot re-leased).
+    fn view<T: Element>(&self, s: SlotRef) -> Result<&[T], ShmError> {
         self.check(s, true)?;
         let (off, r) = self.locate(s.model, s.slot)?;
         // SAFETY: in bounds and aligned (`locate`); the `filled` generation
         // check (Acquire) proves the worker finished writing this generation,
-        // and the ledger keeps the slot leased, so nobody writes it now.
-        let buf = unsafe {
+        // and the ledger keeps the slot leased, so nobody writes it while
+        // the caller's closure holds the borrow.
+        Ok(unsafe {
             std::slice::from_raw_parts(
-                self.seg.ptr().add(off + SLOT_HEADER_BYTES) as *const f32,
-                r.sample_bytes / 4,
+                self.seg.ptr().add(off + SLOT_HEADER_BYTES) as *const T,
+                r.sample_bytes / std::mem::size_of::<T>(),
             )
-        };
-        Ok(read(buf))
+        })
+    }
+
+    /// The pool's whole mapping, to register it with a GPU driver for DMA.
+    /// The range stays mapped, at this address and length, for as long as
+    /// `self` lives; using the pointer is the caller's `unsafe`.
+    pub fn mapped_range(&self) -> (*const u8, usize) {
+        (self.seg.ptr() as *const u8, self.seg.len())
     }
 }
+
+/// What a slot may be read or written as: plain numbers, valid for any bit
+/// pattern, with an alignment that 64-byte slots satisfy.
+trait Element: Copy {}
+impl Element for f32 {}
+impl Element for u8 {}
 
 // SAFETY: all shared state behind the raw mapping is accessed through atomics
 // or through the ledger's exclusive-lease protocol documented above.
@@ -255,6 +323,21 @@ mod tests {
         p.write_f32(new, |b| b.fill(5.0)).unwrap();
         assert!(p.read_f32(old, |_| ()).is_err());
         assert_eq!(p.read_f32(new, |b| b[2]).unwrap(), 5.0);
+    }
+
+    #[test]
+    fn uint8_slots_are_written_and_read_as_bytes() {
+        let p = SharedTensors::create(PoolLayout::new(&[(1, 5)])).unwrap();
+        let s = SlotRef {
+            model: 0,
+            slot: 0,
+            generation: 3,
+        };
+        p.stamp(s).unwrap();
+        assert!(p.read_u8(s, |_| ()).is_err(), "not filled yet");
+        p.write_u8(s, |b| b.copy_from_slice(&[1, 2, 3, 4, 255]))
+            .unwrap();
+        assert_eq!(p.read_u8(s, |b| b.to_vec()).unwrap(), vec![1, 2, 3, 4, 255]);
     }
 
     #[test]

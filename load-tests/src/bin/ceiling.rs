@@ -68,7 +68,8 @@ fn main() -> anyhow::Result<()> {
     // `alone`: nothing else runs, so the engine may use every core.
     let pipeline = |engine: &mut dyn gpu_executor::Engine, buf: &mut Vec<f32>, alone: bool| {
         let deadline = Instant::now() + Duration::from_secs(5);
-        preprocess_worker::preprocess(&data, &spec, &limits, deadline, buf).expect("preprocess");
+        preprocess_worker::preprocess(&data, &spec, &limits, deadline, &mut **buf)
+            .expect("preprocess");
         let run = if alone {
             gpu_executor::Engine::run_alone
         } else {

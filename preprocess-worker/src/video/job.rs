@@ -83,9 +83,15 @@ impl FrameSink for SlotSink<'_> {
         let (w, h) = (pixels.width, pixels.height);
         let env = self.env;
         let far = Instant::now() + Duration::from_secs(3600);
-        match env.tensors.write_f32(slot, |buf| {
-            crate::to_tensor(pixels, w, h, env.model, far, buf)
-        }) {
+        let written = match env.model.slot_dtype {
+            config::SlotDtype::Float32 => env.tensors.write_f32(slot, |buf| {
+                crate::to_tensor(pixels, w, h, env.model, far, buf.into())
+            }),
+            config::SlotDtype::Uint8 => env.tensors.write_u8(slot, |buf| {
+                crate::to_tensor(pixels, w, h, env.model, far, buf.into())
+            }),
+        };
+        match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Stop::Fail(job_error(&e))),
             Err(e @ ShmError::StaleSlot { .. }) => {

@@ -1,16 +1,21 @@
-//! ONNX Runtime on CPU: one session per instance, each with its own
-//! intra-op thread budget (`instances.intra_threads`), spinning off so idle
-//! instances leave the cores to the preprocess workers, one inter-op thread.
+//! ONNX Runtime: one session per instance. On CPU each has its own intra-op
+//! thread budget (`instances.intra_threads`), spinning off so idle instances
+//! leave the cores to the preprocess workers, one inter-op thread. On a GPU
+//! (`onnxruntime-cuda`, `onnxruntime-tensorrt`) each session runs on its own
+//! non-default CUDA stream, and a provider that cannot be registered is an
+//! error with ONNX Runtime's reason, never a silent CPU run.
 
 use std::path::Path;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use config::{InputSpec, ModelSpec};
 use ort::environment::Environment;
+use ort::logging::LogLevel;
 use ort::session::Session;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::value::{Outlet, TensorElementType, TensorRef};
 
+use crate::cuda::{DeviceInput, HostSample};
 use crate::{Engine, ExecError};
 
 /// The process-wide ONNX Runtime environment, loading the library from
@@ -37,6 +42,7 @@ pub fn environment(library: &Path) -> Result<Environment, ExecError> {
     let env = ort::init_from(&path)
         .map_err(|e| lib_err(e.to_string()))?
         .with_name("mmgate")
+        .with_logger(Arc::new(to_tracing))
         .build()
         .map_err(|e| ExecError::Runtime {
             library: "ONNX Runtime",
@@ -45,8 +51,23 @@ pub fn environment(library: &Path) -> Result<Environment, ExecError> {
     Ok(ENV.get_or_init(|| env).clone())
 }
 
-/// One ONNX Runtime CPU session.
-pub struct OrtCpu {
+/// ONNX Runtime's own log lines, as `tracing` events (target
+/// `onnxruntime`): the reason a provider failed to load is only told there.
+fn to_tracing(level: LogLevel, category: &str, _id: &str, location: &str, message: &str) {
+    match level {
+        LogLevel::Verbose => {
+            tracing::trace!(target: "onnxruntime", category, location, "{message}")
+        }
+        LogLevel::Info => tracing::debug!(target: "onnxruntime", category, location, "{message}"),
+        LogLevel::Warning => tracing::warn!(target: "onnxruntime", category, location, "{message}"),
+        LogLevel::Error | LogLevel::Fatal => {
+            tracing::error!(target: "onnxruntime", category, location, "{message}")
+        }
+    }
+}
+
+/// One ONNX Runtime session.
+pub struct OrtSession {
     model: String,
     session: Session,
     input: InputSpec,
@@ -54,11 +75,18 @@ pub struct OrtCpu {
     output_name: String,
     outputs: usize,
     max_batch: usize,
+    /// GPU providers: the batch is assembled on the device, on the
+    /// session's own stream, straight from the slots.
+    device_input: Option<DeviceInput>,
+    device_id: i32,
+    /// The CUDA stream the session computes on (GPU providers); declared
+    /// after `session` so it is destroyed after it.
+    _stream: Option<Arc<cudarc::driver::CudaStream>>,
 }
 
-impl std::fmt::Debug for OrtCpu {
+impl std::fmt::Debug for OrtSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OrtCpu")
+        f.debug_struct("OrtSession")
             .field("model", &self.model)
             .field("input", &self.input_name)
             .field("output", &self.output_name)
@@ -66,10 +94,21 @@ impl std::fmt::Debug for OrtCpu {
     }
 }
 
-impl OrtCpu {
-    /// Creates a session for `spec` and checks the model against the spec:
-    /// input name, element type and shape; output name, type and width.
+impl OrtSession {
+    /// Creates a CPU session for `spec`; see [`OrtSession::load_on`].
     pub fn load(env: Environment, spec: &ModelSpec) -> Result<Self, ExecError> {
+        Self::load_on(env, spec, None)
+    }
+
+    /// Creates a session for `spec`, on `gpu` when given (its providers
+    /// registered with `error_on_failure`), and checks the model against
+    /// the spec: input name, element type and shape; output name, type and
+    /// width.
+    pub fn load_on(
+        env: Environment,
+        spec: &ModelSpec,
+        gpu: Option<&crate::gpu::Providers>,
+    ) -> Result<Self, ExecError> {
         let model = spec.name.clone();
         let path = Path::new(&spec.file);
         if !path.is_file() {
@@ -85,6 +124,14 @@ impl OrtCpu {
         };
         let threads = spec.instances.intra_threads.max(1) as usize;
         let mut builder = configure(&env, threads).map_err(|e| load_err(e.to_string()))?;
+        let mut stream = None;
+        let mut device_input = None;
+        if let Some(gpu) = gpu {
+            let (b, s) = gpu.register(builder)?;
+            builder = b;
+            device_input = gpu.device_input(spec, &s);
+            stream = Some(s);
+        }
         let session = builder
             .commit_from_file(path)
             .map_err(|e| load_err(e.to_string()))?;
@@ -140,6 +187,9 @@ impl OrtCpu {
             output_name,
             outputs: labels,
             max_batch: spec.batching.max_batch as usize,
+            device_input,
+            device_id: spec.gpu.device as i32,
+            _stream: stream,
         })
     }
 }
@@ -150,7 +200,8 @@ fn configure(env: &Environment, threads: usize) -> Result<SessionBuilder, ort::E
         .with_intra_threads(threads)?
         .with_inter_threads(1)?
         .with_intra_op_spinning(false)?
-        .with_inter_op_spinning(false)?)
+        .with_inter_op_spinning(false)?
+        .with_log_level(LogLevel::Warning)?)
 }
 
 fn find<'a>(outlets: &'a [Outlet], name: &str) -> Option<&'a Outlet> {
@@ -208,7 +259,102 @@ fn static_width(o: &Outlet) -> Option<usize> {
         .try_fold(1usize, |acc, &d| (d >= 0).then(|| acc * d as usize))
 }
 
-impl Engine for OrtCpu {
+impl OrtSession {
+    fn check_batch(&self, batch: usize) -> Result<(), ExecError> {
+        if batch == 0 || batch > self.max_batch {
+            return Err(ExecError::BatchTooLarge {
+                model: self.model.clone(),
+                batch,
+                max_batch: self.max_batch,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The named output of a finished run of `model`: `batch × width` values.
+fn scores(
+    model: &str,
+    output_name: &str,
+    width: usize,
+    outputs: &ort::session::SessionOutputs<'_>,
+    batch: usize,
+) -> Result<Vec<f32>, ExecError> {
+    let value = outputs
+        .get(output_name)
+        .ok_or_else(|| ExecError::Inference {
+            model: model.to_string(),
+            message: format!("output {output_name:?} missing from the run's results"),
+        })?;
+    let (_, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| ExecError::Inference {
+            model: model.to_string(),
+            message: e.to_string(),
+        })?;
+    if data.len() != batch * width {
+        return Err(ExecError::OutputWidth {
+            model: model.to_string(),
+            name: output_name.to_string(),
+            actual: data.len() / batch,
+            expected: width,
+        });
+    }
+    Ok(data.to_vec())
+}
+
+impl Engine for OrtSession {
+    fn reads_slots(&self) -> bool {
+        self.device_input.is_some()
+    }
+
+    /// The batch is copied from the slots into the device buffer and (for
+    /// uint8 slots) normalised there, all on the session's stream, then
+    /// run from device memory with no further copy. ONNX Runtime
+    /// synchronises its compute stream (ours) before `run` returns, so the
+    /// copies out of the slots are complete when this returns.
+    fn run_slots(&mut self, samples: &[HostSample<'_>]) -> Result<Vec<f32>, ExecError> {
+        let batch = samples.len();
+        self.check_batch(batch)?;
+        let infer = |message: String| ExecError::Inference {
+            model: self.model.clone(),
+            message,
+        };
+        let dev = self
+            .device_input
+            .as_mut()
+            .ok_or_else(|| infer("no device input on this session".into()))?;
+        let ptr = dev.assemble(samples).map_err(infer)?;
+        let info = ort::memory::MemoryInfo::new(
+            ort::memory::AllocationDevice::CUDA,
+            self.device_id,
+            ort::memory::AllocatorType::Device,
+            ort::memory::MemoryType::Default,
+        )
+        .map_err(|e| infer(e.to_string()))?;
+        let shape = ort::value::Shape::from(self.input.batch_shape(batch));
+        // SAFETY: `ptr` is the device buffer `assemble` filled, holding at
+        // least `batch × elements` f32s on this session's device; it lives
+        // in `self.device_input`, which outlives this run, and nothing else
+        // writes it until the run is over (one thread owns the session).
+        #[allow(unsafe_code)]
+        let tensor = unsafe {
+            ort::value::TensorRefMut::<f32>::from_raw(info, ptr as *mut std::ffi::c_void, shape)
+        }
+        .map_err(|e| infer(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .map_err(|e| infer(e.to_string()))?;
+        scores(
+            &self.model,
+            &self.output_name,
+            self.outputs,
+            &outputs,
+            batch,
+        )
+    }
+
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
         if batch == 0 || batch > self.max_batch {
             return Err(ExecError::BatchTooLarge {
@@ -236,25 +382,13 @@ impl Engine for OrtCpu {
             .session
             .run(ort::inputs![self.input_name.as_str() => tensor])
             .map_err(infer)?;
-        let value = outputs
-            .get(&self.output_name)
-            .ok_or_else(|| ExecError::Inference {
-                model: self.model.clone(),
-                message: format!(
-                    "output {:?} missing from the run's results",
-                    self.output_name
-                ),
-            })?;
-        let (_, data) = value.try_extract_tensor::<f32>().map_err(infer)?;
-        if data.len() != batch * self.outputs {
-            return Err(ExecError::OutputWidth {
-                model: self.model.clone(),
-                name: self.output_name.clone(),
-                actual: data.len() / batch,
-                expected: self.outputs,
-            });
-        }
-        Ok(data.to_vec())
+        scores(
+            &self.model,
+            &self.output_name,
+            self.outputs,
+            &outputs,
+            batch,
+        )
     }
 
     fn outputs(&self) -> usize {
