@@ -181,6 +181,8 @@ async fn readyz(State(app): State<AppState>) -> Response {
                 "backend": r.as_ref().map(|r| r.backend.as_str()),
                 "precision": r.as_ref().map(|r| r.precision.as_str()),
                 "device": r.as_ref().map(|r| r.device.as_str()),
+                "gpu": r.as_ref().and_then(|r| r.gpu.as_ref()),
+                "fallbacks": r.as_ref().map(|r| &r.fallbacks),
             })
         })
         .collect();

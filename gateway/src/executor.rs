@@ -584,6 +584,7 @@ impl Executor {
         // A ready executor may have waited for its turn unread.
         started.link.heard_now();
         *self.runtimes.write().unwrap_or_else(|e| e.into_inner()) = started.runtimes.clone();
+        core.metrics.observe_runtimes(&started.runtimes);
         *self.link.write().unwrap_or_else(|e| e.into_inner()) = Some(started.link.clone());
         self.pid.store(started.pid, Ordering::Relaxed);
         core.metrics

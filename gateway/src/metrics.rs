@@ -27,6 +27,11 @@ pub struct Metrics {
     pub batch_fill: HistogramVec,
     pub process_cpu: prometheus::CounterVec,
     pub process_rss: IntGaugeVec,
+    /// 1 per model: what actually runs it (after any fallback).
+    pub model_runtime: IntGaugeVec,
+    /// Device memory in use, per model on a GPU, as the executor measured
+    /// it after loading (the whole device's).
+    pub gpu_memory: IntGaugeVec,
     /// CPU seconds last read per (pool, pid): the CPU counter grows by the
     /// difference, so it never goes down.
     cpu_seen: std::sync::Arc<std::sync::Mutex<CpuSeen>>,
@@ -221,8 +226,26 @@ impl Metrics {
             &["pool"],
         )
         .expect("valid metric");
+        let model_runtime = IntGaugeVec::new(
+            Opts::new(
+                "mmgate_model_runtime",
+                "1 per model: the backend, precision and device that run it, and the TensorRT engine cache (none, off, built, loaded)",
+            ),
+            &["model", "backend", "precision", "device", "engine_cache"],
+        )
+        .expect("valid metric");
+        let gpu_memory = IntGaugeVec::new(
+            Opts::new(
+                "mmgate_gpu_memory_used_bytes",
+                "Device memory in use after the model loaded (whole device), per GPU model",
+            ),
+            &["model", "device"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(pool_desired.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(model_runtime.clone()),
+            Box::new(gpu_memory.clone()),
             Box::new(autoscale.clone()),
             Box::new(batch_fill.clone()),
             Box::new(process_cpu.clone()),
@@ -262,6 +285,8 @@ impl Metrics {
             batch_fill,
             process_cpu,
             process_rss,
+            model_runtime,
+            gpu_memory,
             cpu_seen: Default::default(),
             degraded,
         }
@@ -284,6 +309,29 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Shows what runs each model, replacing what an earlier executor said.
+    pub fn observe_runtimes(&self, runtimes: &[shm::ModelRuntime]) {
+        self.model_runtime.reset();
+        self.gpu_memory.reset();
+        for r in runtimes {
+            let cache = r.gpu.as_ref().map_or("none", |g| g.engine_cache.as_str());
+            self.model_runtime
+                .with_label_values(&[
+                    r.model.as_str(),
+                    r.backend.as_str(),
+                    r.precision.as_str(),
+                    r.device.as_str(),
+                    cache,
+                ])
+                .set(1);
+            if let Some(g) = &r.gpu {
+                self.gpu_memory
+                    .with_label_values(&[r.model.as_str(), r.device.as_str()])
+                    .set(i64::try_from(g.memory_used_bytes).unwrap_or(i64::MAX));
+            }
+        }
+    }
+
     /// Reads CPU time and resident memory of each pool's processes from
     /// `/proc`. A process gone since the last reading keeps its share of
     /// the CPU counter.

@@ -253,3 +253,28 @@ async fn uint8_slots_score_as_float_slots_and_refuse_raw_tensors() {
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The shipped GPU example's model (CUDA, uint8 slots, fallback to CPU)
+/// starts here and scores correctly, and its server file parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gpu_example_serves_here_on_its_cpu_fallback() {
+    let example = repo().join("configs/examples/gpu.toml");
+    config::ServerConfig::load(&example).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    let models = repo().join("configs/examples/gpu-models");
+    let gw = Gateway::start(&format!("[server]\nmodels_dir = {models:?}\n")).await;
+    let m = gw.get("/v1/models/open_nsfw").await;
+    assert_eq!(m.json["backend"], "onnxruntime-cuda", "{}", m.json);
+    assert_eq!(
+        m.json["runtime"]["backend"], "onnxruntime-cpu",
+        "{}",
+        m.json
+    );
+    let want = expected()["images"]["coffee.jpg"]["nsfw"].as_f64().unwrap();
+    let r = gw.good_image().await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert!(
+        close_enough(want, r.nsfw()),
+        "want {want}, got {}",
+        r.nsfw()
+    );
+}
