@@ -60,9 +60,12 @@ pub enum GpuFallback {
 pub struct GpuSpec {
     /// CUDA device ordinal.
     pub device: u32,
-    /// TensorRT only: build FP16 engines (FP32 otherwise).
+    /// TensorRT only (ignored by the other backends, so a backend override
+    /// never makes a spec invalid): build FP16 engines, FP32 otherwise.
+    /// Not checked by `[precision]`, which proves OpenVINO's BF16 only.
     pub fp16: bool,
-    /// TensorRT engine cache; empty = `<executor.cache_dir>/onnxruntime-tensorrt`.
+    /// TensorRT engine cache (relative to the spec's folder); empty =
+    /// `<executor.cache_dir>/onnxruntime-tensorrt`.
     /// Engines are kept per model file sha256 and batch profile, so
     /// retrained weights never reuse a stale engine.
     pub engine_cache_dir: String,

@@ -332,6 +332,11 @@ pub struct ExecutorSection {
     /// CPUs the executor and its engine threads are pinned to, as a Linux
     /// CPU list (`"0-3,8"`); empty = not pinned.
     pub cpus: String,
+    /// How long an executor may take to load and warm every model before
+    /// it is taken for stuck and restarted. Raise it for TensorRT, whose
+    /// first engine build can take many minutes (a build cut off here
+    /// starts again from nothing).
+    pub ready_timeout_ms: u64,
 }
 
 impl Default for ExecutorSection {
@@ -344,6 +349,7 @@ impl Default for ExecutorSection {
             heartbeat_ms: 500,
             heartbeat_misses: 6,
             cpus: String::new(),
+            ready_timeout_ms: 300_000,
         }
     }
 }

@@ -271,6 +271,9 @@ impl ModelSpec {
         let mut spec: ModelSpec = crate::config::read_toml(path)?;
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
         spec.file = crate::config::resolve(dir, &spec.file);
+        if !spec.gpu.engine_cache_dir.is_empty() {
+            spec.gpu.engine_cache_dir = crate::config::resolve(dir, &spec.gpu.engine_cache_dir);
+        }
         if let Some(check) = spec.precision.as_mut() {
             check.calibration_images = crate::config::resolve(dir, &check.calibration_images);
         }
@@ -346,12 +349,6 @@ impl ModelSpec {
         }
         if let Some(check) = &self.precision {
             check.validate()?;
-        }
-        if self.gpu.fp16 && self.backend != Backend::OnnxruntimeTensorrt {
-            return Err(invalid(format!(
-                "gpu.fp16 applies to backend \"onnxruntime-tensorrt\" only; this model's backend is {:?}",
-                self.backend.as_str()
-            )));
         }
         Ok(())
     }

@@ -496,8 +496,11 @@ impl Executor {
             scheduling: core.cfg.scheduling.clone(),
             unloaded,
         });
-        let hs =
-            children::handshake::<FromExecutor, _>(&mut sp.stream, &init, Duration::from_secs(300));
+        let hs = children::handshake::<FromExecutor, _>(
+            &mut sp.stream,
+            &init,
+            Duration::from_millis(core.cfg.executor.ready_timeout_ms),
+        );
         let runtimes = match hs.await {
             Ok(FromExecutor::Ready(runtimes)) => runtimes,
             other => {

@@ -91,8 +91,8 @@ pub struct ServeArgs {
     /// OpenVINO C library (`libopenvino_c.so.*`, the versioned file).
     #[arg(long, env = "MMGATE_OPENVINO_LIBRARY")]
     pub openvino_library: Option<String>,
-    /// Backend of every model (overrides every model spec):
-    /// `openvino` or `onnxruntime-cpu`.
+    /// Backend of every model (overrides every model spec): `openvino`,
+    /// `onnxruntime-cpu`, `onnxruntime-cuda` or `onnxruntime-tensorrt`.
     #[arg(long, env = "MMGATE_BACKEND", value_parser = parse_backend)]
     pub backend: Option<config::Backend>,
     /// OpenVINO precision of every model (overrides every model spec):

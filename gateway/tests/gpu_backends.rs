@@ -50,6 +50,13 @@ fn models_with(dir: &Path, top: &str, gpu: &str) -> PathBuf {
     models
 }
 
+/// Whether `text` names why a GPU backend cannot run on a host like this
+/// one: no driver (here and in CI), or, on a host with a driver, the CPU
+/// ONNX Runtime library without the provider.
+fn names_the_reason(text: &str) -> bool {
+    text.contains("libcuda.so.1") || text.contains("was built without the")
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("mmgate-gpu-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -85,7 +92,7 @@ async fn falls_back_to_cpu(backend: &str) {
     let line = fallbacks[0].as_str().unwrap();
     assert!(
         line.contains(&format!("{backend} cannot run"))
-            && line.contains("libcuda.so.1")
+            && names_the_reason(line)
             && line.contains("onnxruntime-cpu runs instead"),
         "{line}"
     );
@@ -118,7 +125,7 @@ async fn falls_back_to_cpu(backend: &str) {
         .filter(|l| l.contains("WARN") && l.contains(&format!("{backend} cannot run")))
         .collect();
     assert_eq!(lines.len(), 1, "{lines:#?}");
-    assert!(lines[0].contains("libcuda.so.1"), "{}", lines[0]);
+    assert!(names_the_reason(lines[0]), "{}", lines[0]);
     drop(gw);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -167,7 +174,7 @@ fn a_gpu_model_that_must_not_fall_back_stops_the_gateway_within_5_s() {
     assert!(!status.success(), "{err}");
     assert!(
         err.contains("backend onnxruntime-cuda cannot run")
-            && err.contains("libcuda.so.1")
+            && names_the_reason(&err)
             && err.contains("gpu.fallback is \"fail\""),
         "{err}"
     );
@@ -198,7 +205,6 @@ async fn uint8_slots_score_as_float_slots_and_refuse_raw_tensors() {
         scores(&gw).await
     };
     let gw = Gateway::start(&format!("[server]\nmodels_dir = {uint8_models:?}\n")).await;
-    // The pool's slots for the model are a quarter of the float ones.
     let m = gw.get("/v1/models/open_nsfw").await;
     assert_eq!(
         m.json["runtime"]["backend"], "onnxruntime-cpu",

@@ -67,6 +67,7 @@ pub(crate) fn instances(
         calibration = Some(result);
     }
     Ok(LoadedModel {
+        device: None,
         runtime: ModelRuntime {
             model: model.into(),
             backend: Backend::Openvino,

@@ -144,6 +144,23 @@ impl Registered {
         self.len
     }
 
+    /// Whether this registration is of exactly `range`.
+    pub fn covers(&self, range: (*const u8, usize)) -> bool {
+        (range.0 as usize, range.1) == (self.ptr, self.len)
+    }
+
+    /// The driver's flags for the registered range: an error unless the
+    /// driver really holds it page-locked.
+    pub fn flags(&self) -> Result<u32, String> {
+        let mut flags = 0u32;
+        // SAFETY: `ptr` is this registration's live host range; the driver
+        // only writes the flags word.
+        unsafe { sys::cuMemHostGetFlags(&mut flags, self.ptr as *mut std::ffi::c_void) }
+            .result()
+            .map_err(|e| format!("the range is not registered: {e}"))?;
+        Ok(flags)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -345,6 +362,11 @@ impl DeviceInput {
     /// session's inference); the caller must not let the slots be reused
     /// before the stream has passed that point.
     pub fn assemble(&mut self, samples: &[HostSample<'_>]) -> Result<u64, String> {
+        // The raw copies below need the context current on this thread.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| format!("cannot bind the CUDA context: {e}"))?;
         let n = samples.len();
         if n * self.elements > self.input.len() {
             return Err(format!("a batch of {n} is over the device buffer"));

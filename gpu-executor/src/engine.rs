@@ -181,6 +181,8 @@ pub fn load(spec: &ModelSpec, backends: &Backends) -> Result<Box<dyn Engine>, Ex
 pub struct LoadedModel {
     pub engines: Vec<Box<dyn Engine>>,
     pub runtime: ModelRuntime,
+    /// The CUDA device, for a model a GPU backend runs.
+    pub device: Option<crate::cuda::Device>,
 }
 
 impl std::fmt::Debug for LoadedModel {
@@ -205,8 +207,25 @@ pub fn load_model(
     let mut loaded = match spec.backend {
         Backend::OnnxruntimeCpu => ort_instances(spec, backends)?,
         Backend::OnnxruntimeCuda | Backend::OnnxruntimeTensorrt => {
-            match crate::gpu::instances(spec, backends) {
-                Ok(loaded) => loaded,
+            // Warm-up is part of the GPU attempt: TensorRT may build its
+            // engines then, and a failure there falls back like any other.
+            let gpu = crate::gpu::instances(spec, backends).and_then(|mut loaded| {
+                warm_up_all(spec, &mut loaded.engines, &gpu_sizes(spec), true)?;
+                if let (Some(d), Some(g)) = (&loaded.device, loaded.runtime.gpu.as_mut()) {
+                    // After warm-up: the arenas have grown to max_batch.
+                    g.memory_used_bytes = d.used_bytes().unwrap_or(g.memory_used_bytes);
+                }
+                Ok(loaded)
+            });
+            match gpu {
+                Ok(loaded) => {
+                    loaded
+                        .runtime
+                        .fallbacks
+                        .iter()
+                        .for_each(|l| fallbacks.push(l.clone()));
+                    loaded
+                }
                 Err(e) if spec.gpu.fallback == GpuFallback::Cpu => {
                     let line = crate::gpu::fallback_line(&e);
                     tracing::warn!(model = %spec.name, "{line}");
@@ -238,15 +257,9 @@ pub fn load_model(
         },
     };
     loaded.runtime.fallbacks = fallbacks;
-    // A GPU runs every batch size once: TensorRT builds (or loads) an
-    // engine per shape it has no profile for, and cuDNN picks kernels per
-    // shape, so no request pays for that later.
-    let sizes: Vec<usize> = if loaded.runtime.backend.is_gpu() {
-        (1..=spec.batching.max_batch as usize).collect()
-    } else {
-        vec![warmup_batch]
-    };
-    warm_up_all(spec, &mut loaded.engines, &sizes)?;
+    if !loaded.runtime.backend.is_gpu() {
+        warm_up_all(spec, &mut loaded.engines, &[warmup_batch], false)?;
+    }
     Ok(loaded)
 }
 
@@ -262,6 +275,7 @@ fn ort_instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
     });
     let engines = results.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok(LoadedModel {
+        device: None,
         engines,
         runtime: ModelRuntime {
             model: spec.name.clone(),
@@ -305,12 +319,32 @@ pub fn cpu_name() -> String {
 
 /// Warms every instance up at once, so that instances sharing a compiled
 /// model each warm their own request.
+/// The batch sizes a GPU instance warms up with: every one, since TensorRT
+/// builds (or loads) an engine per shape it has no profile for and cuDNN
+/// picks kernels per shape, so no request pays for that later.
+fn gpu_sizes(spec: &ModelSpec) -> Vec<usize> {
+    (1..=spec.batching.max_batch as usize).collect()
+}
+
+/// Warms every instance up at once (`first_alone`: the first one before
+/// the others, so that TensorRT builds each engine once and the others
+/// load it from the cache instead of building it beside it).
 fn warm_up_all(
     spec: &ModelSpec,
     engines: &mut [Box<dyn Engine>],
     sizes: &[usize],
+    first_alone: bool,
 ) -> Result<(), ExecError> {
     let batch = sizes.iter().copied().max().unwrap_or(1);
+    let engines = match engines.split_first_mut() {
+        Some((first, rest)) if first_alone => {
+            sizes
+                .iter()
+                .try_for_each(|&n| warm_up(spec, first.as_mut(), n))?;
+            rest
+        }
+        _ => engines,
+    };
     std::thread::scope(|s| {
         let handles: Vec<_> = engines
             .iter_mut()

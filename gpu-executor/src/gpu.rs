@@ -185,8 +185,11 @@ pub fn trt_profile(spec: &ModelSpec) -> Result<[String; 3], String> {
 /// own engine key hashes the file *name*, not the weights).
 pub fn engine_cache_dir(root: &Path, model_sha256: &str, spec: &ModelSpec) -> PathBuf {
     let precision = if spec.gpu.fp16 { "fp16" } else { "fp32" };
-    root.join(model_sha256)
-        .join(format!("batch1-{}-{precision}", spec.batching.max_batch))
+    let i = &spec.input;
+    root.join(model_sha256).join(format!(
+        "batch1-{}-{}x{}x{}-{precision}",
+        spec.batching.max_batch, i.height, i.width, i.channels
+    ))
 }
 
 /// The provider's availability in the loaded ONNX Runtime library, as the
@@ -211,8 +214,13 @@ fn provider_built_in(spec: &ModelSpec, backends: &Backends) -> Result<(), String
     }
 }
 
-fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |d| d.flatten().count())
+/// TensorRT engines in a cache folder (not its timing cache).
+fn count_engines(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "engine"))
+            .count()
+    })
 }
 
 /// Loads the instances of a GPU model: probe in order (driver, device,
@@ -231,7 +239,15 @@ pub fn instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
     let trt = spec.backend == Backend::OnnxruntimeTensorrt;
     let engine_cache = if trt {
         crate::engine::model_cache(backends, spec, &spec.gpu.engine_cache_dir)
-            .map(|(root, sha)| engine_cache_dir(&root, &sha, spec))
+            .map(|(root, sha)| {
+                // The default root is shared with other backends' caches.
+                let root = if spec.gpu.engine_cache_dir.is_empty() {
+                    root.join(Backend::OnnxruntimeTensorrt.as_str())
+                } else {
+                    root
+                };
+                engine_cache_dir(&root, &sha, spec)
+            })
             .and_then(|dir| match std::fs::create_dir_all(&dir) {
                 Ok(()) => Some(dir),
                 Err(e) => {
@@ -270,7 +286,7 @@ pub fn instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
         device: device.clone(),
     };
     let pinned = pin_pool(&device, backends);
-    let cached_before = engine_cache.as_deref().map_or(0, count_files);
+    let cached_before = engine_cache.as_deref().map_or(0, count_engines);
     let load = || -> Result<Box<dyn Engine>, ExecError> {
         Ok(Box::new(OrtSession::load_on(
             env.clone(),
@@ -304,6 +320,7 @@ pub fn instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
             .map(|h| joined(spec, h.join()))
             .collect()
     });
+    let on_device = first.reads_slots();
     let mut engines = vec![first];
     for e in rest {
         engines.push(e?);
@@ -316,7 +333,15 @@ pub fn instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
         (Some(_), true) => "built",
     };
     let (sm_major, sm_minor) = device.sm;
+    let mut fallbacks = Vec::new();
+    if !on_device {
+        fallbacks.push(
+            "batches go through host memory (the device input could not be set up; see the log), and uint8 slots are normalised on the CPU"
+                .to_string(),
+        );
+    }
     Ok(LoadedModel {
+        device: Some(device.clone()),
         engines,
         runtime: ModelRuntime {
             model: spec.name.clone(),
@@ -328,7 +353,7 @@ pub fn instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
             },
             device: format!("{} (sm_{sm_major}{sm_minor})", device.name),
             layout: format!("{n} sessions, one CUDA stream each"),
-            fallbacks: Vec::new(),
+            fallbacks,
             calibration: None,
             gpu: Some(GpuState {
                 ordinal: device.ordinal,
@@ -336,6 +361,7 @@ pub fn instances(spec: &ModelSpec, backends: &Backends) -> Result<LoadedModel, E
                 memory_total_bytes: device.total_bytes as u64,
                 engine_cache: engine_cache_state.into(),
                 pinned_slots: pinned,
+                slots_to_device: on_device,
                 engine_cache_dir: engine_cache.map(|d| d.display().to_string()),
             }),
         },
@@ -352,7 +378,7 @@ fn pin_pool(device: &Device, backends: &Backends) -> bool {
         return false;
     };
     let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.is_some() {
+    if pool.as_ref().is_some_and(|r| r.covers(range)) {
         return true;
     }
     match cuda::Registered::new(device, range) {
@@ -421,14 +447,22 @@ mod tests {
         let root = Path::new("/cache");
         let mut s = spec("images", 4);
         let a = engine_cache_dir(root, "aa11", &s);
-        assert_eq!(a, Path::new("/cache/aa11/batch1-4-fp32"));
-        // Retrained weights (another sha256), another max batch, FP16:
-        // each a folder of its own, so no stale engine is ever loaded.
+        assert_eq!(a, Path::new("/cache/aa11/batch1-4-224x224x3-fp32"));
+        // Retrained weights (another sha256), another max batch, FP16,
+        // another input size: each a folder of its own, so no stale engine
+        // is ever loaded.
         assert_ne!(engine_cache_dir(root, "bb22", &s), a);
         s.batching.max_batch = 8;
         let b = engine_cache_dir(root, "aa11", &s);
         s.gpu.fp16 = true;
         let c = engine_cache_dir(root, "aa11", &s);
-        assert!(a != b && b != c && a != c, "{a:?} {b:?} {c:?}");
+        s.input.height = 320;
+        let d = engine_cache_dir(root, "aa11", &s);
+        let all = [&a, &b, &c, &d];
+        for (i, x) in all.iter().enumerate() {
+            for y in &all[i + 1..] {
+                assert_ne!(x, y);
+            }
+        }
     }
 }

@@ -260,6 +260,48 @@ fn static_width(o: &Outlet) -> Option<usize> {
 }
 
 impl OrtSession {
+    fn run_on_device(&mut self, samples: &[HostSample<'_>]) -> Result<Vec<f32>, ExecError> {
+        let batch = samples.len();
+        self.check_batch(batch)?;
+        let infer = |message: String| ExecError::Inference {
+            model: self.model.clone(),
+            message,
+        };
+        let dev = self
+            .device_input
+            .as_mut()
+            .ok_or_else(|| infer("no device input on this session".into()))?;
+        let ptr = dev.assemble(samples).map_err(infer)?;
+        let info = ort::memory::MemoryInfo::new(
+            ort::memory::AllocationDevice::CUDA,
+            self.device_id,
+            ort::memory::AllocatorType::Device,
+            ort::memory::MemoryType::Default,
+        )
+        .map_err(|e| infer(e.to_string()))?;
+        let shape = ort::value::Shape::from(self.input.batch_shape(batch));
+        // SAFETY: `ptr` is the device buffer `assemble` filled, holding at
+        // least `batch × elements` f32s on this session's device; it lives
+        // in `self.device_input`, which outlives this run, and nothing else
+        // writes it until the run is over (one thread owns the session).
+        #[allow(unsafe_code)]
+        let tensor = unsafe {
+            ort::value::TensorRefMut::<f32>::from_raw(info, ptr as *mut std::ffi::c_void, shape)
+        }
+        .map_err(|e| infer(e.to_string()))?;
+        let outputs = self
+            .session
+            .run(ort::inputs![self.input_name.as_str() => tensor])
+            .map_err(|e| infer(e.to_string()))?;
+        scores(
+            &self.model,
+            &self.output_name,
+            self.outputs,
+            &outputs,
+            batch,
+        )
+    }
+
     fn check_batch(&self, batch: usize) -> Result<(), ExecError> {
         if batch == 0 || batch > self.max_batch {
             return Err(ExecError::BatchTooLarge {
@@ -314,45 +356,15 @@ impl Engine for OrtSession {
     /// synchronises its compute stream (ours) before `run` returns, so the
     /// copies out of the slots are complete when this returns.
     fn run_slots(&mut self, samples: &[HostSample<'_>]) -> Result<Vec<f32>, ExecError> {
-        let batch = samples.len();
-        self.check_batch(batch)?;
-        let infer = |message: String| ExecError::Inference {
-            model: self.model.clone(),
-            message,
-        };
-        let dev = self
-            .device_input
-            .as_mut()
-            .ok_or_else(|| infer("no device input on this session".into()))?;
-        let ptr = dev.assemble(samples).map_err(infer)?;
-        let info = ort::memory::MemoryInfo::new(
-            ort::memory::AllocationDevice::CUDA,
-            self.device_id,
-            ort::memory::AllocatorType::Device,
-            ort::memory::MemoryType::Default,
-        )
-        .map_err(|e| infer(e.to_string()))?;
-        let shape = ort::value::Shape::from(self.input.batch_shape(batch));
-        // SAFETY: `ptr` is the device buffer `assemble` filled, holding at
-        // least `batch × elements` f32s on this session's device; it lives
-        // in `self.device_input`, which outlives this run, and nothing else
-        // writes it until the run is over (one thread owns the session).
-        #[allow(unsafe_code)]
-        let tensor = unsafe {
-            ort::value::TensorRefMut::<f32>::from_raw(info, ptr as *mut std::ffi::c_void, shape)
+        let result = self.run_on_device(samples);
+        if result.is_err()
+            && let Some(dev) = &self.device_input
+        {
+            // Copies already queued must finish before the slots are
+            // answered (and may be leased again).
+            let _ = dev.stream().synchronize();
         }
-        .map_err(|e| infer(e.to_string()))?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(|e| infer(e.to_string()))?;
-        scores(
-            &self.model,
-            &self.output_name,
-            self.outputs,
-            &outputs,
-            batch,
-        )
+        result
     }
 
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {

@@ -37,6 +37,7 @@ async fn serve_exits_with_an_error_when_a_model_has_no_instance_left() {
         models: vec![(
             spec(8, 0, &[]),
             Some(LoadedModel {
+                device: None,
                 engines: vec![Box::new(Doomed) as Box<dyn Engine>],
                 runtime: shm::ModelRuntime {
                     model: "m".into(),

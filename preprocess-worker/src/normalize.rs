@@ -187,6 +187,50 @@ mod tests {
         assert_eq!(b[4], (40.0 - 2.0) / 2.0);
     }
 
+    /// The vectorised rows equal the plain per-element formula (what the
+    /// lookup table computed before), in every layout and channel order.
+    #[test]
+    fn normalize_rgb8_equals_the_plain_formula() {
+        let (w, h) = (7usize, 5usize);
+        // Deterministic bytes covering 0..=255.
+        let src: Vec<u8> = (0..w * h * 3)
+            .map(|i| ((i * 37 + 11) % 256) as u8)
+            .collect();
+        for layout in [Layout::Nhwc, Layout::Nchw] {
+            for order in [ColorOrder::Rgb, ColorOrder::Bgr] {
+                let (mut input, mut p) = setup(layout, order);
+                input.width = w as u32;
+                input.height = h as u32;
+                p.scale = 1.0 / 255.0;
+                p.mean = [0.485, 0.456, 0.406];
+                p.std = [0.229, 0.224, 0.225];
+                let mut got = vec![f32::NAN; w * h * 3];
+                normalize_rgb8(&src, &input, &p, &mut got);
+                let pick = match order {
+                    ColorOrder::Rgb => [0, 1, 2],
+                    ColorOrder::Bgr => [2, 1, 0],
+                };
+                for y in 0..h {
+                    for x in 0..w {
+                        for c in 0..3 {
+                            let v = src[(y * w + x) * 3 + pick[c]];
+                            let want = (v as f32 * p.scale - p.mean[c]) / p.std[c];
+                            let i = match layout {
+                                Layout::Nhwc => (y * w + x) * 3 + c,
+                                Layout::Nchw => c * w * h + y * w + x,
+                            };
+                            assert_eq!(
+                                got[i].to_bits(),
+                                want.to_bits(),
+                                "{layout:?} {order:?} y{y} x{x} c{c}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn outside_the_image_is_pad_value() {
         let (input, p) = setup(Layout::Nhwc, ColorOrder::Rgb);

@@ -281,7 +281,11 @@ fn a_progressive_jpeg_is_charged_for_its_coefficient_buffer() {
 /// A model with `slot_dtype = "uint8"` gets the window's pixels from the
 /// worker and the executor normalises them with `normalize_rgb8`: on every
 /// photo, in both layouts and channel orders, and with letterbox padding,
-/// that gives the float path's tensor bit for bit.
+/// that gives the float path's tensor bit for bit. (The float path is the
+/// same two steps, so this checks the uint8 route through `preprocess`;
+/// `normalize_rgb8` itself is checked against the plain formula in
+/// `normalize.rs`, and the scores against the reference in the gateway's
+/// `gpu_backends` test.)
 #[test]
 fn uint8_pixels_normalised_later_equal_the_float_tensor_bit_for_bit() {
     let dir = root().join("tests/fixtures/images");

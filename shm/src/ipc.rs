@@ -356,6 +356,9 @@ pub struct GpuState {
     /// The tensor pool is registered with the driver (page-locked), so
     /// copies from the slots are asynchronous DMA.
     pub pinned_slots: bool,
+    /// Batches are copied from the slots straight to the device (and
+    /// uint8 slots normalised there); false: through host memory.
+    pub slots_to_device: bool,
 }
 
 /// Result of checking a reduced precision against f32 on calibration images.
