@@ -124,6 +124,22 @@ fn wrong_size(model: &ModelInfo, q: &Queued, len: usize) -> String {
     )
 }
 
+/// Each slot's sample as the engine takes it, or why it cannot be used
+/// (`sized` checks its length, given its index).
+fn samples<'a, T>(
+    all: Vec<Result<&'a [T], shm::ShmError>>,
+    wrap: fn(&'a [T]) -> HostSample<'a>,
+    sized: &dyn Fn(usize, usize) -> Result<(), String>,
+) -> Vec<Result<HostSample<'a>, String>> {
+    all.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let d = r.map_err(|e| e.to_string())?;
+            sized(i, d.len()).map(|()| wrap(d))
+        })
+        .collect()
+}
+
 struct ReportExit(UnboundedSender<usize>, usize);
 
 impl Drop for ReportExit {
@@ -254,27 +270,9 @@ impl Worker {
             })
         };
         let (errors, outcome) = if self.model.pixels.is_some() {
-            tensors.read_many_u8(&refs, |all| {
-                run(all
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        let d = r.map_err(|e| e.to_string())?;
-                        sized(i, d.len()).map(|()| HostSample::U8(d))
-                    })
-                    .collect())
-            })
+            tensors.read_many_u8(&refs, |all| run(samples(all, HostSample::U8, &sized)))
         } else {
-            tensors.read_many_f32(&refs, |all| {
-                run(all
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        let d = r.map_err(|e| e.to_string())?;
-                        sized(i, d.len()).map(|()| HostSample::F32(d))
-                    })
-                    .collect())
-            })
+            tensors.read_many_f32(&refs, |all| run(samples(all, HostSample::F32, &sized)))
         };
         self.batch.clear();
         for (q, error) in jobs.into_iter().zip(errors) {

@@ -289,10 +289,23 @@ impl OrtSession {
             ort::value::TensorRefMut::<f32>::from_raw(info, ptr as *mut std::ffi::c_void, shape)
         }
         .map_err(|e| infer(e.to_string()))?;
+        self.infer(tensor, batch)
+    }
+
+    /// Runs the session on one input value of `batch` samples; the scores.
+    fn infer<'v>(
+        &mut self,
+        input: impl Into<ort::session::SessionInputValue<'v>>,
+        batch: usize,
+    ) -> Result<Vec<f32>, ExecError> {
+        let input: ort::session::SessionInputValue<'v> = input.into();
         let outputs = self
             .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(|e| infer(e.to_string()))?;
+            .run(ort::inputs![self.input_name.as_str() => input])
+            .map_err(|e| ExecError::Inference {
+                model: self.model.clone(),
+                message: e.to_string(),
+            })?;
         scores(
             &self.model,
             &self.output_name,
@@ -390,17 +403,7 @@ impl Engine for OrtSession {
         };
         let tensor =
             TensorRef::from_array_view((self.input.batch_shape(batch), input)).map_err(infer)?;
-        let outputs = self
-            .session
-            .run(ort::inputs![self.input_name.as_str() => tensor])
-            .map_err(infer)?;
-        scores(
-            &self.model,
-            &self.output_name,
-            self.outputs,
-            &outputs,
-            batch,
-        )
+        self.infer(tensor, batch)
     }
 
     fn outputs(&self) -> usize {

@@ -37,11 +37,17 @@ pub enum SampleOut<'a> {
 }
 
 impl SampleOut<'_> {
-    fn len(&self) -> usize {
-        match self {
+    /// Holds exactly one sample of `model`'s input.
+    fn check(&self, model: &ModelSpec) -> Result<(), PreprocessError> {
+        let got = match self {
             SampleOut::F32(b) => b.len(),
             SampleOut::Rgb8(b) => b.len(),
+        };
+        let expected = model.input.elements();
+        if got != expected {
+            return Err(PreprocessError::OutputSize { expected, got });
         }
+        Ok(())
     }
 }
 
@@ -91,13 +97,7 @@ pub fn preprocess<'a>(
     out: impl Into<SampleOut<'a>>,
 ) -> Result<ImageInfo, PreprocessError> {
     let out = out.into();
-    let expected = model.input.elements();
-    if out.len() != expected {
-        return Err(PreprocessError::OutputSize {
-            expected,
-            got: out.len(),
-        });
-    }
+    out.check(model)?;
     limits::check_bytes(data.len(), limits)?;
     let kind = config::sniff(data).ok_or_else(|| PreprocessError::unsupported(data))?;
     let p = &model.preprocess;
@@ -125,13 +125,7 @@ pub fn preprocess_rgb<'a>(
     out: impl Into<SampleOut<'a>>,
 ) -> Result<(), PreprocessError> {
     let out = out.into();
-    let expected = model.input.elements();
-    if out.len() != expected {
-        return Err(PreprocessError::OutputSize {
-            expected,
-            got: out.len(),
-        });
-    }
+    out.check(model)?;
     if rgb.len() != width as usize * height as usize * 3 || width == 0 || height == 0 {
         return Err(PreprocessError::Internal(format!(
             "{} bytes is not a {width}×{height} RGB24 raster",
