@@ -5,7 +5,8 @@
 #    `flooder` (standard too, max_concurrency 16) sends 10× C;
 # 3. priority: tenant `vip` (critical) sends 10% of C alone, then again while
 #    tenant `bulk` (batch) saturates the gateway closed loop at concurrency 32.
-# Prints each phase's JSON and the ratios of p99s. Env: SECS (15).
+# Prints each phase's JSON and the ratios of p99s. Env: SECS (15),
+# TENANT_HEADROOM (scheduling.tenant_headroom: 1, the default; 0 = off).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-15}
@@ -17,6 +18,7 @@ tenant() { printf '[[tenants]]\nname = "%s"\nkey_hashes = ["%s"]\nclass = "%s"\n
   printf '[server]\nmodels_dir = "%s"\n' "${MODELS:-$PWD/configs/models}"
   printf '[executor]\nort_library = "%s"\nopenvino_library = "%s"\ncache_dir = "%s"\n' \
     "$PWD/.deps/onnxruntime/libonnxruntime.so.1.32.0" "$PWD/.deps/openvino/libopenvino_c.so.2641" "$PWD/.deps/cache"
+  printf '[scheduling]\ntenant_headroom = %s\n' "${TENANT_HEADROOM:-1}"
   tenant flooder standard 'max_concurrency = 16'
   tenant steady standard
   tenant vip critical
@@ -57,7 +59,8 @@ print(f"fairness: steady at {sa['rate_per_s']}/s: p99 {sa['ok_p99_ms']:.1f} ms a
       f"{sf['ok_p99_ms']:.1f} ms with flooder at {fl['rate_per_s']}/s -> {sf['ok_p99_ms'] / sa['ok_p99_ms']:.2f}x "
       f"(target <= 2x); steady's answers {sf['statuses']}, timed out {sf['timed_out']}")
 print(f"  flooder: {fl['sent']} sent, {fl['statuses']}, refusals p99 {fl['refused_p99_ms']:.1f} ms "
-      f"(max {fl['refused_max_ms']:.1f}), timed out {fl['timed_out']}")
+      f"(max {fl['refused_max_ms']:.1f}), timed out {fl['timed_out']}; served "
+      f"{fl['statuses'].get('200', 0) / fl['seconds']:.1f} img/s")
 print(f"priority: vip at {va['rate_per_s']}/s: p99 {va['ok_p99_ms']:.1f} ms alone, "
       f"{vl['ok_p99_ms']:.1f} ms under batch saturation -> {vl['ok_p99_ms'] / va['ok_p99_ms']:.2f}x "
       f"(target <= 1.5x); vip's answers {vl['statuses']}")

@@ -240,6 +240,15 @@ pub struct Scheduling {
     /// another batch to finish. Costs the other classes that share of the
     /// engine while critical traffic flows; 0 = off.
     pub critical_headroom: u32,
+    /// Engine instances of a model kept free, while another tenant's image
+    /// is in preprocessing, from a tenant that would otherwise take them
+    /// all (only while the model has more instances than this). The
+    /// gateway tells the executor when an image enters preprocessing; an
+    /// instance is held for it until its sample arrives, at most 50 ms, so
+    /// a light tenant's image does not wait behind a flood's inference.
+    /// Nearly work-conserving: an instance idles only while another
+    /// tenant's image is being decoded. 0 = off; 1 by default.
+    pub tenant_headroom: u32,
 }
 
 impl Default for Scheduling {
@@ -251,6 +260,7 @@ impl Default for Scheduling {
             keyframes_video_after_ms: 2_000,
             mix_tenants_in_batches: false,
             critical_headroom: 1,
+            tenant_headroom: 1,
         }
     }
 }

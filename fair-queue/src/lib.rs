@@ -85,6 +85,18 @@ impl<T> Lane<T> {
     /// Takes the job with the lowest finish tag.
     fn take(&mut self) -> Option<Queued<T>> {
         let key = *self.by_tag.first_key_value()?.0;
+        self.take_key(key)
+    }
+
+    /// The key of the lowest-tagged job whose tenant `wanted` accepts.
+    fn first_key_of(&self, wanted: &dyn Fn(&str) -> bool) -> Option<(u64, u64)> {
+        self.by_tag
+            .iter()
+            .find(|(_, q)| wanted(&q.tenant))
+            .map(|(k, _)| *k)
+    }
+
+    fn take_key(&mut self, key: (u64, u64)) -> Option<Queued<T>> {
         self.by_age.remove(&key.1);
         let q = self.by_tag.remove(&key)?;
         self.vtime = self.vtime.max(key.0);
@@ -198,6 +210,33 @@ impl<T> FairQueue<T> {
     pub fn peek(&self, now: Instant) -> Option<&T> {
         let (rank, key) = self.next_key(now)?;
         self.lanes[rank].by_tag.get(&key).map(|q| &q.item)
+    }
+
+    /// The tenant of the job [`pop_where`](Self::pop_where) would take.
+    pub fn peek_owner_where(
+        &self,
+        now: Instant,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Option<(Class, &str)> {
+        let rank = self.next_lane(now)?;
+        let lane = &self.lanes[rank];
+        let key = lane.first_key_of(wanted)?;
+        Some((Class::ALL[rank], lane.by_tag.get(&key)?.tenant.as_str()))
+    }
+
+    /// Takes the lowest-tagged job of the lane served next whose tenant
+    /// `wanted` accepts (the class order stands; within the class a job of
+    /// another tenant may go first), with the time it arrived.
+    pub fn pop_where(
+        &mut self,
+        now: Instant,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Option<(T, Instant)> {
+        let rank = self.next_lane(now)?;
+        let key = self.lanes[rank].first_key_of(wanted)?;
+        let q = self.lanes[rank].take_key(key)?;
+        self.len -= 1;
+        Some((q.item, q.arrived))
     }
 
     /// Takes the next job at `now`, with the time it arrived.

@@ -228,3 +228,27 @@ mod props {
         }
     }
 }
+
+#[test]
+fn pop_where_takes_the_best_job_of_a_wanted_tenant_within_the_class_order() {
+    let t0 = Instant::now();
+    let mut q = FairQueue::new(None, Duration::ZERO);
+    let t = |tenant: &str, class| Ticket {
+        class,
+        tenant: tenant.into(),
+        weight: 1,
+        cost: 1,
+    };
+    q.push("a1", &t("a", Class::Standard), t0).unwrap();
+    q.push("a2", &t("a", Class::Standard), t0).unwrap();
+    q.push("b1", &t("b", Class::Standard), t0).unwrap();
+    q.push("c1", &t("c", Class::Batch), t0).unwrap();
+    let not_a = |x: &str| x != "a";
+    assert_eq!(q.peek_owner_where(t0, &not_a), Some((Class::Standard, "b")));
+    assert_eq!(q.pop_where(t0, &not_a).map(|(j, _)| j), Some("b1"));
+    // Only a is left in the class served next: nothing wanted there, even
+    // though a batch job of c is queued (classes keep their order).
+    assert_eq!(q.pop_where(t0, &not_a), None);
+    assert_eq!(q.pop(t0).map(|(j, _)| j), Some("a1"));
+    assert_eq!(q.len(), 2);
+}

@@ -464,6 +464,23 @@ impl Executor {
         }
     }
 
+    /// Tells the serving executor that a sample of `ctx`'s tenant entered
+    /// preprocessing for `model`, so its batcher may keep an instance free
+    /// for it (`scheduling.tenant_headroom`; nothing is sent when it is 0).
+    pub fn expect(&self, core: &Core, model: u16, ctx: &RequestContext) {
+        if core.cfg.scheduling.tenant_headroom == 0 {
+            return;
+        }
+        let serving = self.link.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if let Some(link) = serving {
+            let _ = link.send(&ToExecutor::Expect(shm::Expect {
+                model,
+                tenant: ctx.tenant.clone(),
+                class: ctx.class,
+            }));
+        }
+    }
+
     /// Resolves with the reason if the first executor refused its config;
     /// pending forever otherwise.
     pub async fn refused_at_start(&self) -> String {

@@ -296,6 +296,7 @@ pub async fn score_one(
     let job = WorkJob::new(core, ctx, model, upload.data, Task::Image(reply));
     let (claim, enqueued) = (job.claim(), job.upload.enqueued);
     app.workers.submit(job)?;
+    app.executor.expect(core, model, ctx);
     let _abandon = claim.abandon_on_drop();
     // Bounded by the queue wait plus the decode deadline (a worker over it
     // is killed anyway); a job still queued at the queue deadline is

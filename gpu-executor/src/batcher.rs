@@ -33,6 +33,18 @@ const INBOX: usize = 1024;
 /// present after its last sample.
 const RECENT: Duration = Duration::from_secs(1);
 
+/// How long an instance is held for a sample announced by `Expect` (one
+/// decode, with room): its `Infer` ends the hold earlier; a decode that
+/// failed ends it here.
+const EXPECT_FOR: Duration = Duration::from_millis(50);
+
+/// What the batcher's inbox carries.
+#[derive(Debug)]
+enum Inbox {
+    Job(InferJob),
+    Expect(shm::Expect),
+}
+
 /// When to dispatch, as a pure function of the queue's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BatchPolicy {
@@ -80,7 +92,7 @@ impl BatchPolicy {
 /// The IPC side's handle to a model's batcher.
 #[derive(Debug)]
 pub struct Batcher {
-    inbox: mpsc::Sender<InferJob>,
+    inbox: mpsc::Sender<Inbox>,
     task: JoinHandle<()>,
 }
 
@@ -121,6 +133,9 @@ impl Batcher {
             queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
             mix_tenants: scheduling.mix_tenants_in_batches,
             headroom: scheduling.critical_headroom as usize,
+            tenant_headroom: scheduling.tenant_headroom as usize,
+            expected: Vec::new(),
+            running: Vec::new(),
             last_owner: None,
             contended_until: Instant::now(),
             critical_until: Instant::now(),
@@ -135,9 +150,15 @@ impl Batcher {
     /// Queues a job; waits only if the inbox is full.
     pub async fn submit(&self, job: InferJob) -> Result<(), ExecError> {
         self.inbox
-            .send(job)
+            .send(Inbox::Job(job))
             .await
             .map_err(|_| ExecError::Protocol("the batcher has stopped".into()))
+    }
+
+    /// A sample of `e.tenant` entered preprocessing (a hint: dropped when
+    /// the inbox is full).
+    pub fn expect(&self, e: shm::Expect) {
+        let _ = self.inbox.try_send(Inbox::Expect(e));
     }
 
     /// Stops accepting jobs, runs what is queued and waits for the answers
@@ -166,6 +187,13 @@ struct Actor {
     mix_tenants: bool,
     /// Instances kept free for critical samples while they flow.
     headroom: usize,
+    /// Instances kept free for announced samples of other tenants.
+    tenant_headroom: usize,
+    /// Samples announced by `Expect` whose `Infer` has not come: tenant,
+    /// class, and when the hold for it ends.
+    expected: Vec<(String, config::Class, Instant)>,
+    /// The tenant whose batch each instance runs.
+    running: Vec<Option<String>>,
     /// The (class, tenant) of the newest sample.
     last_owner: Option<(config::Class, String)>,
     /// Samples of more than one (class, tenant) came in the last
@@ -184,7 +212,7 @@ struct Actor {
 impl Actor {
     async fn run(
         mut self,
-        mut inbox: mpsc::Receiver<InferJob>,
+        mut inbox: mpsc::Receiver<Inbox>,
         mut free_rx: mpsc::UnboundedReceiver<usize>,
     ) {
         let mut open = true;
@@ -203,6 +231,9 @@ impl Actor {
                         if self.lane == Some(id) {
                             self.lane = None;
                         }
+                        if let Some(r) = self.running.get_mut(id) {
+                            *r = None;
+                        }
                         self.free.push(id);
                     }
                     None => {
@@ -216,10 +247,11 @@ impl Actor {
                     }
                 },
                 job = inbox.recv(), if open => match job {
-                    Some(job) => {
+                    Some(Inbox::Job(job)) => {
                         self.flush = job.pending == 0;
                         self.enqueue(job, Instant::now());
                     }
+                    Some(Inbox::Expect(e)) => self.announce(e, Instant::now()),
                     None => {
                         open = false;
                         self.flush = true;
@@ -254,6 +286,9 @@ impl Actor {
         if self.held_for_critical(Instant::now()) {
             return Some(self.critical_until);
         }
+        if let Some(until) = self.held_for_expected(Instant::now()) {
+            return Some(until);
+        }
         if self.flush {
             return None;
         }
@@ -276,8 +311,62 @@ impl Actor {
                 .is_some_and(|(class, _)| class != config::Class::Critical)
     }
 
+    /// While the last `tenant_headroom` instances are free, the tenants
+    /// already running on the others: those instances go to someone else
+    /// first (empty when the headroom is off or not reached).
+    fn busy_tenants(&self) -> Vec<&str> {
+        let live = self.instances.iter().flatten().count();
+        if self.tenant_headroom == 0
+            || live <= self.tenant_headroom
+            || self.free.len() > self.tenant_headroom
+        {
+            return Vec::new();
+        }
+        self.running.iter().flatten().map(String::as_str).collect()
+    }
+
+    /// Whether the next batch must wait because only tenants already
+    /// running have samples queued, and a sample of another tenant (of
+    /// their class or a higher one) is in preprocessing; when that hold
+    /// ends.
+    fn held_for_expected(&self, now: Instant) -> Option<Instant> {
+        let busy = self.busy_tenants();
+        if busy.is_empty() {
+            return None;
+        }
+        let at = now.into_std();
+        let idle = |t: &str| !busy.contains(&t);
+        if self.queue.peek_owner_where(at, &idle).is_some() {
+            return None;
+        }
+        let (class, _) = self.queue.peek_owner(at)?;
+        self.expected
+            .iter()
+            .filter(|(t, c, until)| *until > now && idle(t) && c.rank() <= class.rank())
+            .map(|(_, _, until)| *until)
+            .min()
+    }
+
+    fn announce(&mut self, e: shm::Expect, now: Instant) {
+        if self.tenant_headroom == 0 {
+            return;
+        }
+        self.expected.retain(|(_, _, until)| *until > now);
+        // Bounded: one entry per sample in preprocessing at most.
+        if self.expected.len() < INBOX {
+            self.expected.push((e.tenant, e.class, now + EXPECT_FOR));
+        }
+    }
+
     fn enqueue(&mut self, job: InferJob, arrived: Instant) {
         let now = Instant::now();
+        if let Some(i) = self
+            .expected
+            .iter()
+            .position(|(t, _, _)| *t == job.ctx.tenant)
+        {
+            self.expected.swap_remove(i);
+        }
         let owner = (job.ctx.class, job.ctx.tenant.as_str());
         if owner.0 == config::Class::Critical {
             self.critical_until = now + RECENT;
@@ -312,7 +401,7 @@ impl Actor {
                 .queue
                 .oldest()
                 .map_or(Duration::ZERO, |t| now.into_std() - t);
-            if self.held_for_critical(now) {
+            if self.held_for_critical(now) || self.held_for_expected(now).is_some() {
                 return;
             }
             let Some(mut n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
@@ -326,7 +415,13 @@ impl Actor {
             if self.instances[id].is_none() {
                 continue;
             }
-            let jobs = self.take_batch(n, now);
+            // On reserved instances, a tenant not running yet goes first.
+            let busy: Vec<String> = self.busy_tenants().into_iter().map(String::from).collect();
+            let jobs = self.take_batch(n, now, &|t| !busy.iter().any(|b| b == t));
+            if self.running.len() < self.instances.len() {
+                self.running.resize(self.instances.len(), None);
+            }
+            self.running[id] = jobs.first().map(|q| q.job.ctx.tenant.clone());
             // Nothing else running, queued, or in preprocessing: the engine
             // may use every core for this batch. Not while critical samples
             // flow, unless it is theirs: one could come any moment, and
@@ -337,7 +432,8 @@ impl Actor {
             let alone = idle
                 && self.flush
                 && self.queue.is_empty()
-                && (critical || self.headroom == 0 || now >= self.critical_until);
+                && (critical || self.headroom == 0 || now >= self.critical_until)
+                && !self.expected.iter().any(|(_, _, until)| *until > now);
             if alone {
                 self.lane = Some(id);
             }
@@ -347,6 +443,7 @@ impl Actor {
             };
             if let Err(jobs) = sent {
                 self.lane = None;
+                self.running[id] = None;
                 tracing::error!(model = %self.model, instance = id, "instance thread is gone");
                 self.instances[id] = None;
                 for q in jobs {
@@ -363,11 +460,18 @@ impl Actor {
     /// Up to `n` samples in scheduling order; unless tenants may mix, only
     /// those of the first one's tenant and class (the batch ends at the
     /// first sample of another).
-    fn take_batch(&mut self, n: usize, now: Instant) -> Vec<Queued> {
+    /// Up to `n` samples of one owner (unless tenants mix), from a tenant
+    /// `wanted` accepts when it has any queued, else from whoever is next.
+    fn take_batch(&mut self, n: usize, now: Instant, wanted: &dyn Fn(&str) -> bool) -> Vec<Queued> {
         let at = now.into_std();
+        let wanted: &dyn Fn(&str) -> bool = if self.queue.peek_owner_where(at, wanted).is_some() {
+            wanted
+        } else {
+            &|_| true
+        };
         let mut jobs: Vec<Queued> = Vec::with_capacity(n);
         while jobs.len() < n {
-            let Some((class, tenant)) = self.queue.peek_owner(at) else {
+            let Some((class, tenant)) = self.queue.peek_owner_where(at, wanted) else {
                 break;
             };
             // The batch's owner is its first sample's.
@@ -377,7 +481,7 @@ impl Actor {
             if other && !self.mix_tenants {
                 break;
             }
-            let Some((job, arrived)) = self.queue.pop(at) else {
+            let Some((job, arrived)) = self.queue.pop_where(at, wanted) else {
                 break;
             };
             jobs.push(Queued {

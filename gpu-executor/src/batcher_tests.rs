@@ -585,3 +585,60 @@ async fn only_a_batch_with_nothing_else_around_runs_alone() {
     r.gates[0].send(()).unwrap();
     r.scores().await;
 }
+
+/// `tenant_headroom`: while another tenant's image is in preprocessing
+/// (announced by `Expect`), a tenant may not take the last free instance;
+/// the announced sample runs at once on it; a hold whose sample never
+/// comes (a failed decode) ends by itself.
+#[tokio::test]
+async fn an_instance_is_held_for_another_tenants_announced_sample() {
+    use config::Class::Standard;
+    let scheduling = config::Scheduling {
+        tenant_headroom: 1,
+        critical_headroom: 0,
+        ..config::Scheduling::default()
+    };
+    let mut r = rig_scheduled(&spec(1, 0, &[]), 2, true, false, 0, &scheduling);
+    let expect_b = || shm::Expect {
+        model: 0,
+        tenant: "b".into(),
+        class: Standard,
+    };
+    let quiet = |r: &mut Rig| {
+        let got = r.started.try_recv();
+        assert!(got.is_err(), "a batch started: {got:?}");
+    };
+    r.batcher.expect(expect_b());
+    r.send_as(0, 9, Standard, "a").await;
+    assert_eq!(r.started.recv().await, Some(1), "a takes one instance");
+    r.send_as(1, 9, Standard, "a").await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    quiet(&mut r);
+    r.send_as(2, 9, Standard, "b").await;
+    assert_eq!(r.started.recv().await, Some(1), "b's sample runs at once");
+    r.release(1);
+    assert_eq!(r.scores().await.job_id, 2);
+    r.release(0);
+    assert_eq!(r.scores().await.job_id, 0);
+    assert_eq!(r.started.recv().await, Some(1), "then a's next");
+    // On the instance b's sample freed.
+    r.release(1);
+    assert_eq!(r.scores().await.job_id, 1);
+
+    // Announced, never sent: a gets the instance back after the hold.
+    r.batcher.expect(expect_b());
+    r.send_as(3, 9, Standard, "a").await;
+    r.send_as(4, 9, Standard, "a").await;
+    assert_eq!(r.started.recv().await, Some(1));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    quiet(&mut r);
+    let late = timeout(Duration::from_millis(500), r.started.recv()).await;
+    assert_eq!(late.unwrap(), Some(1), "the hold ended");
+    let mut rest = {
+        r.release(0);
+        r.release(1);
+        [r.scores().await.job_id, r.scores().await.job_id]
+    };
+    rest.sort_unstable();
+    assert_eq!(rest, [3, 4]);
+}

@@ -80,8 +80,8 @@ fn run_inner(args: Args) -> anyhow::Result<()> {
     let init = match read_frame::<ToExecutor>(&mut reader).context("reading Init")? {
         None => return Ok(()),
         Some(ToExecutor::Init(init)) => init,
-        Some(ToExecutor::Infer(job)) => {
-            let msg = format!("expected Init first, got Infer for job {}", job.job_id);
+        Some(other) => {
+            let msg = format!("expected Init first, got {other:?}");
             let _ = write_frame(&mut writer, &FromExecutor::Fatal(msg.clone()));
             anyhow::bail!(msg);
         }
@@ -285,6 +285,11 @@ async fn route(
                     });
                 }
             },
+            ToExecutor::Expect(e) => {
+                if let Some(Some(b)) = batchers.get(e.model as usize) {
+                    b.expect(e);
+                }
+            }
             ToExecutor::Init(_) => tracing::warn!("ignoring a second Init"),
         }
     }

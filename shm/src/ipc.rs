@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PoolLayout, SlotRef};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTO_VERSION: u32 = 6;
+pub const PROTO_VERSION: u32 = 7;
 
 /// What every process knows of the request a job belongs to: created once
 /// by the gateway and carried in every job message, so one id follows a
@@ -253,6 +253,17 @@ pub struct JobError {
 pub enum ToExecutor {
     Init(ExecutorInit),
     Infer(InferJob),
+    /// A sample of this tenant entered preprocessing: its `Infer` follows
+    /// unless decoding fails (`scheduling.tenant_headroom`).
+    Expect(Expect),
+}
+
+/// See [`ToExecutor::Expect`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expect {
+    pub model: u16,
+    pub tenant: String,
+    pub class: config::Class,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
