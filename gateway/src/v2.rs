@@ -167,13 +167,26 @@ pub fn model_is_ready(app: &AppState, spec: &config::ModelSpec) -> bool {
 /// batch).
 pub type TensorMeta = (String, &'static str, Vec<i64>);
 
-/// The model's input and output tensors.
+/// Whether the model takes raw FP32 tensors: not when its slots hold
+/// uint8 pixels, which only encoded images (BYTES) can fill.
+fn takes_fp32(spec: &config::ModelSpec) -> bool {
+    spec.slot_dtype == config::SlotDtype::Float32
+}
+
+/// The model's input and output tensors. The input is the FP32 tensor,
+/// or, for a model whose slots hold uint8 pixels, encoded images (BYTES,
+/// one per batch element).
 pub fn tensors(spec: &config::ModelSpec) -> (Vec<TensorMeta>, Vec<TensorMeta>) {
-    let mut shape = vec![-1];
-    shape.extend(input_dims(spec));
     let labels = spec.output.labels.len() as i64;
+    let input = if takes_fp32(spec) {
+        let mut shape = vec![-1];
+        shape.extend(input_dims(spec));
+        (spec.input.name.clone(), "FP32", shape)
+    } else {
+        (spec.input.name.clone(), "BYTES", vec![-1, 1])
+    };
     (
-        vec![(spec.input.name.clone(), "FP32", shape)],
+        vec![input],
         vec![
             ("scores".into(), "FP32", vec![-1, labels]),
             ("labels".into(), "BYTES", vec![-1, labels]),
@@ -407,14 +420,23 @@ async fn model_config(
             "name": spec.name,
             "platform": platform(&spec),
             "max_batch_size": max_batch_size(&app, &spec),
-            "input": [{
-                "name": spec.input.name,
-                "data_type": "TYPE_FP32",
-                "format": match spec.input.layout {
-                    config::Layout::Nhwc => "FORMAT_NHWC",
-                    config::Layout::Nchw => "FORMAT_NCHW",
-                },
-                "dims": input_dims(&spec),
+            "input": [if takes_fp32(&spec) {
+                json!({
+                    "name": spec.input.name,
+                    "data_type": "TYPE_FP32",
+                    "format": match spec.input.layout {
+                        config::Layout::Nhwc => "FORMAT_NHWC",
+                        config::Layout::Nchw => "FORMAT_NCHW",
+                    },
+                    "dims": input_dims(&spec),
+                })
+            } else {
+                json!({
+                    "name": spec.input.name,
+                    "data_type": "TYPE_STRING",
+                    "format": "FORMAT_NONE",
+                    "dims": [1],
+                })
             }],
             "output": [
                 {"name": "scores", "data_type": "TYPE_FP32", "dims": [spec.output.labels.len()]},
@@ -1273,6 +1295,16 @@ pub(crate) mod tests {
             r.outputs,
             [("scores".to_string(), true), ("labels".to_string(), true)]
         );
+    }
+
+    #[test]
+    fn a_uint8_slot_model_advertises_encoded_images_not_fp32() {
+        let mut s = spec();
+        let (inputs, _) = tensors(&s);
+        assert_eq!(inputs[0].1, "FP32");
+        s.slot_dtype = config::SlotDtype::Uint8;
+        let (inputs, _) = tensors(&s);
+        assert_eq!((inputs[0].1, inputs[0].2.clone()), ("BYTES", vec![-1, 1]));
     }
 
     #[test]

@@ -241,6 +241,9 @@ async fn uint8_slots_score_as_float_slots_and_refuse_raw_tensors() {
             r.nsfw()
         );
     }
+    // The v2 metadata says so: encoded images, not an FP32 tensor.
+    let meta = gw.get("/v2/models/open_nsfw").await;
+    assert_eq!(meta.json["inputs"][0]["datatype"], "BYTES", "{}", meta.json);
     // Raw FP32 tensors cannot go into pixel slots: 400 with the reason.
     let body = serde_json::json!({"inputs": [{"name": "input:0", "shape": [1, 224, 224, 3],
         "datatype": "FP32", "data": vec![0.0f32; 224 * 224 * 3]}]});
