@@ -6,7 +6,8 @@
 # 3. priority: tenant `vip` (critical) sends 10% of C alone, then again while
 #    tenant `bulk` (batch) saturates the gateway closed loop at concurrency 32.
 # Prints each phase's JSON and the ratios of p99s. Env: SECS (15),
-# TENANT_HEADROOM (scheduling.tenant_headroom: 1, the default; 0 = off).
+# THROUGHPUT_PRIORITY (scheduling.throughput_priority: idle, the default;
+# low; normal).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-15}
@@ -18,7 +19,7 @@ tenant() { printf '[[tenants]]\nname = "%s"\nkey_hashes = ["%s"]\nclass = "%s"\n
   printf '[server]\nmodels_dir = "%s"\n' "${MODELS:-$PWD/configs/models}"
   printf '[executor]\nort_library = "%s"\nopenvino_library = "%s"\ncache_dir = "%s"\n' \
     "$PWD/.deps/onnxruntime/libonnxruntime.so.1.32.0" "$PWD/.deps/openvino/libopenvino_c.so.2641" "$PWD/.deps/cache"
-  printf '[scheduling]\ntenant_headroom = %s\n' "${TENANT_HEADROOM:-1}"
+  printf '[scheduling]\nthroughput_priority = "%s"\n' "${THROUGHPUT_PRIORITY:-idle}"
   tenant flooder standard 'max_concurrency = 16'
   tenant steady standard
   tenant vip critical

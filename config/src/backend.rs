@@ -129,9 +129,11 @@ pub struct OpenvinoSpec {
     pub num_streams: u32,
     /// Inference threads in all; 0 = every core of the machine.
     pub threads: u32,
-    /// A batch that runs while no other batch of the model does may take
-    /// every inference thread (a second, one-stream compiled model), so a
-    /// lone request is not held to one stream's share of the cores.
+    /// One more instance, on a second compiled model with one stream over
+    /// every inference thread: a lone batch takes it, so a lone request is
+    /// not held to one stream's share of the cores; under load critical
+    /// samples and light tenants' do, while the throughput instances run
+    /// at `scheduling.throughput_priority`.
     pub latency_lane: bool,
     /// Cache compiled models on disk (`executor.cache_dir`, keyed by the
     /// model file's sha256), so a restart does not compile again.

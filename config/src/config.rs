@@ -249,6 +249,33 @@ pub struct Scheduling {
     /// Nearly work-conserving: an instance idles only while another
     /// tenant's image is being decoded. 0 = off; 1 by default.
     pub tenant_headroom: u32,
+    /// The CPU priority of the throughput instances' inference threads,
+    /// for models with a latency lane (OpenVINO's `latency_lane`). The
+    /// lane keeps the process's priority, so while it serves a critical
+    /// sample or a light tenant's, the OS gives it the cores first: a
+    /// flood's inference already running pauses instead of making that
+    /// sample wait. With a lane, the two headrooms above are not applied:
+    /// the lane is the headroom.
+    pub throughput_priority: ThroughputPriority,
+}
+
+/// How the throughput instances yield the CPU to the latency lane.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThroughputPriority {
+    /// `SCHED_IDLE`: they run only while no thread of normal priority
+    /// wants the core, and give it up the moment one does (the lane keeps
+    /// its unloaded latency). On a machine or container of its own, as
+    /// mmgate is meant to run, nothing is lost: the same work runs in the
+    /// idle time. Beside other busy processes in the same cgroup, they get
+    /// only what those leave.
+    #[default]
+    Idle,
+    /// Nice +10: about a tenth of a core's share against a normal thread;
+    /// a milder isolation that a busy neighbour cannot starve.
+    Low,
+    /// The process's priority: no isolation.
+    Normal,
 }
 
 impl Default for Scheduling {
@@ -261,6 +288,7 @@ impl Default for Scheduling {
             mix_tenants_in_batches: false,
             critical_headroom: 1,
             tenant_headroom: 1,
+            throughput_priority: ThroughputPriority::Idle,
         }
     }
 }
@@ -1078,6 +1106,26 @@ mod tests {
             let e = check(f).unwrap_err();
             assert!(e.contains(why), "{why}: {e}");
         }
+    }
+
+    /// `throughput_priority` is idle unless set, takes its three names
+    /// and refuses anything else, naming them.
+    #[test]
+    fn the_throughput_priority_defaults_to_idle_and_takes_three_names() {
+        let parse = |v: &str| {
+            toml::from_str::<Scheduling>(&format!("throughput_priority = {v:?}"))
+                .map(|s| s.throughput_priority)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            Scheduling::default().throughput_priority,
+            ThroughputPriority::Idle
+        );
+        assert_eq!(parse("idle"), Ok(ThroughputPriority::Idle));
+        assert_eq!(parse("low"), Ok(ThroughputPriority::Low));
+        assert_eq!(parse("normal"), Ok(ThroughputPriority::Normal));
+        let e = parse("realtime").unwrap_err();
+        assert!(e.contains("idle") && e.contains("normal"), "{e}");
     }
 
     /// The multi-tenant example loads, has one tenant per class, and each

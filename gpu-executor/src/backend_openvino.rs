@@ -31,7 +31,7 @@ pub(crate) fn instances(
         tracing::warn!(model, "{line}");
         fallbacks.push(line);
     }
-    let layout = StreamLayout::of(spec);
+    let layout = StreamLayout::of(spec, backends.throughput_priority());
     let cache = if spec.openvino.cache {
         backends.cache_for(spec, Backend::Openvino)
     } else {
@@ -107,6 +107,7 @@ fn check_precision(
         streams: 1,
         threads: layout.threads,
         lane_threads: None,
+        throughput_priority: config::ThroughputPriority::Normal,
     };
     let mut reference = openvino_cpu::load(spec, Precision::F32, one, cache)?;
     let cmp = calibration::compare(

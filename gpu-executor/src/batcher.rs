@@ -8,6 +8,11 @@
 //! preprocessing (`pending == 0`). While every instance is busy, samples keep
 //! accumulating (up to `max_batch` per batch).
 //!
+//! A model may have a latency lane, an instance over every core at normal
+//! CPU priority ([`Engine::latency_lane`]): a batch found alone runs on
+//! it, and under load critical samples and those of a tenant with nothing
+//! running, while the other instances run below it.
+//!
 //! If every instance thread of the model is gone, the batcher fails each job
 //! it gets and reports the loss once on its `lost` channel: the process
 //! cannot serve that model any more and should exit so that it is restarted.
@@ -110,6 +115,7 @@ impl Batcher {
     ) -> Result<Self, ExecError> {
         let model = Arc::new(ModelInfo::of(spec));
         let (free_tx, free_rx) = mpsc::unbounded_channel();
+        let lane = engines.iter().position(|e| e.latency_lane());
         let instances = engines
             .into_iter()
             .enumerate()
@@ -123,17 +129,30 @@ impl Batcher {
                 Instance::spawn(id, m, engine, t, a, f).map(Some)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // With a lane, it is the headroom (`Scheduling::throughput_priority`).
+        let (headroom, tenant_headroom) = match lane {
+            Some(_) => (0, 0),
+            None => (
+                scheduling.critical_headroom as usize,
+                scheduling.tenant_headroom as usize,
+            ),
+        };
         let (inbox, rx) = mpsc::channel(INBOX);
         let actor = Actor {
             policy: BatchPolicy::from_spec(&spec.batching),
             model: spec.name.clone(),
-            free: (0..instances.len()).rev().collect(),
-            lane: None,
+            free: (0..instances.len())
+                .rev()
+                .filter(|&i| Some(i) != lane)
+                .collect(),
+            solo: None,
+            lane,
+            lane_free: lane.is_some(),
             instances,
             queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
             mix_tenants: scheduling.mix_tenants_in_batches,
-            headroom: scheduling.critical_headroom as usize,
-            tenant_headroom: scheduling.tenant_headroom as usize,
+            headroom,
+            tenant_headroom,
             expected: Vec::new(),
             running: Vec::new(),
             last_owner: None,
@@ -174,12 +193,18 @@ struct Actor {
     model: String,
     /// `None` once an instance's thread is gone.
     instances: Vec<Option<Instance>>,
-    /// Free instance ids; the last one is used next.
+    /// Free instance ids, the latency lane's aside; the last one is used
+    /// next.
     free: Vec<usize>,
     /// The instance running a batch alone (on every core), if one is: no
     /// other batch starts until it is done, or the two would share cores
     /// the lone batch was given.
+    solo: Option<usize>,
+    /// The latency lane instance ([`Engine::latency_lane`]), if the model
+    /// has one: lone batches, critical samples, and under contention the
+    /// samples of a tenant with nothing running go to it.
     lane: Option<usize>,
+    lane_free: bool,
     /// Samples in scheduling order: class, then fair shares of tenants
     /// (the tensor pool bounds its depth).
     queue: FairQueue<InferJob>,
@@ -219,8 +244,7 @@ impl Actor {
         let mut threads_alive = true;
         loop {
             self.dispatch();
-            let busy = self.instances.iter().flatten().count() - self.free.len();
-            if !open && self.queue.is_empty() && busy == 0 {
+            if !open && self.queue.is_empty() && self.busy() == 0 {
                 break;
             }
             let deadline = self.deadline();
@@ -228,22 +252,27 @@ impl Actor {
                 biased;
                 id = free_rx.recv(), if threads_alive => match id {
                     Some(id) => {
-                        if self.lane == Some(id) {
-                            self.lane = None;
+                        if self.solo == Some(id) {
+                            self.solo = None;
                         }
                         if let Some(r) = self.running.get_mut(id) {
                             *r = None;
                         }
-                        self.free.push(id);
+                        if self.lane == Some(id) {
+                            self.lane_free = true;
+                        } else {
+                            self.free.push(id);
+                        }
                     }
                     None => {
                         // Every instance thread is gone (a panic escaped
                         // the instance's guard, e.g. from a panic payload's
                         // own drop).
                         threads_alive = false;
-                        self.lane = None;
+                        self.solo = None;
                         self.instances.iter_mut().for_each(|i| *i = None);
                         self.free.clear();
+                        self.lane_free = false;
                     }
                 },
                 job = inbox.recv(), if open => match job {
@@ -280,7 +309,8 @@ impl Actor {
     /// When the oldest sample's delay runs out, if a free instance could
     /// take it then.
     fn deadline(&self) -> Option<Instant> {
-        if self.free.is_empty() || self.lane.is_some() {
+        let now = Instant::now();
+        if self.solo.is_some() || (self.free.is_empty() && !self.lane_has_work(now)) {
             return None;
         }
         if self.held_for_critical(Instant::now()) {
@@ -347,10 +377,10 @@ impl Actor {
             .min()
     }
 
+    /// Records a sample in preprocessing (the gateway announces them while
+    /// `tenant_headroom` is on): held for by [`Self::held_for_expected`]
+    /// without a lane, and a batch is not alone while one is coming.
     fn announce(&mut self, e: shm::Expect, now: Instant) {
-        if self.tenant_headroom == 0 {
-            return;
-        }
         self.expected.retain(|(_, _, until)| *until > now);
         // Bounded: one entry per sample in preprocessing at most.
         if self.expected.len() < INBOX {
@@ -387,13 +417,59 @@ impl Actor {
         let _ = self.queue.push(job, &ticket, arrived.into_std());
     }
 
+    /// Batches running now, on any instance.
+    fn busy(&self) -> usize {
+        let live = self.instances.iter().flatten().count();
+        live.saturating_sub(self.free.len() + usize::from(self.lane_ready().is_some()))
+    }
+
+    /// The latency lane, when it is free and its thread alive.
+    fn lane_ready(&self) -> Option<usize> {
+        self.lane
+            .filter(|&l| self.lane_free && self.instances.get(l).is_some_and(Option::is_some))
+    }
+
+    /// Which of the queued samples the lane takes besides a lone batch: in
+    /// class critical, any; in class standard, while several owners are
+    /// active, those of a tenant with nothing running (the light tenant
+    /// beside a flood); never batch. `None` when the class served next
+    /// gives it nothing. Once no other instance is left, everything.
+    fn lane_takes(&self, now: Instant) -> Option<LaneTakes> {
+        let (class, _) = self.queue.peek_owner(now.into_std())?;
+        let others = self
+            .instances
+            .iter()
+            .enumerate()
+            .any(|(i, x)| x.is_some() && Some(i) != self.lane);
+        if !others {
+            return Some(LaneTakes { busy: Vec::new() });
+        }
+        match class {
+            config::Class::Critical => Some(LaneTakes { busy: Vec::new() }),
+            config::Class::Standard if now < self.contended_until => Some(LaneTakes {
+                busy: self.running.iter().flatten().cloned().collect(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// Whether the lane is free and a queued sample is for it.
+    fn lane_has_work(&self, now: Instant) -> bool {
+        self.lane_ready().is_some()
+            && self.lane_takes(now).is_some_and(|t| {
+                self.queue
+                    .peek_owner_where(now.into_std(), &|tenant| t.wants(tenant))
+                    .is_some()
+            })
+    }
+
     /// Sends batches to free instances while the policy says so.
     fn dispatch(&mut self) {
-        if self.instances.iter().all(Option::is_none) {
-            return self.no_instance_left();
-        }
-        while let Some(&id) = self.free.last() {
-            if self.lane.is_some() {
+        loop {
+            if self.instances.iter().all(Option::is_none) {
+                return self.no_instance_left();
+            }
+            if self.solo.is_some() {
                 return;
             }
             let now = Instant::now();
@@ -401,16 +477,27 @@ impl Actor {
                 .queue
                 .oldest()
                 .map_or(Duration::ZERO, |t| now.into_std() - t);
+            if self.lane_has_work(now) {
+                let Some(n) = self.batch_size(oldest, now) else {
+                    return;
+                };
+                let takes = self.lane_takes(now).expect("checked by lane_has_work");
+                let idle = self.busy() == 0;
+                let jobs = self.take_batch(n, now, &|t| takes.wants(t));
+                let lane = self.lane.expect("the lane is ready");
+                self.send(lane, jobs, now, idle);
+                continue;
+            }
+            let Some(&id) = self.free.last() else {
+                return;
+            };
             if self.held_for_critical(now) || self.held_for_expected(now).is_some() {
                 return;
             }
-            let Some(mut n) = self.policy.ready(self.queue.len(), oldest, self.flush) else {
+            let Some(n) = self.batch_size(oldest, now) else {
                 return;
             };
-            if !self.mix_tenants && now < self.contended_until {
-                n = 1;
-            }
-            let idle = self.free.len() == self.instances.iter().flatten().count();
+            let idle = self.busy() == 0;
             self.free.pop();
             if self.instances[id].is_none() {
                 continue;
@@ -418,41 +505,65 @@ impl Actor {
             // On reserved instances, a tenant not running yet goes first.
             let busy: Vec<String> = self.busy_tenants().into_iter().map(String::from).collect();
             let jobs = self.take_batch(n, now, &|t| !busy.iter().any(|b| b == t));
-            if self.running.len() < self.instances.len() {
-                self.running.resize(self.instances.len(), None);
+            self.send(id, jobs, now, idle);
+        }
+    }
+
+    /// How many samples the next batch may hold, or `None` to wait.
+    fn batch_size(&self, oldest: Duration, now: Instant) -> Option<usize> {
+        let n = self.policy.ready(self.queue.len(), oldest, self.flush)?;
+        Some(if !self.mix_tenants && now < self.contended_until {
+            1
+        } else {
+            n
+        })
+    }
+
+    /// Hands `jobs` to instance `id` (taken off the free list), or to the
+    /// latency lane instead when the batch is alone: nothing else running
+    /// (`idle`, from before `id` was taken), queued, or in preprocessing.
+    /// Not while critical samples flow, unless it is theirs: one could
+    /// come any moment, and nothing starts beside a batch that runs alone.
+    fn send(&mut self, id: usize, jobs: Vec<Queued>, now: Instant, idle: bool) {
+        let critical = jobs
+            .first()
+            .is_some_and(|q| q.job.ctx.class == config::Class::Critical);
+        // With a lane, critical samples go to it: it stays theirs.
+        let guard_critical = self.headroom > 0 || self.lane.is_some();
+        let alone = idle
+            && self.flush
+            && self.queue.is_empty()
+            && (critical || !guard_critical || now >= self.critical_until)
+            && !self.expected.iter().any(|(_, _, until)| *until > now);
+        let id = match self.lane_ready() {
+            Some(lane) if alone && lane != id => {
+                self.free.push(id);
+                lane
             }
-            self.running[id] = jobs.first().map(|q| q.job.ctx.tenant.clone());
-            // Nothing else running, queued, or in preprocessing: the engine
-            // may use every core for this batch. Not while critical samples
-            // flow, unless it is theirs: one could come any moment, and
-            // nothing starts beside a batch that runs alone.
-            let critical = jobs
-                .first()
-                .is_some_and(|q| q.job.ctx.class == config::Class::Critical);
-            let alone = idle
-                && self.flush
-                && self.queue.is_empty()
-                && (critical || self.headroom == 0 || now >= self.critical_until)
-                && !self.expected.iter().any(|(_, _, until)| *until > now);
-            if alone {
-                self.lane = Some(id);
-            }
-            let sent = match &self.instances[id] {
-                Some(instance) => instance.dispatch(Batch { jobs, alone }),
-                None => Err(jobs),
-            };
-            if let Err(jobs) = sent {
-                self.lane = None;
-                self.running[id] = None;
-                tracing::error!(model = %self.model, instance = id, "instance thread is gone");
-                self.instances[id] = None;
-                for q in jobs {
-                    let arrived = now - Duration::from_micros(q.queue_us);
-                    self.enqueue(q.job, arrived);
-                }
-                if self.instances.iter().all(Option::is_none) {
-                    return self.no_instance_left();
-                }
+            _ => id,
+        };
+        if Some(id) == self.lane {
+            self.lane_free = false;
+        }
+        if alone {
+            self.solo = Some(id);
+        }
+        if self.running.len() < self.instances.len() {
+            self.running.resize(self.instances.len(), None);
+        }
+        self.running[id] = jobs.first().map(|q| q.job.ctx.tenant.clone());
+        let sent = match &self.instances[id] {
+            Some(instance) => instance.dispatch(Batch { jobs, alone }),
+            None => Err(jobs),
+        };
+        if let Err(jobs) = sent {
+            self.solo = None;
+            self.running[id] = None;
+            tracing::error!(model = %self.model, instance = id, "instance thread is gone");
+            self.instances[id] = None;
+            for q in jobs {
+                let arrived = now - Duration::from_micros(q.queue_us);
+                self.enqueue(q.job, arrived);
             }
         }
     }
@@ -511,6 +622,18 @@ impl Actor {
                 message: format!("model {}: {message}", self.model),
             });
         }
+    }
+}
+
+/// The lane's pick among queued samples ([`Actor::lane_takes`]).
+struct LaneTakes {
+    /// Tenants with a batch running (empty: any tenant).
+    busy: Vec<String>,
+}
+
+impl LaneTakes {
+    fn wants(&self, tenant: &str) -> bool {
+        !self.busy.iter().any(|b| b == tenant)
     }
 }
 

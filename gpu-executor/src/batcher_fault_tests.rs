@@ -64,3 +64,28 @@ async fn losing_every_instance_is_reported_and_later_jobs_fail() {
     assert!(r.lost.try_recv().is_err());
     timeout(WAIT, r.batcher.close()).await.expect("close hung");
 }
+
+/// Once the other instances are gone, the latency lane serves every class
+/// (it takes only critical and light tenants' samples while they live).
+#[tokio::test]
+async fn once_only_the_lane_is_left_it_serves_every_class() {
+    use config::Class::Batch;
+    let scheduling = config::Scheduling::default();
+    let mut r = rig_full(&spec(8, 2_000, &[]), 1, true, false, false, 2, &scheduling);
+    // Not alone (more samples are coming): the throughput instance takes
+    // it, and its thread dies.
+    r.send_as(1, 9, Batch, "bulk").await;
+    assert!(matches!(
+        answer(&mut r).await,
+        FromExecutor::Failed { job_id: 1, .. }
+    ));
+    for id in 2..4 {
+        r.send_as(id, 9, Batch, "bulk").await;
+        match answer(&mut r).await {
+            FromExecutor::Scores(s) => assert_eq!(s.job_id, id),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(r.lost.try_recv().is_err(), "the lane is still there");
+    timeout(WAIT, r.batcher.close()).await.expect("close hung");
+}

@@ -23,6 +23,8 @@ struct Echo {
     gate: Option<std_mpsc::Receiver<()>>,
     fail: bool,
     bomb: u32,
+    /// Plays the model's latency lane.
+    lane: bool,
 }
 
 /// A panic payload whose drop panics again with `Bomb(n - 1)`, down to 0:
@@ -45,6 +47,9 @@ impl Engine for Echo {
     fn run_alone(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
         let _ = self.alone.send(true);
         self.echo(input, batch)
+    }
+    fn latency_lane(&self) -> bool {
+        self.lane
     }
     fn outputs(&self) -> usize {
         2
@@ -155,12 +160,31 @@ fn rig_scheduled(
     bomb: u32,
     scheduling: &config::Scheduling,
 ) -> Rig {
+    rig_full(spec, instances, false, gated, fail, bomb, scheduling)
+}
+
+/// `instances` gated instances and a latency lane after them (the last
+/// gate, `started` tells which ran).
+fn rig_lane(spec: &ModelSpec, instances: usize) -> Rig {
+    let scheduling = config::Scheduling::default();
+    rig_full(spec, instances, true, true, false, 0, &scheduling)
+}
+
+fn rig_full(
+    spec: &ModelSpec,
+    instances: usize,
+    lane: bool,
+    gated: bool,
+    fail: bool,
+    bomb: u32,
+    scheduling: &config::Scheduling,
+) -> Rig {
     let tensors = Arc::new(SharedTensors::create(PoolLayout::new(&[(SLOTS, ELEMS * 4)])).unwrap());
     let (started_tx, started) = unbounded_channel();
     let (alone_tx, alone) = unbounded_channel();
     let mut gates = Vec::new();
-    let engines: Vec<Box<dyn Engine>> = (0..instances)
-        .map(|_| {
+    let engines: Vec<Box<dyn Engine>> = (0..instances + usize::from(lane))
+        .map(|i| {
             let gate = gated.then(|| {
                 let (tx, rx) = std_mpsc::channel();
                 gates.push(tx);
@@ -171,7 +195,9 @@ fn rig_scheduled(
                 alone: alone_tx.clone(),
                 gate,
                 fail,
-                bomb,
+                // The lane, when there is one, stays whole.
+                bomb: if lane && i == instances { 0 } else { bomb },
+                lane: lane && i == instances,
             }) as Box<dyn Engine>
         })
         .collect();
@@ -641,4 +667,101 @@ async fn an_instance_is_held_for_another_tenants_announced_sample() {
     };
     rest.sort_unstable();
     assert_eq!(rest, [3, 4]);
+}
+
+/// The next batch size an instance started, failing after 5 s instead of
+/// hanging (a batch routed to an instance the test does not release).
+async fn started(r: &mut Rig) -> Option<usize> {
+    timeout(Duration::from_secs(5), r.started.recv())
+        .await
+        .expect("no batch started")
+}
+
+/// The latency lane: a lone batch runs on it, alone; under a flood the
+/// flood keeps to the other instances and a light tenant's sample runs on
+/// the lane at once; critical samples take it whoever runs; batch never.
+#[tokio::test]
+async fn the_latency_lane_serves_lone_batches_light_tenants_and_critical_samples() {
+    use config::Class::{Batch, Critical, Standard};
+    let mut r = rig_lane(&spec(1, 0, &[]), 2);
+    let lane = 2;
+    let quiet = |r: &mut Rig| {
+        let got = r.started.try_recv();
+        assert!(got.is_err(), "a batch started: {got:?}");
+    };
+    // Idle, nothing in preprocessing: alone, on the lane.
+    r.send_as(0, 0, Standard, "a").await;
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(r.alone.recv().await, Some(true));
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 0);
+
+    // A flood: a's samples take both instances, not the lane.
+    for id in 1..6 {
+        r.send_as(id, 9, Standard, "a").await;
+    }
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(started(&mut r).await, Some(1));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    quiet(&mut r);
+    // b has nothing running: its sample goes to the lane at once.
+    r.send_as(6, 9, Standard, "b").await;
+    assert_eq!(started(&mut r).await, Some(1), "b's sample runs at once");
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 6);
+    // Batch work never takes the lane; critical work does, even though
+    // its tenant is a's.
+    r.send_as(7, 9, Batch, "bulk").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    quiet(&mut r);
+    r.send_as(8, 9, Critical, "a").await;
+    assert_eq!(
+        r.started.recv().await,
+        Some(1),
+        "the critical sample runs at once"
+    );
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 8);
+    // The rest drains on the two instances.
+    for _ in 0..6 {
+        r.release(0);
+        r.release(1);
+    }
+    let mut rest: Vec<u64> = Vec::new();
+    for _ in 0..6 {
+        rest.push(r.scores().await.job_id);
+    }
+    rest.sort_unstable();
+    assert_eq!(rest, [1, 2, 3, 4, 5, 7]);
+}
+
+/// With a lane, while critical samples flow a standard batch never runs
+/// alone: a lone batch holds every other batch back, and the lane stays
+/// the critical samples' to take.
+#[tokio::test]
+async fn while_critical_samples_flow_no_other_batch_runs_alone_on_the_lane() {
+    use config::Class::{Critical, Standard};
+    let mut r = rig_lane(&spec(1, 0, &[]), 2);
+    let lane = 2;
+    r.send_as(0, 0, Critical, "vip").await;
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(r.alone.recv().await, Some(true), "critical runs alone");
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 0);
+    r.send_as(1, 0, Standard, "a").await;
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(
+        r.alone.recv().await,
+        Some(false),
+        "not alone after critical"
+    );
+    // Not alone: another batch may start beside it.
+    r.send_as(2, 0, Critical, "vip").await;
+    assert_eq!(started(&mut r).await, Some(1), "critical starts beside it");
+    for i in 0..3 {
+        r.release(i);
+    }
+    let mut ids = [r.scores().await.job_id, r.scores().await.job_id];
+    ids.sort_unstable();
+    assert_eq!(ids, [1, 2]);
 }

@@ -136,6 +136,7 @@ fn variants(spec: &ModelSpec, backends: &Backends) -> Vec<Variant> {
         streams: 1,
         threads: cores,
         lane_threads: None,
+        throughput_priority: config::ThroughputPriority::Normal,
     };
     let ov = openvino_cpu::library(backends.openvino_library())
         .and_then(|()| openvino_cpu::core())

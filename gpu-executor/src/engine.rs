@@ -20,10 +20,21 @@ pub trait Engine: Send {
 
     /// Runs like [`Engine::run`] when the batcher saw nothing else to do:
     /// no other batch of the model running, none queued, no sample in
-    /// preprocessing. An engine may then use every core (OpenVINO's latency
-    /// lane); under load it keeps to its own share.
+    /// preprocessing. An engine may then use every core; under load it
+    /// keeps to its own share.
     fn run_alone(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
         self.run(input, batch)
+    }
+
+    /// Whether this instance is its model's latency lane (OpenVINO's, one
+    /// stream over every core): the batcher gives it a batch found alone
+    /// and, under load, critical samples and those of a tenant with
+    /// nothing running, while the model's other instances run at a lower
+    /// CPU priority (`scheduling.throughput_priority`), so that the lane's
+    /// threads get the cores first and a light tenant's sample does not
+    /// queue behind a flood's.
+    fn latency_lane(&self) -> bool {
+        false
     }
 
     /// Values per sample (equals `output.labels.len()`, checked at load).
@@ -61,6 +72,8 @@ pub struct Backends {
     /// The tensor pool's mapping (address, length), which a GPU backend
     /// registers with the driver so slot copies are asynchronous DMA.
     pool: Option<(usize, usize)>,
+    /// `scheduling.throughput_priority`, for models with a latency lane.
+    throughput_priority: config::ThroughputPriority,
 }
 
 impl Backends {
@@ -94,6 +107,17 @@ impl Backends {
 
     pub(crate) fn pool(&self) -> Option<(*const u8, usize)> {
         self.pool.map(|(p, l)| (p as *const u8, l))
+    }
+
+    /// The CPU priority of the throughput instances of a model with a
+    /// latency lane (`scheduling.throughput_priority`).
+    pub fn with_throughput_priority(mut self, p: config::ThroughputPriority) -> Self {
+        self.throughput_priority = p;
+        self
+    }
+
+    pub fn throughput_priority(&self) -> config::ThroughputPriority {
+        self.throughput_priority
     }
 
     pub fn with_cache_dir(mut self, dir: Option<PathBuf>) -> Self {
@@ -258,7 +282,11 @@ pub fn load_model(
     };
     loaded.runtime.fallbacks = fallbacks;
     if !loaded.runtime.backend.is_gpu() {
-        warm_up_all(spec, &mut loaded.engines, &[warmup_batch], false)?;
+        // Batches of one too: under contention batches hold one sample, and
+        // a quiet service sends the latency lane little else.
+        let mut sizes = vec![1, warmup_batch];
+        sizes.dedup();
+        warm_up_all(spec, &mut loaded.engines, &sizes, false)?;
     }
     Ok(loaded)
 }
@@ -335,7 +363,6 @@ fn warm_up_all(
     sizes: &[usize],
     first_alone: bool,
 ) -> Result<(), ExecError> {
-    let batch = sizes.iter().copied().max().unwrap_or(1);
     let engines = match engines.split_first_mut() {
         Some((first, rest)) if first_alone => {
             sizes
@@ -352,14 +379,6 @@ fn warm_up_all(
             .collect();
         handles.into_iter().try_for_each(|h| joined(spec, h.join()))
     })?;
-    // And the path a lone batch takes (OpenVINO's latency lane), at the
-    // sizes a quiet service sends it: 1, and a full batch.
-    if let Some(e) = engines.first_mut() {
-        for n in [1, batch] {
-            let input = vec![0.0f32; n * spec.input.elements()];
-            e.run_alone(&input, n)?;
-        }
-    }
     Ok(())
 }
 

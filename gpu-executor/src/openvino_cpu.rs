@@ -4,20 +4,20 @@
 //!
 //! Layout: one compiled model with `num_streams` CPU streams shares
 //! `threads` inference threads; each engine instance owns one infer request,
-//! so instances run in parallel, one stream each. With `latency_lane`, a
-//! second compiled model (one stream over every thread) serves a batch the
-//! batcher found alone (nothing else running, queued or in preprocessing):
-//! a lone request gets the whole machine, while under load each instance
-//! keeps to its own stream and leaves the other cores to decoding.
+//! so instances run in parallel, one stream each. With `latency_lane`, one
+//! more instance runs a second compiled model (one stream over every
+//! thread): the batcher gives it a batch found alone (a lone request gets
+//! the whole machine) and, under load, critical samples and those of a
+//! tenant with nothing running, while the throughput instances run at a
+//! lower CPU priority (`scheduling.throughput_priority`).
 //!
 //! The library is loaded at run time (`executor.openvino_library`); nothing
 //! links at build time.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use config::{ModelSpec, Precision, PrecisionRequest};
+use config::{ModelSpec, Precision, PrecisionRequest, ThroughputPriority};
 use openvino::{
     CompiledModel, Core, DeviceType, Dimension, ElementType, InferRequest, Node, PartialShape,
     PropertyKey, RwPropertyKey, Shape, Tensor,
@@ -118,10 +118,14 @@ pub struct StreamLayout {
     pub threads: usize,
     /// Threads of the latency lane, when there is one.
     pub lane_threads: Option<usize>,
+    /// The CPU priority of the throughput streams' threads
+    /// (`scheduling.throughput_priority`; normal without a lane), so that
+    /// the OS gives the lane's threads the cores first.
+    pub throughput_priority: ThroughputPriority,
 }
 
 impl StreamLayout {
-    pub fn of(spec: &ModelSpec) -> Self {
+    pub fn of(spec: &ModelSpec, throughput_priority: ThroughputPriority) -> Self {
         let ov = &spec.openvino;
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let requests = spec.instances.count.max(1) as usize;
@@ -142,6 +146,11 @@ impl StreamLayout {
             streams,
             threads,
             lane_threads: lane.then_some(threads),
+            throughput_priority: if lane {
+                throughput_priority
+            } else {
+                ThroughputPriority::Normal
+            },
         }
     }
 
@@ -152,10 +161,70 @@ impl StreamLayout {
             self.requests, self.streams
         );
         if let Some(t) = self.lane_threads {
-            s.push_str(&format!(", latency lane 1 stream × {t} threads when alone"));
+            s.push_str(&format!(
+                ", and a latency lane instance on 1 stream × {t} threads"
+            ));
+            match self.throughput_priority {
+                ThroughputPriority::Idle => s.push_str(" (the other streams at idle priority)"),
+                ThroughputPriority::Low => s.push_str(" (the other streams at nice +10)"),
+                ThroughputPriority::Normal => {}
+            }
         }
         s
     }
+}
+
+/// Lowers the calling thread's CPU priority (always allowed: only raising
+/// it needs privileges). On Linux priority is per thread, and threads
+/// started from this one inherit it.
+fn lower_thread_priority(model: &str, priority: ThroughputPriority) {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id, thread_schedule_policy,
+    };
+    let tid = rustix::thread::gettid();
+    let nice = rustix::process::getpriority_process(Some(tid)).unwrap_or(0);
+    let result = match priority {
+        ThroughputPriority::Normal => return,
+        ThroughputPriority::Idle => {
+            let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+            let set = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle);
+            // That also sets nice 0 after the policy (refused to a process
+            // running niced, unprivileged): keep the thread's own.
+            let _ = rustix::process::setpriority_process(Some(tid), nice);
+            match thread_schedule_policy() {
+                Ok(p) if p == idle => Ok(()),
+                _ => Err(format!("{set:?}")),
+            }
+        }
+        ThroughputPriority::Low => {
+            rustix::process::setpriority_process(Some(tid), (nice + 10).min(19))
+                .map_err(|e| e.to_string())
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(model, "cannot lower the throughput streams' priority: {e}");
+    }
+}
+
+/// Runs one sample of zeros on `request` (which binds its own input again
+/// at its next run).
+fn first_run(spec: &ModelSpec, request: &mut InferRequest) -> Result<(), ExecError> {
+    let err = |e: openvino::InferenceError| ExecError::Inference {
+        model: spec.name.clone(),
+        message: format!("first run: {e}"),
+    };
+    let dims: Vec<i64> = spec
+        .input
+        .batch_shape(1)
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    let mut tensor =
+        Tensor::new(ElementType::F32, &Shape::new(&dims).map_err(err)?).map_err(err)?;
+    tensor.get_data_mut::<f32>().map_err(err)?.fill(0.0);
+    request.set_tensor(&spec.input.name, &tensor).map_err(err)?;
+    request.infer().map_err(err)
 }
 
 /// One compilation's settings.
@@ -347,9 +416,6 @@ struct Shared {
     outputs: usize,
     output: usize,
     max_batch: usize,
-    /// Batches running now, on any instance of this model.
-    busy: AtomicUsize,
-    lane: Option<Mutex<Request>>,
     // Kept alive for the requests (OpenVINO counts references too).
     _compiled: Vec<Mutex<CompiledModel>>,
 }
@@ -362,11 +428,12 @@ impl Shared {
     }
 }
 
-/// One OpenVINO engine instance: its own infer request on the throughput
-/// layout, and a share of the model's latency lane.
+/// One OpenVINO engine instance: its own infer request, on a stream of the
+/// throughput layout or, for the latency lane, on the lane's one stream.
 pub struct OpenvinoCpu {
     shared: Arc<Shared>,
     own: Request,
+    lane: bool,
 }
 
 impl std::fmt::Debug for OpenvinoCpu {
@@ -394,23 +461,58 @@ pub fn load(
     cache_dir: Option<&Path>,
 ) -> Result<Loaded, ExecError> {
     let (mut core, _) = core()?;
-    let mut main = compile(
-        &mut core,
-        &Compile {
-            spec,
-            precision,
-            streams: layout.streams,
-            threads: layout.threads,
-            cache_dir,
-        },
-    )?;
+    // The lane first, at the process's priority: its stream thread, and
+    // the thread pool's workers if this starts them, keep that priority.
+    let instance_err = |e: openvino::InferenceError| ExecError::Instance {
+        model: spec.name.clone(),
+        message: format!("creating an infer request: {e}"),
+    };
+    let mut lane = None;
+    if let Some(threads) = layout.lane_threads {
+        let mut c = compile(
+            &mut core,
+            &Compile {
+                spec,
+                precision,
+                streams: 1,
+                threads,
+                cache_dir,
+            },
+        )?;
+        let mut r = c.create_infer_request().map_err(instance_err)?;
+        // Its first run starts the thread pool's workers (which streams of
+        // several threads share) at the process's priority, before a
+        // throughput stream could start them at its own.
+        first_run(spec, &mut r)?;
+        lane = Some((c, r));
+    }
+    // OpenVINO runs each stream's inference on threads it starts when it
+    // compiles (a synchronous `infer` hands over to them): compiled from a
+    // thread of lower priority, they inherit it.
+    let throughput = Compile {
+        spec,
+        precision,
+        streams: layout.streams,
+        threads: layout.threads,
+        cache_dir,
+    };
+    let mut main = if layout.throughput_priority != ThroughputPriority::Normal {
+        std::thread::scope(|s| {
+            let core = &mut core;
+            let throughput = &throughput;
+            let compiled = s.spawn(move || {
+                lower_thread_priority(&spec.name, layout.throughput_priority);
+                compile(core, throughput)
+            });
+            crate::engine::joined(spec, compiled.join())
+        })?
+    } else {
+        compile(&mut core, &throughput)?
+    };
     let output = output_index(spec, &main)?;
     let actual = compiled_precision(spec, &main)?;
     let request = |c: &mut CompiledModel| -> Result<Request, ExecError> {
-        let request = c.create_infer_request().map_err(|e| ExecError::Instance {
-            model: spec.name.clone(),
-            message: format!("creating an infer request: {e}"),
-        })?;
+        let request = c.create_infer_request().map_err(instance_err)?;
         Ok(Request {
             request,
             tensor: None,
@@ -421,24 +523,13 @@ pub fn load(
         own.push(request(&mut main)?);
     }
     let mut compiled = vec![];
-    let lane = match layout.lane_threads {
-        Some(threads) => {
-            let mut lane = compile(
-                &mut core,
-                &Compile {
-                    spec,
-                    precision,
-                    streams: 1,
-                    threads,
-                    cache_dir,
-                },
-            )?;
-            let r = request(&mut lane)?;
-            compiled.push(Mutex::new(lane));
-            Some(Mutex::new(r))
+    let lane = lane.map(|(c, request)| {
+        compiled.push(Mutex::new(c));
+        Request {
+            request,
+            tensor: None,
         }
-        None => None,
-    };
+    });
     compiled.push(Mutex::new(main));
     let shared = Arc::new(Shared {
         model: spec.name.clone(),
@@ -448,16 +539,17 @@ pub fn load(
         outputs: spec.output.labels.len(),
         output,
         max_batch: spec.batching.max_batch.max(1) as usize,
-        busy: AtomicUsize::new(0),
-        lane,
         _compiled: compiled,
     });
     let engines = own
         .into_iter()
-        .map(|own| {
+        .map(|r| (r, false))
+        .chain(lane.map(|r| (r, true)))
+        .map(|(own, lane)| {
             Box::new(OpenvinoCpu {
                 shared: shared.clone(),
                 own,
+                lane,
             }) as Box<dyn Engine>
         })
         .collect();
@@ -498,15 +590,6 @@ fn compiled_precision(spec: &ModelSpec, c: &CompiledModel) -> Result<Precision, 
     }
 }
 
-/// Decrements the busy count however the run ends.
-struct Busy<'a>(&'a AtomicUsize);
-
-impl Drop for Busy<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl OpenvinoCpu {
     fn checked(&self, input: &[f32], batch: usize) -> Result<(), ExecError> {
         let m = &*self.shared;
@@ -527,42 +610,22 @@ impl OpenvinoCpu {
         }
         Ok(())
     }
-
-    /// Runs on the latency lane when `alone` and no other batch of the
-    /// model is running, else on this instance's own stream.
-    fn run_on(&mut self, input: &[f32], batch: usize, alone: bool) -> Result<Vec<f32>, ExecError> {
-        self.checked(input, batch)?;
-        let m = &*self.shared;
-        let first = m.busy.fetch_add(1, Ordering::AcqRel) == 0;
-        let _busy = Busy(&m.busy);
-        let lane = match (alone && first, &m.lane) {
-            (true, Some(lane)) => match lane.try_lock() {
-                Ok(g) => Some(g),
-                // A panic mid-run leaves the request usable (its tensor is
-                // rebound on the next run); do not lose the lane for good.
-                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            },
-            _ => None,
-        };
-        let result = match lane {
-            Some(mut lane) => lane.run(m, input, batch),
-            None => self.own.run(m, input, batch),
-        };
-        result.map_err(|message| ExecError::Inference {
-            model: m.model.clone(),
-            message,
-        })
-    }
 }
 
 impl Engine for OpenvinoCpu {
     fn run(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
-        self.run_on(input, batch, false)
+        self.checked(input, batch)?;
+        let m = &*self.shared;
+        self.own
+            .run(m, input, batch)
+            .map_err(|message| ExecError::Inference {
+                model: m.model.clone(),
+                message,
+            })
     }
 
-    fn run_alone(&mut self, input: &[f32], batch: usize) -> Result<Vec<f32>, ExecError> {
-        self.run_on(input, batch, true)
+    fn latency_lane(&self) -> bool {
+        self.lane
     }
 
     fn outputs(&self) -> usize {

@@ -151,7 +151,9 @@ pub fn load(init: ExecutorInit, tensor_fd: std::os::fd::OwnedFd) -> Result<Loade
         }
     }
     let tensors = Arc::new(SharedTensors::open(tensor_fd, init.layout)?);
-    let backends = Backends::from_section(&init.executor).with_pool(tensors.mapped_range());
+    let backends = Backends::from_section(&init.executor)
+        .with_pool(tensors.mapped_range())
+        .with_throughput_priority(scheduling.throughput_priority);
     let mut models = Vec::with_capacity(init.models.len());
     for spec in init.models {
         if init.unloaded.contains(&spec.name) {

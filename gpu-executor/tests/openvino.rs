@@ -4,14 +4,22 @@
 
 mod common;
 
-use config::{Backend, OnPrecisionError, Precision, PrecisionCheck, PrecisionRequest};
+use config::{
+    Backend, OnPrecisionError, Precision, PrecisionCheck, PrecisionRequest, ThroughputPriority,
+};
 use gpu_executor::calibration::{self, max_delta};
 use gpu_executor::openvino_cpu::{self, StreamLayout};
 use gpu_executor::{Engine, ExecError, load, load_model};
 
 fn ov(spec: &config::ModelSpec, precision: Precision) -> openvino_cpu::Loaded {
     openvino_cpu::library(&common::openvino_library()).unwrap();
-    openvino_cpu::load(spec, precision, StreamLayout::of(spec), None).unwrap()
+    openvino_cpu::load(
+        spec,
+        precision,
+        StreamLayout::of(spec, ThroughputPriority::Normal),
+        None,
+    )
+    .unwrap()
 }
 
 fn cpu_has_bf16() -> bool {
@@ -49,10 +57,16 @@ fn f32_matches_onnx_runtime_and_bf16_stays_within_the_tolerance() {
 fn batches_and_both_lanes_give_the_single_run_scores() {
     let spec = common::open_nsfw();
     let mut loaded = ov(&spec, Precision::F32);
-    assert_eq!(loaded.engines.len(), 2, "one engine per instance");
+    let lanes: Vec<bool> = loaded.engines.iter().map(|e| e.latency_lane()).collect();
+    assert_eq!(
+        lanes,
+        [false, false, true],
+        "one engine per instance, then the latency lane"
+    );
     let samples: Vec<Vec<f32>> = (0..4).map(|k| common::sample(&spec, k)).collect();
+    let lane = &mut loaded.engines[2];
+    let alone: Vec<Vec<f32>> = samples.iter().map(|s| lane.run(s, 1).unwrap()).collect();
     let e = &mut loaded.engines[0];
-    let alone: Vec<Vec<f32>> = samples.iter().map(|s| e.run_alone(s, 1).unwrap()).collect();
     let own: Vec<Vec<f32>> = samples.iter().map(|s| e.run(s, 1).unwrap()).collect();
     let batch = e.run(&samples.concat(), 4).unwrap();
     for k in 0..4 {

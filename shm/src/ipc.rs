@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::{PoolLayout, SlotRef};
 
 /// Bumped on any incompatible change of the messages below.
-pub const PROTO_VERSION: u32 = 7;
+pub const PROTO_VERSION: u32 = 8;
 
 /// What every process knows of the request a job belongs to: created once
 /// by the gateway and carried in every job message, so one id follows a

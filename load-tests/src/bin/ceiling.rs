@@ -65,31 +65,33 @@ fn main() -> anyhow::Result<()> {
     let file = a.file.clone().expect("required unless --model-only");
     let data = std::fs::read(&file)?;
     let limits = config::Limits::default();
-    // `alone`: nothing else runs, so the engine may use every core.
-    let pipeline = |engine: &mut dyn gpu_executor::Engine, buf: &mut Vec<f32>, alone: bool| {
+    let pipeline = |engine: &mut dyn gpu_executor::Engine, buf: &mut Vec<f32>| {
         let deadline = Instant::now() + Duration::from_secs(5);
         preprocess_worker::preprocess(&data, &spec, &limits, deadline, &mut **buf)
             .expect("preprocess");
-        let run = if alone {
-            gpu_executor::Engine::run_alone
-        } else {
-            gpu_executor::Engine::run
-        };
-        let mut out = run(engine, buf, 1).expect("inference");
+        let mut out = engine.run(buf, 1).expect("inference");
         gpu_executor::postprocess::apply(spec.output.postprocess, &mut out);
         out
     };
     let loaded = gpu_executor::load_model(&spec, &backends, 1)?;
     let runtime = loaded.runtime.clone();
-    let mut engines = loaded.engines;
+    // A lone image takes the latency lane (every core) where the model has
+    // one; the throughput run keeps to the other instances, as the
+    // batcher does under load.
+    let (mut lane, mut engines): (Vec<_>, Vec<_>) =
+        loaded.engines.into_iter().partition(|e| e.latency_lane());
     let elements = spec.input.elements();
+    let solo = match lane.first_mut() {
+        Some(e) => e,
+        None => &mut engines[0],
+    };
 
     if let Some(url) = &a.paired_url {
         let mut buf = vec![0f32; elements];
-        let engine = engines[0].as_mut();
+        let engine = solo.as_mut();
         let local = || {
             let s = Instant::now();
-            pipeline(&mut *engine, &mut buf, true);
+            pipeline(&mut *engine, &mut buf);
             s.elapsed()
         };
         return paired(&file, &data, url, a.blocks, a.per_block, local);
@@ -101,7 +103,7 @@ fn main() -> anyhow::Result<()> {
     let t = Instant::now();
     while t.elapsed().as_secs_f64() < a.seconds / 2.0 || lat.len() < 20 {
         let s = Instant::now();
-        pipeline(engines[0].as_mut(), &mut buf, true);
+        pipeline(solo.as_mut(), &mut buf);
         lat.push(s.elapsed());
     }
     let (p50, p99, _) = load_tests::summary(&mut lat[3..].to_vec());
@@ -116,7 +118,7 @@ fn main() -> anyhow::Result<()> {
             s.spawn(move || {
                 let mut buf = vec![0f32; elements];
                 while !stop.load(Ordering::Relaxed) {
-                    pipeline(engine.as_mut(), &mut buf, false);
+                    pipeline(engine.as_mut(), &mut buf);
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -209,6 +211,7 @@ fn model_only(
     let mut spec = spec.clone();
     spec.instances.count = threads as u32;
     let mut engines = gpu_executor::load_model(&spec, backends, 1)?.engines;
+    engines.retain(|e| !e.latency_lane());
     let buf = vec![0.5f32; spec.input.elements()];
     for e in engines.iter_mut() {
         e.run(&buf, 1)?;
