@@ -214,12 +214,7 @@ fn first_run(spec: &ModelSpec, request: &mut InferRequest) -> Result<(), ExecErr
         model: spec.name.clone(),
         message: format!("first run: {e}"),
     };
-    let dims: Vec<i64> = spec
-        .input
-        .batch_shape(1)
-        .iter()
-        .map(|&d| d as i64)
-        .collect();
+    let dims = batch_dims(spec.input.batch_shape(1), 1);
     let mut tensor =
         Tensor::new(ElementType::F32, &Shape::new(&dims).map_err(err)?).map_err(err)?;
     tensor.get_data_mut::<f32>().map_err(err)?.fill(0.0);
@@ -422,10 +417,15 @@ struct Shared {
 
 impl Shared {
     fn sample_dims(&self, batch: usize) -> Vec<i64> {
-        let mut d: Vec<i64> = self.input_shape.iter().map(|&x| x as i64).collect();
-        d[0] = batch as i64;
-        d
+        batch_dims(self.input_shape, batch)
     }
+}
+
+/// A model input's shape (`batch_shape(1)`) for a batch of `batch`.
+fn batch_dims(shape: [usize; 4], batch: usize) -> Vec<i64> {
+    let mut d: Vec<i64> = shape.iter().map(|&x| x as i64).collect();
+    d[0] = batch as i64;
+    d
 }
 
 /// One OpenVINO engine instance: its own infer request, on a stream of the
