@@ -148,6 +148,8 @@ impl Batcher {
             solo: None,
             lane,
             lane_free: lane.is_some(),
+            lane_since: Instant::now(),
+            lane_rest: None,
             instances,
             queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
             mix_tenants: scheduling.mix_tenants_in_batches,
@@ -205,6 +207,14 @@ struct Actor {
     /// samples of a tenant with nothing running go to it.
     lane: Option<usize>,
     lane_free: bool,
+    /// When the lane's current batch started.
+    lane_since: Instant,
+    /// The standard tenant whose batch the lane ran last, and until when
+    /// it may not take the lane again (as long as that batch ran): a
+    /// tenant that sends one sample at a time always has nothing running,
+    /// and would otherwise hold the lane, at normal priority, against
+    /// everyone else's share.
+    lane_rest: Option<(String, Instant)>,
     /// Samples in scheduling order: class, then fair shares of tenants
     /// (the tensor pool bounds its depth).
     queue: FairQueue<InferJob>,
@@ -255,11 +265,12 @@ impl Actor {
                         if self.solo == Some(id) {
                             self.solo = None;
                         }
-                        if let Some(r) = self.running.get_mut(id) {
-                            *r = None;
-                        }
+                        let tenant = self.running.get_mut(id).and_then(Option::take);
                         if self.lane == Some(id) {
                             self.lane_free = true;
+                            let now = Instant::now();
+                            let ran = now - self.lane_since;
+                            self.lane_rest = tenant.map(|t| (t, now + ran));
                         } else {
                             self.free.push(id);
                         }
@@ -310,13 +321,21 @@ impl Actor {
     /// take it then.
     fn deadline(&self) -> Option<Instant> {
         let now = Instant::now();
-        if self.solo.is_some() || (self.free.is_empty() && !self.lane_has_work(now)) {
+        if self.solo.is_some() {
             return None;
         }
-        if self.held_for_critical(Instant::now()) {
+        if self.free.is_empty() && !self.lane_has_work(now) {
+            // A resting tenant's sample may take the lane when its rest ends.
+            return self
+                .lane_ready()
+                .and(self.lane_rest.as_ref())
+                .map(|(_, until)| *until)
+                .filter(|until| *until > now && !self.queue.is_empty());
+        }
+        if self.held_for_critical(now) {
             return Some(self.critical_until);
         }
-        if let Some(until) = self.held_for_expected(Instant::now()) {
+        if let Some(until) = self.held_for_expected(now) {
             return Some(until);
         }
         if self.flush {
@@ -432,8 +451,9 @@ impl Actor {
     /// Which of the queued samples the lane takes besides a lone batch: in
     /// class critical, any; in class standard, while several owners are
     /// active, those of a tenant with nothing running (the light tenant
-    /// beside a flood); never batch. `None` when the class served next
-    /// gives it nothing. Once no other instance is left, everything.
+    /// beside a flood) and not resting ([`Actor::lane_rest`]); never
+    /// batch. `None` when the class served next gives it nothing. Once no
+    /// other instance is left, everything.
     fn lane_takes(&self, now: Instant) -> Option<LaneTakes> {
         let (class, _) = self.queue.peek_owner(now.into_std())?;
         let others = self
@@ -441,13 +461,22 @@ impl Actor {
             .iter()
             .enumerate()
             .any(|(i, x)| x.is_some() && Some(i) != self.lane);
+        let any = LaneTakes {
+            busy: Vec::new(),
+            resting: None,
+        };
         if !others {
-            return Some(LaneTakes { busy: Vec::new() });
+            return Some(any);
         }
         match class {
-            config::Class::Critical => Some(LaneTakes { busy: Vec::new() }),
+            config::Class::Critical => Some(any),
             config::Class::Standard if now < self.contended_until => Some(LaneTakes {
                 busy: self.running.iter().flatten().cloned().collect(),
+                resting: self
+                    .lane_rest
+                    .as_ref()
+                    .filter(|(_, until)| *until > now)
+                    .map(|(t, _)| t.clone()),
             }),
             _ => None,
         }
@@ -544,6 +573,7 @@ impl Actor {
         };
         if Some(id) == self.lane {
             self.lane_free = false;
+            self.lane_since = now;
         }
         if alone {
             self.solo = Some(id);
@@ -629,11 +659,13 @@ impl Actor {
 struct LaneTakes {
     /// Tenants with a batch running (empty: any tenant).
     busy: Vec<String>,
+    /// A tenant resting from the lane.
+    resting: Option<String>,
 }
 
 impl LaneTakes {
     fn wants(&self, tenant: &str) -> bool {
-        !self.busy.iter().any(|b| b == tenant)
+        !self.busy.iter().any(|b| b == tenant) && self.resting.as_deref() != Some(tenant)
     }
 }
 

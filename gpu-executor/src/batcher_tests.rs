@@ -765,3 +765,52 @@ async fn while_critical_samples_flow_no_other_batch_runs_alone_on_the_lane() {
     ids.sort_unstable();
     assert_eq!(ids, [1, 2]);
 }
+
+/// A tenant that sends one sample at a time always has nothing running; it
+/// may not take the lane again before it has rested as long as its last
+/// batch ran there, so it cannot hold the lane (and the cores) against the
+/// flood's share. Another light tenant takes it meanwhile.
+#[tokio::test]
+async fn a_tenant_rests_from_the_lane_as_long_as_it_held_it() {
+    use config::Class::Standard;
+    let mut r = rig_lane(&spec(1, 0, &[]), 2);
+    let lane = 2;
+    let quiet = |r: &mut Rig| {
+        let got = r.started.try_recv();
+        assert!(got.is_err(), "a batch started: {got:?}");
+    };
+    for id in 1..4 {
+        r.send_as(id, 9, Standard, "flood").await;
+    }
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(started(&mut r).await, Some(1));
+    r.send_as(4, 9, Standard, "x").await;
+    assert_eq!(started(&mut r).await, Some(1), "x takes the lane");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 4);
+    // x again at once: it rests (about 200 ms); y does not.
+    r.send_as(5, 9, Standard, "x").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    quiet(&mut r);
+    r.send_as(6, 9, Standard, "y").await;
+    assert_eq!(started(&mut r).await, Some(1), "y takes the lane");
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 6);
+    // y rests from its own (short) batch; x's rest ends and the lane
+    // wakes for it.
+    assert_eq!(started(&mut r).await, Some(1), "x after its rest");
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 5);
+    for _ in 0..3 {
+        r.release(0);
+        r.release(1);
+    }
+    let mut rest = [
+        r.scores().await.job_id,
+        r.scores().await.job_id,
+        r.scores().await.job_id,
+    ];
+    rest.sort_unstable();
+    assert_eq!(rest, [1, 2, 3]);
+}
