@@ -13,11 +13,15 @@ build: setup
 run: build
 	$(TARGET_DIR)/release/mmgate serve --config $(CONFIG) --listen 127.0.0.1:8080
 
-# setup.sh test also builds the reference venv and .deps/expected/open_nsfw.json
+# setup.sh test also builds the reference venv and .deps/expected/open_nsfw.json.
+# The tests run under TEST_TIMEOUT seconds (about 10 minutes on 2 cores), so a
+# hung test fails the run instead of holding CI to its limit.
+TEST_TIMEOUT ?= 2400
 test:
 	bash scripts/setup.sh test
 	cargo build --release --workspace --bins
-	cargo test --release --workspace
+	cargo test --release --workspace --no-run
+	timeout --kill-after=30 $(TEST_TIMEOUT) cargo test --release --workspace
 
 lint:
 	cargo fmt --all -- --check
