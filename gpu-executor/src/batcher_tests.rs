@@ -300,6 +300,17 @@ impl Rig {
         self.gates[instance].send(()).unwrap();
     }
 
+    /// Asserts that no batch has started since the last one read.
+    fn quiet(&mut self) {
+        let got = self.started.try_recv();
+        assert!(got.is_err(), "a batch started: {got:?}");
+    }
+
+    /// The job ids of the next `n` answers, sorted.
+    async fn job_ids(&mut self, n: usize) -> Vec<u64> {
+        self.scores_n(n).await.iter().map(|s| s.job_id).collect()
+    }
+
     /// The instance that started the last batch `started` told of.
     fn last_on(&mut self) -> usize {
         let mut last = None;
@@ -308,6 +319,14 @@ impl Rig {
         }
         last.expect("a batch started")
     }
+}
+
+/// The next batch size an instance started, failing after 5 s instead of
+/// hanging (a batch routed to an instance the test does not release).
+async fn started(r: &mut Rig) -> Option<usize> {
+    timeout(Duration::from_secs(5), r.started.recv())
+        .await
+        .expect("no batch started")
 }
 
 #[test]
@@ -397,32 +416,26 @@ async fn batches_hold_one_tenant_and_class_unless_mixing_is_on() {
 async fn an_instance_stays_free_for_critical_samples_while_they_flow() {
     use config::Class::{Critical, Standard};
     let mut r = rig(&spec(1, 0, &[]), 2, true, false);
-    let quiet = |r: &mut Rig| {
-        let got = r.started.try_recv();
-        assert!(got.is_err(), "a batch started: {got:?}");
-    };
     r.send_as(0, 9, Critical, "vip").await;
-    assert_eq!(r.started.recv().await, Some(1));
+    assert_eq!(started(&mut r).await, Some(1));
     r.release(0);
     assert_eq!(r.scores().await.job_id, 0);
     r.send_as(1, 9, Standard, "a").await;
-    assert_eq!(r.started.recv().await, Some(1), "one instance is shared");
+    assert_eq!(started(&mut r).await, Some(1), "one instance is shared");
     r.send_as(2, 9, Standard, "a").await;
     tokio::time::sleep(Duration::from_millis(10)).await;
-    quiet(&mut r);
+    r.quiet();
     r.send_as(3, 9, Critical, "vip").await;
-    assert_eq!(r.started.recv().await, Some(1), "critical runs at once");
+    assert_eq!(started(&mut r).await, Some(1), "critical runs at once");
     r.release(1);
     assert_eq!(r.scores().await.job_id, 3);
     tokio::time::sleep(Duration::from_millis(600)).await;
-    quiet(&mut r);
+    r.quiet();
     let shared = timeout(Duration::from_secs(5), r.started.recv()).await;
     assert_eq!(shared.unwrap(), Some(1), "shared again");
     r.release(0);
     r.release(1);
-    let mut rest = [r.scores().await.job_id, r.scores().await.job_id];
-    rest.sort_unstable();
-    assert_eq!(rest, [1, 2]);
+    assert_eq!(r.job_ids(2).await, [1, 2]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -649,23 +662,19 @@ async fn an_instance_is_held_for_another_tenants_announced_sample() {
         tenant: "b".into(),
         class: Standard,
     };
-    let quiet = |r: &mut Rig| {
-        let got = r.started.try_recv();
-        assert!(got.is_err(), "a batch started: {got:?}");
-    };
     r.batcher.expect(expect_b());
     r.send_as(0, 9, Standard, "a").await;
-    assert_eq!(r.started.recv().await, Some(1), "a takes one instance");
+    assert_eq!(started(&mut r).await, Some(1), "a takes one instance");
     r.send_as(1, 9, Standard, "a").await;
     tokio::time::sleep(Duration::from_millis(10)).await;
-    quiet(&mut r);
+    r.quiet();
     r.send_as(2, 9, Standard, "b").await;
-    assert_eq!(r.started.recv().await, Some(1), "b's sample runs at once");
+    assert_eq!(started(&mut r).await, Some(1), "b's sample runs at once");
     r.release(1);
     assert_eq!(r.scores().await.job_id, 2);
     r.release(0);
     assert_eq!(r.scores().await.job_id, 0);
-    assert_eq!(r.started.recv().await, Some(1), "then a's next");
+    assert_eq!(started(&mut r).await, Some(1), "then a's next");
     // On whichever instance the batcher heard of first: an instance
     // answers before it reports itself free.
     let next = r.last_on();
@@ -676,26 +685,14 @@ async fn an_instance_is_held_for_another_tenants_announced_sample() {
     r.batcher.expect(expect_b());
     r.send_as(3, 9, Standard, "a").await;
     r.send_as(4, 9, Standard, "a").await;
-    assert_eq!(r.started.recv().await, Some(1));
+    assert_eq!(started(&mut r).await, Some(1));
     tokio::time::sleep(Duration::from_millis(20)).await;
-    quiet(&mut r);
+    r.quiet();
     let late = timeout(Duration::from_secs(5), r.started.recv()).await;
     assert_eq!(late.unwrap(), Some(1), "the hold ended");
-    let mut rest = {
-        r.release(0);
-        r.release(1);
-        [r.scores().await.job_id, r.scores().await.job_id]
-    };
-    rest.sort_unstable();
-    assert_eq!(rest, [3, 4]);
-}
-
-/// The next batch size an instance started, failing after 5 s instead of
-/// hanging (a batch routed to an instance the test does not release).
-async fn started(r: &mut Rig) -> Option<usize> {
-    timeout(Duration::from_secs(5), r.started.recv())
-        .await
-        .expect("no batch started")
+    r.release(0);
+    r.release(1);
+    assert_eq!(r.job_ids(2).await, [3, 4]);
 }
 
 /// The latency lane: a lone batch runs on it, alone; under a flood the
@@ -706,10 +703,6 @@ async fn the_latency_lane_serves_lone_batches_light_tenants_and_critical_samples
     use config::Class::{Batch, Critical, Standard};
     let mut r = rig_lane(&spec(1, 0, &[]), 2);
     let lane = 2;
-    let quiet = |r: &mut Rig| {
-        let got = r.started.try_recv();
-        assert!(got.is_err(), "a batch started: {got:?}");
-    };
     // Idle, nothing in preprocessing: alone, on the lane.
     r.send_as(0, 0, Standard, "a").await;
     assert_eq!(started(&mut r).await, Some(1));
@@ -724,7 +717,7 @@ async fn the_latency_lane_serves_lone_batches_light_tenants_and_critical_samples
     assert_eq!(started(&mut r).await, Some(1));
     assert_eq!(started(&mut r).await, Some(1));
     tokio::time::sleep(Duration::from_millis(20)).await;
-    quiet(&mut r);
+    r.quiet();
     // b has nothing running: its sample goes to the lane at once.
     r.send_as(6, 9, Standard, "b").await;
     assert_eq!(started(&mut r).await, Some(1), "b's sample runs at once");
@@ -734,7 +727,7 @@ async fn the_latency_lane_serves_lone_batches_light_tenants_and_critical_samples
     // its tenant is a's.
     r.send_as(7, 9, Batch, "bulk").await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    quiet(&mut r);
+    r.quiet();
     r.send_as(8, 9, Critical, "a").await;
     assert_eq!(
         r.started.recv().await,
@@ -748,12 +741,7 @@ async fn the_latency_lane_serves_lone_batches_light_tenants_and_critical_samples
         r.release(0);
         r.release(1);
     }
-    let mut rest: Vec<u64> = Vec::new();
-    for _ in 0..6 {
-        rest.push(r.scores().await.job_id);
-    }
-    rest.sort_unstable();
-    assert_eq!(rest, [1, 2, 3, 4, 5, 7]);
+    assert_eq!(r.job_ids(6).await, [1, 2, 3, 4, 5, 7]);
 }
 
 /// With a lane, while critical samples flow a standard batch never runs
@@ -782,9 +770,7 @@ async fn while_critical_samples_flow_no_other_batch_runs_alone_on_the_lane() {
     for i in 0..3 {
         r.release(i);
     }
-    let mut ids = [r.scores().await.job_id, r.scores().await.job_id];
-    ids.sort_unstable();
-    assert_eq!(ids, [1, 2]);
+    assert_eq!(r.job_ids(2).await, [1, 2]);
 }
 
 /// A tenant that sends one sample at a time always has nothing running; it
@@ -796,10 +782,6 @@ async fn a_tenant_rests_from_the_lane_as_long_as_it_held_it() {
     use config::Class::Standard;
     let mut r = rig_lane(&spec(1, 0, &[]), 2);
     let lane = 2;
-    let quiet = |r: &mut Rig| {
-        let got = r.started.try_recv();
-        assert!(got.is_err(), "a batch started: {got:?}");
-    };
     for id in 1..4 {
         r.send_as(id, 9, Standard, "flood").await;
     }
@@ -813,7 +795,7 @@ async fn a_tenant_rests_from_the_lane_as_long_as_it_held_it() {
     // x again at once: it rests (about 500 ms); y does not.
     r.send_as(5, 9, Standard, "x").await;
     tokio::time::sleep(Duration::from_millis(20)).await;
-    quiet(&mut r);
+    r.quiet();
     r.send_as(6, 9, Standard, "y").await;
     assert_eq!(started(&mut r).await, Some(1), "y takes the lane");
     r.release(lane);
@@ -827,11 +809,5 @@ async fn a_tenant_rests_from_the_lane_as_long_as_it_held_it() {
         r.release(0);
         r.release(1);
     }
-    let mut rest = [
-        r.scores().await.job_id,
-        r.scores().await.job_id,
-        r.scores().await.job_id,
-    ];
-    rest.sort_unstable();
-    assert_eq!(rest, [1, 2, 3]);
+    assert_eq!(r.job_ids(3).await, [1, 2, 3]);
 }

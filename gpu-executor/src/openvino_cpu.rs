@@ -372,7 +372,7 @@ struct Request {
 impl Request {
     fn run(&mut self, m: &Shared, input: &[f32], batch: usize) -> Result<Vec<f32>, String> {
         if self.tensor.as_ref().is_none_or(|(b, _)| *b != batch) {
-            let dims: Vec<i64> = m.sample_dims(batch);
+            let dims = batch_dims(m.input_shape, batch);
             let shape = Shape::new(&dims).map_err(ov_err("input shape"))?;
             let tensor = Tensor::new(ElementType::F32, &shape).map_err(ov_err("input tensor"))?;
             self.request
@@ -413,12 +413,6 @@ struct Shared {
     max_batch: usize,
     // Kept alive for the requests (OpenVINO counts references too).
     _compiled: Vec<Mutex<CompiledModel>>,
-}
-
-impl Shared {
-    fn sample_dims(&self, batch: usize) -> Vec<i64> {
-        batch_dims(self.input_shape, batch)
-    }
 }
 
 /// A model input's shape (`batch_shape(1)`) for a batch of `batch`.
