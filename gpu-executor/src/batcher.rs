@@ -150,7 +150,8 @@ impl Batcher {
             lane,
             lane_free: lane.is_some(),
             lane_since: Instant::now(),
-            lane_rest: None,
+            lane_class: None,
+            lane_rest: Instant::now(),
             instances,
             queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
             mix_tenants: scheduling.mix_tenants_in_batches,
@@ -210,12 +211,17 @@ struct Actor {
     lane_free: bool,
     /// When the lane's current batch started.
     lane_since: Instant,
-    /// The standard tenant whose batch the lane ran last, and until when
-    /// it may not take the lane again (as long as that batch ran): a
-    /// tenant that sends one sample at a time always has nothing running,
-    /// and would otherwise hold the lane, at normal priority, against
-    /// everyone else's share.
-    lane_rest: Option<(String, Instant)>,
+    /// The class of the batch the lane runs now.
+    lane_class: Option<config::Class>,
+    /// Until when the lane takes no `standard` sample under contention:
+    /// after a batch other than a critical one ran on it, as long as that
+    /// batch ran. One rest for every tenant: a tenant that sends one
+    /// sample at a time always has nothing running, and so would two that
+    /// alternate; resting each alone, they could still hold the lane, at
+    /// normal priority, against everyone else's share. So the light
+    /// tenants together have at most half the lane's time while the
+    /// throughput instances have work; critical samples never rest.
+    lane_rest: Instant,
     /// Samples in scheduling order: class, then fair shares of tenants
     /// (the tensor pool bounds its depth).
     queue: FairQueue<InferJob>,
@@ -266,12 +272,15 @@ impl Actor {
                         if self.solo == Some(id) {
                             self.solo = None;
                         }
-                        let tenant = self.running.get_mut(id).and_then(Option::take);
+                        if let Some(tenant) = self.running.get_mut(id) {
+                            *tenant = None;
+                        }
                         if self.lane == Some(id) {
                             self.lane_free = true;
-                            let now = Instant::now();
-                            let ran = now - self.lane_since;
-                            self.lane_rest = tenant.map(|t| (t, now + ran));
+                            if self.lane_class.take() != Some(config::Class::Critical) {
+                                let now = Instant::now();
+                                self.lane_rest = now + (now - self.lane_since);
+                            }
                         } else {
                             self.free.push(id);
                         }
@@ -326,11 +335,10 @@ impl Actor {
             return None;
         }
         if self.free.is_empty() && !self.lane_has_work(now) {
-            // A resting tenant's sample may take the lane when its rest ends.
+            // A standard sample may take the lane when its rest ends.
             return self
                 .lane_ready()
-                .and(self.lane_rest.as_ref())
-                .map(|(_, until)| *until)
+                .map(|_| self.lane_rest)
                 .filter(|until| *until > now && !self.queue.is_empty());
         }
         if self.held_for_critical(now) {
@@ -452,8 +460,8 @@ impl Actor {
     /// Which of the queued samples the lane takes besides a lone batch: in
     /// class critical, any; in class standard, while several owners are
     /// active, those of a tenant with nothing running (the light tenant
-    /// beside a flood) and not resting ([`Actor::lane_rest`]); never
-    /// batch. `None` when the class served next gives it nothing. Once no
+    /// beside a flood), unless the lane rests ([`Actor::lane_rest`]);
+    /// never batch. `None` when the class served next gives it nothing. Once no
     /// other instance is left, everything.
     fn lane_takes(&self, now: Instant) -> Option<LaneTakes> {
         let (class, _) = self.queue.peek_owner(now.into_std())?;
@@ -462,23 +470,17 @@ impl Actor {
             .iter()
             .enumerate()
             .any(|(i, x)| x.is_some() && Some(i) != self.lane);
-        let any = LaneTakes {
-            busy: Vec::new(),
-            resting: None,
-        };
+        let any = LaneTakes { busy: Vec::new() };
         if !others {
             return Some(any);
         }
         match class {
             config::Class::Critical => Some(any),
-            config::Class::Standard if now < self.contended_until => Some(LaneTakes {
-                busy: self.running.iter().flatten().cloned().collect(),
-                resting: self
-                    .lane_rest
-                    .as_ref()
-                    .filter(|(_, until)| *until > now)
-                    .map(|(t, _)| t.clone()),
-            }),
+            config::Class::Standard if now < self.contended_until && now >= self.lane_rest => {
+                Some(LaneTakes {
+                    busy: self.running.iter().flatten().cloned().collect(),
+                })
+            }
             _ => None,
         }
     }
@@ -575,6 +577,7 @@ impl Actor {
         if Some(id) == self.lane {
             self.lane_free = false;
             self.lane_since = now;
+            self.lane_class = jobs.first().map(|q| q.job.ctx.class);
         }
         if alone {
             self.solo = Some(id);
@@ -660,13 +663,11 @@ impl Actor {
 struct LaneTakes {
     /// Tenants with a batch running (empty: any tenant).
     busy: Vec<String>,
-    /// A tenant resting from the lane.
-    resting: Option<String>,
 }
 
 impl LaneTakes {
     fn wants(&self, tenant: &str) -> bool {
-        !self.busy.iter().any(|b| b == tenant) && self.resting.as_deref() != Some(tenant)
+        !self.busy.iter().any(|b| b == tenant)
     }
 }
 

@@ -773,13 +773,15 @@ async fn while_critical_samples_flow_no_other_batch_runs_alone_on_the_lane() {
     assert_eq!(r.job_ids(2).await, [1, 2]);
 }
 
-/// A tenant that sends one sample at a time always has nothing running; it
-/// may not take the lane again before it has rested as long as its last
-/// batch ran there, so it cannot hold the lane (and the cores) against the
-/// flood's share. Another light tenant takes it meanwhile.
+/// A tenant that sends one sample at a time always has nothing running,
+/// and so would two that alternate. After a standard batch, the lane takes
+/// no standard sample for as long as that batch ran, whoever's it is: the
+/// light tenants together cannot hold the lane (and the cores) against
+/// the flood's share. A critical sample does not wait for the rest, and
+/// leaves it as it was.
 #[tokio::test]
-async fn a_tenant_rests_from_the_lane_as_long_as_it_held_it() {
-    use config::Class::Standard;
+async fn standard_samples_share_one_rest_from_the_lane() {
+    use config::Class::{Critical, Standard};
     let mut r = rig_lane(&spec(1, 0, &[]), 2);
     let lane = 2;
     for id in 1..4 {
@@ -789,20 +791,21 @@ async fn a_tenant_rests_from_the_lane_as_long_as_it_held_it() {
     assert_eq!(started(&mut r).await, Some(1));
     r.send_as(4, 9, Standard, "x").await;
     assert_eq!(started(&mut r).await, Some(1), "x takes the lane");
+    r.send_as(5, 9, Standard, "y").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.release(lane);
     assert_eq!(r.scores().await.job_id, 4);
-    // x again at once: it rests (about 500 ms); y does not.
-    r.send_as(5, 9, Standard, "x").await;
+    // The lane rests about 500 ms: not y either, who has nothing running.
     tokio::time::sleep(Duration::from_millis(20)).await;
     r.quiet();
-    r.send_as(6, 9, Standard, "y").await;
-    assert_eq!(started(&mut r).await, Some(1), "y takes the lane");
+    r.send_as(6, 9, Critical, "vip").await;
+    assert_eq!(started(&mut r).await, Some(1), "critical does not rest");
     r.release(lane);
     assert_eq!(r.scores().await.job_id, 6);
-    // y rests from its own (short) batch; x's rest ends and the lane
-    // wakes for it.
-    assert_eq!(started(&mut r).await, Some(1), "x after its rest");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    r.quiet();
+    // The rest ends and the lane wakes for y.
+    assert_eq!(started(&mut r).await, Some(1), "y after the rest");
     r.release(lane);
     assert_eq!(r.scores().await.job_id, 5);
     for _ in 0..3 {
