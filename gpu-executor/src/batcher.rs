@@ -11,7 +11,9 @@
 //! A model may have a latency lane, an instance over every core at normal
 //! CPU priority ([`Engine::latency_lane`]): a batch found alone runs on
 //! it, and under load critical samples and those of a tenant with nothing
-//! running, while the other instances run below it.
+//! running, while the other instances run below it. After such a
+//! tenant's batch the lane rests from every standard sample for as long
+//! as it ran, while the other instances have work ([`Actor::lane_rest`]).
 //!
 //! If every instance thread of the model is gone, the batcher fails each job
 //! it gets and reports the loss once on its `lost` channel: the process
@@ -150,7 +152,7 @@ impl Batcher {
             lane,
             lane_free: lane.is_some(),
             lane_since: Instant::now(),
-            lane_class: None,
+            lane_rests: false,
             lane_rest: Instant::now(),
             instances,
             queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
@@ -206,20 +208,22 @@ struct Actor {
     solo: Option<usize>,
     /// The latency lane instance ([`Engine::latency_lane`]), if the model
     /// has one: lone batches, critical samples, and under contention the
-    /// samples of a tenant with nothing running go to it.
+    /// samples of a tenant with nothing running go to it (unless it
+    /// rests: [`Actor::lane_rest`]).
     lane: Option<usize>,
     lane_free: bool,
     /// When the lane's current batch started.
     lane_since: Instant,
-    /// The class of the batch the lane runs now.
-    lane_class: Option<config::Class>,
-    /// Until when the lane takes no `standard` sample under contention:
-    /// after a batch other than a critical one ran on it, as long as that
-    /// batch ran. One rest for every tenant: a tenant that sends one
-    /// sample at a time always has nothing running, and so would two that
-    /// alternate; resting each alone, they could still hold the lane, at
-    /// normal priority, against everyone else's share. So the light
-    /// tenants together have at most half the lane's time while the
+    /// Whether the lane's current batch makes it rest when it ends: it
+    /// holds a standard sample and did not run alone.
+    lane_rests: bool,
+    /// Until when the lane takes no `standard` sample while another
+    /// instance runs a batch: as long as the lane's last standard batch
+    /// beside other work ran. One rest for every tenant: a tenant that
+    /// sends one sample at a time always has nothing running, and so would
+    /// two that alternate; resting each alone, they could still hold the
+    /// lane, at normal priority, against everyone else's share. So the
+    /// light tenants together have at most half the lane's time while the
     /// throughput instances have work; critical samples never rest.
     lane_rest: Instant,
     /// Samples in scheduling order: class, then fair shares of tenants
@@ -277,7 +281,7 @@ impl Actor {
                         }
                         if self.lane == Some(id) {
                             self.lane_free = true;
-                            if self.lane_class.take() != Some(config::Class::Critical) {
+                            if std::mem::take(&mut self.lane_rests) {
                                 let now = Instant::now();
                                 self.lane_rest = now + (now - self.lane_since);
                             }
@@ -476,13 +480,24 @@ impl Actor {
         }
         match class {
             config::Class::Critical => Some(any),
-            config::Class::Standard if now < self.contended_until && now >= self.lane_rest => {
+            config::Class::Standard if now < self.contended_until && !self.lane_resting(now) => {
                 Some(LaneTakes {
                     busy: self.running.iter().flatten().cloned().collect(),
                 })
             }
             _ => None,
         }
+    }
+
+    /// Whether the lane rests from standard samples now: its rest has not
+    /// ended and another instance runs a batch (whose share it protects).
+    fn lane_resting(&self, now: Instant) -> bool {
+        now < self.lane_rest
+            && self
+                .running
+                .iter()
+                .enumerate()
+                .any(|(i, t)| t.is_some() && Some(i) != self.lane)
     }
 
     /// Whether the lane is free and a queued sample is for it.
@@ -577,7 +592,10 @@ impl Actor {
         if Some(id) == self.lane {
             self.lane_free = false;
             self.lane_since = now;
-            self.lane_class = jobs.first().map(|q| q.job.ctx.class);
+            self.lane_rests = !alone
+                && jobs
+                    .iter()
+                    .any(|q| q.job.ctx.class == config::Class::Standard);
         }
         if alone {
             self.solo = Some(id);

@@ -773,6 +773,39 @@ async fn while_critical_samples_flow_no_other_batch_runs_alone_on_the_lane() {
     assert_eq!(r.job_ids(2).await, [1, 2]);
 }
 
+/// The rest protects the other instances' work: while none runs a batch,
+/// the lane takes a light tenant's sample at once, even right after a
+/// long standard batch.
+#[tokio::test]
+async fn the_lane_does_not_rest_while_no_other_instance_runs() {
+    use config::Class::Standard;
+    let mut r = rig_lane(&spec(1, 0, &[]), 2);
+    let lane = 2;
+    r.send_as(1, 9, Standard, "x").await;
+    assert_eq!(started(&mut r).await, Some(1));
+    let first = r.last_on();
+    assert_ne!(first, lane, "one tenant alone: a throughput instance");
+    r.send_as(2, 9, Standard, "y").await;
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(r.last_on(), lane, "y, with nothing running, takes the lane");
+    r.release(first);
+    assert_eq!(r.scores().await.job_id, 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 2);
+    // An instance answers, then reports itself free.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.send_as(3, 9, Standard, "x").await;
+    assert_eq!(started(&mut r).await, Some(1));
+    assert_eq!(
+        r.last_on(),
+        lane,
+        "nothing else runs: the lane does not rest"
+    );
+    r.release(lane);
+    assert_eq!(r.scores().await.job_id, 3);
+}
+
 /// A tenant that sends one sample at a time always has nothing running,
 /// and so would two that alternate. After a standard batch, the lane takes
 /// no standard sample for as long as that batch ran, whoever's it is: the
@@ -794,6 +827,7 @@ async fn standard_samples_share_one_rest_from_the_lane() {
     r.send_as(5, 9, Standard, "y").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     r.release(lane);
+    let released = Instant::now();
     assert_eq!(r.scores().await.job_id, 4);
     // The lane rests about 500 ms: not y either, who has nothing running.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -804,8 +838,11 @@ async fn standard_samples_share_one_rest_from_the_lane() {
     assert_eq!(r.scores().await.job_id, 6);
     tokio::time::sleep(Duration::from_millis(20)).await;
     r.quiet();
-    // The rest ends and the lane wakes for y.
+    // The rest ends and the lane wakes for y, as long after x's batch as
+    // that batch ran.
     assert_eq!(started(&mut r).await, Some(1), "y after the rest");
+    let rested = released.elapsed();
+    assert!(rested >= Duration::from_millis(450), "rested {rested:?}");
     r.release(lane);
     assert_eq!(r.scores().await.job_id, 5);
     for _ in 0..3 {
