@@ -151,8 +151,7 @@ impl Batcher {
             solo: None,
             lane,
             lane_free: lane.is_some(),
-            lane_since: Instant::now(),
-            lane_rests: false,
+            lane_rest_from: None,
             lane_rest: Instant::now(),
             instances,
             queue: FairQueue::new(None, Duration::from_millis(scheduling.aging_ms)),
@@ -212,11 +211,9 @@ struct Actor {
     /// rests: [`Actor::lane_rest`]).
     lane: Option<usize>,
     lane_free: bool,
-    /// When the lane's current batch started.
-    lane_since: Instant,
-    /// Whether the lane's current batch makes it rest when it ends: it
-    /// holds a standard sample and did not run alone.
-    lane_rests: bool,
+    /// When the lane's current batch started, if it makes the lane rest
+    /// when it ends: it holds a standard sample and did not run alone.
+    lane_rest_from: Option<Instant>,
     /// Until when the lane takes no `standard` sample while another
     /// instance runs a batch: as long as the lane's last standard batch
     /// beside other work ran. One rest for every tenant: a tenant that
@@ -281,9 +278,9 @@ impl Actor {
                         }
                         if self.lane == Some(id) {
                             self.lane_free = true;
-                            if std::mem::take(&mut self.lane_rests) {
+                            if let Some(since) = self.lane_rest_from.take() {
                                 let now = Instant::now();
-                                self.lane_rest = now + (now - self.lane_since);
+                                self.lane_rest = now + (now - since);
                             }
                         } else {
                             self.free.push(id);
@@ -591,11 +588,10 @@ impl Actor {
         };
         if Some(id) == self.lane {
             self.lane_free = false;
-            self.lane_since = now;
-            self.lane_rests = !alone
-                && jobs
-                    .iter()
-                    .any(|q| q.job.ctx.class == config::Class::Standard);
+            let standard = jobs
+                .iter()
+                .any(|q| q.job.ctx.class == config::Class::Standard);
+            self.lane_rest_from = (standard && !alone).then_some(now);
         }
         if alone {
             self.solo = Some(id);
