@@ -25,6 +25,20 @@ start_mmgate() {
   printf -v "PID_$name" %s "$pid"
 }
 
+# config_head: a config's [server] and [executor] sections for the repo's
+# .deps (models from $MODELS or configs/models). tenant NAME CLASS [EXTRA]:
+# a [[tenants]] entry whose key is key-NAME, with EXTRA lines.
+config_head() {
+  printf '[server]\nmodels_dir = "%s"\n' "${MODELS:-$PWD/configs/models}"
+  printf '[executor]\nort_library = "%s"\nopenvino_library = "%s"\ncache_dir = "%s"\n' \
+    "$PWD/.deps/onnxruntime/libonnxruntime.so.1.32.0" "$PWD/.deps/openvino/libopenvino_c.so.2641" "$PWD/.deps/cache"
+}
+tenant() {
+  local hash
+  hash=$(printf %s "key-$1" | sha256sum | cut -d' ' -f1)
+  printf '[[tenants]]\nname = "%s"\nkey_hashes = ["sha256:%s"]\nclass = "%s"\n%s\n' "$1" "$hash" "$2" "${3:-}"
+}
+
 # start_alternative NAME ENGINE: the FastAPI + uvicorn service (alternative.sh).
 start_alternative() {
   local name=$1 engine=$2

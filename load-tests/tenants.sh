@@ -15,12 +15,8 @@ cd "$(dirname "$0")/.."
 SECS=${SECS:-40}
 RESULTS=tenants . load-tests/lib.sh
 IMG=tests/fixtures/images/coffee_640.jpg
-hash() { printf 'sha256:%s' "$(printf %s "$1" | sha256sum | cut -d' ' -f1)"; }
-tenant() { printf '[[tenants]]\nname = "%s"\nkey_hashes = ["%s"]\nclass = "%s"\n%s\n' "$1" "$(hash "key-$1")" "$2" "${3:-}"; }
 {
-  printf '[server]\nmodels_dir = "%s"\n' "${MODELS:-$PWD/configs/models}"
-  printf '[executor]\nort_library = "%s"\nopenvino_library = "%s"\ncache_dir = "%s"\n' \
-    "$PWD/.deps/onnxruntime/libonnxruntime.so.1.32.0" "$PWD/.deps/openvino/libopenvino_c.so.2641" "$PWD/.deps/cache"
+  config_head
   printf '[scheduling]\nthroughput_priority = "%s"\n' "${THROUGHPUT_PRIORITY:-idle}"
   tenant flooder standard 'max_concurrency = 16'
   tenant steady standard

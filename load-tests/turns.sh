@@ -14,15 +14,11 @@ cd "$(dirname "$0")/.."
 SECS=${SECS:-30}
 RESULTS=turns . load-tests/lib.sh
 IMG=tests/fixtures/images/coffee_640.jpg
-hash() { printf 'sha256:%s' "$(printf %s "$1" | sha256sum | cut -d' ' -f1)"; }
-tenant() { printf '[[tenants]]\nname = "%s"\nkey_hashes = ["%s"]\n%s\n' "$1" "$(hash "key-$1")" "${2:-}"; }
 {
-  printf '[server]\nmodels_dir = "%s"\n' "${MODELS:-$PWD/configs/models}"
-  printf '[executor]\nort_library = "%s"\nopenvino_library = "%s"\ncache_dir = "%s"\n' \
-    "$PWD/.deps/onnxruntime/libonnxruntime.so.1.32.0" "$PWD/.deps/openvino/libopenvino_c.so.2641" "$PWD/.deps/cache"
-  tenant flood 'max_concurrency = 16'
-  tenant x
-  tenant y
+  config_head
+  tenant flood standard 'max_concurrency = 16'
+  tenant x standard
+  tenant y standard
 } >"$OUT/turns.toml"
 CONFIG=$OUT/turns.toml start_mmgate turns
 url=$URL_turns
